@@ -1,0 +1,662 @@
+//! meshd's configuration: a TOML file, every field also settable by flag or environment.
+//!
+//! Parse, don't validate: the file becomes a [`ConfigFile`] (serde, unknown fields refused), the
+//! flags a [`ConfigArgs`] (clap), and one step, [`Config::load`], merges them and turns the result
+//! into a checked [`Config`] that the rest of meshd trusts. Every error names the field (and the
+//! peer) at fault and says what to do.
+
+use crate::keys::{KeyError, PrivateKey, PublicKey};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// Default UDP port, as for every WireGuard implementation.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// Default TUN interface name.
+pub const DEFAULT_INTERFACE: &str = "meshd0";
+/// WireGuard's worst-case overhead over IPv6: 40 (IPv6) + 8 (UDP) + 32 (WireGuard header, tag).
+pub const TUNNEL_OVERHEAD: u16 = 80;
+/// The smallest tunnel MTU we accept: IPv4's minimum reassembly size.
+pub const MIN_MTU: u16 = 576;
+
+/// The TOML file, as written by a user. See docs/configuration.md.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub cluster: Option<String>,
+    pub interface: Option<String>,
+    pub private_key_file: Option<PathBuf>,
+    pub listen_port: Option<u16>,
+    #[serde(default)]
+    pub local_cidrs: Vec<String>,
+    pub tunnel_address: Option<String>,
+    pub mtu: Option<u16>,
+    #[serde(default)]
+    pub peers: Vec<PeerFile>,
+}
+
+/// One `[[peers]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub allowed_cidrs: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Flags and environment variables; each overrides the file's field of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (re-read on SIGHUP).
+    #[arg(long, env = "MESHD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Name of this cluster, shown to peers and in `meshctl peers`.
+    #[arg(long, env = "MESHD_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Name of the TUN interface (also names the UAPI socket /var/run/wireguard/NAME.sock).
+    #[arg(long, env = "MESHD_INTERFACE")]
+    pub interface: Option<String>,
+    /// File holding the private key in base64, as `wg genkey` or `meshctl genkey` writes it.
+    #[arg(long, env = "MESHD_PRIVATE_KEY_FILE")]
+    pub private_key_file: Option<PathBuf>,
+    /// UDP port for WireGuard [default: 51820].
+    #[arg(long, env = "MESHD_LISTEN_PORT")]
+    pub listen_port: Option<u16>,
+    /// This cluster's CIDRs (pods, services); replaces the file's list. Repeat or comma-separate.
+    #[arg(long = "local-cidr", env = "MESHD_LOCAL_CIDRS", value_delimiter = ',')]
+    pub local_cidrs: Vec<String>,
+    /// Address of this gateway inside the tunnel, with prefix (e.g. 100.64.0.1/24).
+    #[arg(long, env = "MESHD_TUNNEL_ADDRESS")]
+    pub tunnel_address: Option<String>,
+    /// Tunnel MTU [default: underlay MTU - 80].
+    #[arg(long, env = "MESHD_MTU")]
+    pub mtu: Option<u16>,
+    /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS].
+    /// Repeat for several peers (space-separated in the environment).
+    #[arg(long = "peer", env = "MESHD_PEERS", value_delimiter = ' ')]
+    pub peers: Vec<String>,
+}
+
+/// A configuration error: which input is at fault and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid meshd TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{field}: {problem}")]
+    Field { field: String, problem: String },
+    #[error("{a_owner} CIDR {a} overlaps {b_owner} CIDR {b}: every address must route to exactly one cluster; remove or narrow one of them")]
+    Overlap {
+        a_owner: String,
+        a: IpNet,
+        b_owner: String,
+        b: IpNet,
+    },
+    #[error("{a} and {b} have the same public key: each peer needs its own key; fix one of them")]
+    DuplicateKey { a: String, b: String },
+}
+
+fn field(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A checked peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The checked configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: String,
+    pub interface: String,
+    /// `None` only for an empty device that waits for `wg set ... private-key`.
+    pub private_key: Option<PrivateKey>,
+    pub listen_port: u16,
+    pub local_cidrs: Vec<IpNet>,
+    pub tunnel_address: Option<IpNet>,
+    /// `None`: derive from the underlay (its MTU minus [`TUNNEL_OVERHEAD`]).
+    pub mtu: Option<u16>,
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Parses one CIDR, refusing host bits so that a typo does not silently widen a route.
+pub fn parse_cidr(what: &str, text: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = text.trim().parse().map_err(|_| {
+        field(
+            what,
+            format!("'{text}' is not a CIDR; write an address and prefix length such as 10.244.0.0/16"),
+        )
+    })?;
+    if net.trunc() != net {
+        return Err(field(
+            what,
+            format!(
+                "'{text}' has host bits set; did you mean {}?",
+                net.trunc()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_cidrs(what: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| parse_cidr(&format!("{what}[{i}]"), t))
+        .collect()
+}
+
+/// Resolves `host:port` (a name or an address); the first address wins.
+pub fn resolve_endpoint(what: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let mut addrs = text.to_socket_addrs().map_err(|e| {
+        field(
+            what,
+            format!("'{text}' is not a reachable host:port ({e}); write e.g. 192.0.2.2:51820"),
+        )
+    })?;
+    addrs
+        .next()
+        .ok_or_else(|| field(what, format!("'{text}' resolves to no address")))
+}
+
+/// Parses a `--peer` value: comma-separated key=value pairs.
+pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
+    let what = format!("--peer '{text}'");
+    let mut name = None;
+    let mut public_key = None;
+    let mut endpoint = None;
+    let mut allowed = Vec::new();
+    let mut keepalive = None;
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| {
+            field(&what, format!("'{part}' is not key=value; keys are name, public-key, endpoint, allowed, keepalive"))
+        })?;
+        match key {
+            "name" => name = Some(value.to_string()),
+            "public-key" => public_key = Some(value.to_string()),
+            "endpoint" => endpoint = Some(value.to_string()),
+            "allowed" => allowed.push(value.to_string()),
+            "keepalive" => {
+                keepalive = Some(value.parse().map_err(|_| {
+                    field(&what, format!("keepalive '{value}' is not a number of seconds (0-65535)"))
+                })?)
+            }
+            other => {
+                return Err(field(
+                    &what,
+                    format!("unknown key '{other}'; keys are name, public-key, endpoint, allowed, keepalive"),
+                ))
+            }
+        }
+    }
+    Ok(PeerFile {
+        name: name.ok_or_else(|| field(&what, "name=... is missing"))?,
+        public_key: public_key.ok_or_else(|| field(&what, "public-key=... is missing"))?,
+        endpoint,
+        allowed_cidrs: allowed,
+        persistent_keepalive: keepalive,
+    })
+}
+
+/// Checks that no two owners' CIDRs overlap, naming both on failure.
+fn check_overlaps(owned: &[(String, IpNet)]) -> Result<(), ConfigError> {
+    for (i, (a_owner, a)) in owned.iter().enumerate() {
+        for (b_owner, b) in &owned[i + 1..] {
+            if a.contains(&b.network()) || b.contains(&a.network()) {
+                return Err(ConfigError::Overlap {
+                    a_owner: a_owner.clone(),
+                    a: *a,
+                    b_owner: b_owner.clone(),
+                    b: *b,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Reads the file named by `args.config` (if any), applies the flags and checks the result.
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::read(path)?,
+            None => ConfigFile::default(),
+        };
+        Self::from_parts(file, args)
+    }
+
+    /// Merges a parsed file with flags (flags win) and validates everything.
+    pub fn from_parts(file: ConfigFile, args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let interface = args
+            .interface
+            .clone()
+            .or(file.interface)
+            .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+        if !valid_interface_name(&interface) {
+            return Err(field(
+                "interface",
+                format!("'{interface}' is not a Linux interface name: use 1-15 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let cluster = args
+            .cluster
+            .clone()
+            .or(file.cluster)
+            .unwrap_or_else(|| interface.clone());
+        if cluster.is_empty() || cluster.contains(char::is_whitespace) {
+            return Err(field("cluster", format!("'{cluster}' must be a non-empty name without spaces")));
+        }
+
+        let key_file = args.private_key_file.clone().or(file.private_key_file);
+        let private_key = match key_file {
+            Some(path) => Some(PrivateKey::from_file(&path)?),
+            None => None,
+        };
+
+        let listen_port = args
+            .listen_port
+            .or(file.listen_port)
+            .unwrap_or(DEFAULT_LISTEN_PORT);
+
+        let local_texts = if args.local_cidrs.is_empty() {
+            file.local_cidrs
+        } else {
+            args.local_cidrs.clone()
+        };
+        let local_cidrs = parse_cidrs("local_cidrs", &local_texts)?;
+
+        let tunnel_address = match args.tunnel_address.clone().or(file.tunnel_address) {
+            Some(text) => Some(text.trim().parse::<IpNet>().map_err(|_| {
+                field(
+                    "tunnel_address",
+                    format!("'{text}' is not an address with prefix; write e.g. 100.64.0.1/24"),
+                )
+            })?),
+            None => None,
+        };
+
+        let mtu = args.mtu.or(file.mtu);
+        if let Some(mtu) = mtu {
+            if mtu < MIN_MTU {
+                return Err(field(
+                    "mtu",
+                    format!("{mtu} is below the minimum of {MIN_MTU}; leave it unset to use the underlay MTU - {TUNNEL_OVERHEAD}"),
+                ));
+            }
+        }
+
+        let mut peer_files: Vec<(String, PeerFile)> = file
+            .peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("peers[{i}]"), p))
+            .collect();
+        for spec in &args.peers {
+            peer_files.push((format!("--peer '{spec}'"), parse_peer_spec(spec)?));
+        }
+
+        let own_public = private_key.as_ref().map(PrivateKey::public_key);
+        let mut peers = Vec::with_capacity(peer_files.len());
+        let mut names = BTreeSet::new();
+        let mut keys: BTreeMap<PublicKey, String> = BTreeMap::new();
+        let mut owned: Vec<(String, IpNet)> = local_cidrs
+            .iter()
+            .map(|c| (format!("local cluster '{cluster}'"), *c))
+            .collect();
+        for (what, peer) in peer_files {
+            let label = format!("{what} ({})", peer.name);
+            if peer.name.is_empty() || peer.name.contains(char::is_whitespace) {
+                return Err(field(
+                    format!("{what}.name"),
+                    "must be a non-empty name without spaces",
+                ));
+            }
+            if !names.insert(peer.name.clone()) {
+                return Err(field(
+                    format!("{what}.name"),
+                    format!("peer name '{}' is used twice; give each peer its own name", peer.name),
+                ));
+            }
+            let public_key =
+                PublicKey::from_base64(&format!("{label}.public_key"), &peer.public_key)?;
+            if Some(public_key) == own_public {
+                return Err(field(
+                    format!("{label}.public_key"),
+                    "is this gateway's own public key; use the other cluster's key (`meshctl pubkey` on its private key)",
+                ));
+            }
+            if let Some(other) = keys.insert(public_key, label.clone()) {
+                return Err(ConfigError::DuplicateKey { a: other, b: label });
+            }
+            let endpoint = peer
+                .endpoint
+                .as_deref()
+                .map(|e| resolve_endpoint(&format!("{label}.endpoint"), e))
+                .transpose()?;
+            let allowed_cidrs = parse_cidrs(&format!("{label}.allowed_cidrs"), &peer.allowed_cidrs)?;
+            owned.extend(allowed_cidrs.iter().map(|c| (format!("peer '{}'", peer.name), *c)));
+            peers.push(PeerConfig {
+                name: peer.name,
+                public_key,
+                endpoint,
+                allowed_cidrs,
+                persistent_keepalive: peer.persistent_keepalive.filter(|k| *k > 0),
+            });
+        }
+        check_overlaps(&owned)?;
+
+        if private_key.is_none() && (args.config.is_some() || !peers.is_empty()) {
+            return Err(field(
+                "private_key_file",
+                "is required: set private_key_file in the config file or --private-key-file; create a key with `meshctl genkey > /etc/meshd/private.key`",
+            ));
+        }
+
+        Ok(Config {
+            cluster,
+            interface,
+            private_key,
+            listen_port,
+            local_cidrs,
+            tunnel_address,
+            mtu,
+            peers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        key_path: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("private.key");
+        let mut f = std::fs::File::create(&key_path).unwrap();
+        writeln!(f, "{}", PrivateKey::generate().to_base64().as_str()).unwrap();
+        Fixture { dir, key_path }
+    }
+
+    fn pubkey() -> String {
+        PrivateKey::generate().public_key().to_base64()
+    }
+
+    fn load(fx: &Fixture, body: &str) -> Result<Config, ConfigError> {
+        let path = fx.dir.path().join("meshd.toml");
+        let text = format!(
+            "private_key_file = \"{}\"\n{body}",
+            fx.key_path.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&ConfigArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+    }
+
+    fn m2_peer(key: &str, cidrs: &str) -> String {
+        format!(
+            "[[peers]]\nname = \"m2\"\npublic_key = \"{key}\"\nendpoint = \"192.0.2.2:51820\"\nallowed_cidrs = [{cidrs}]\n"
+        )
+    }
+
+    #[test]
+    fn reference_config_loads_with_defaults() {
+        let fx = fixture();
+        let key = pubkey();
+        let cfg = load(
+            &fx,
+            &format!(
+                "cluster = \"m1\"\nlocal_cidrs = [\"10.244.0.0/16\", \"10.96.0.0/16\"]\ntunnel_address = \"100.64.0.1/24\"\n{}",
+                m2_peer(&key, "\"10.245.0.0/16\", \"10.97.0.0/16\", \"100.64.0.2/32\"")
+            ),
+        )
+        .unwrap();
+        assert_eq!(cfg.cluster, "m1");
+        assert_eq!(cfg.interface, DEFAULT_INTERFACE);
+        assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
+        assert_eq!(cfg.mtu, None);
+        assert_eq!(cfg.peers.len(), 1);
+        assert_eq!(cfg.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(cfg.peers[0].allowed_cidrs.len(), 3);
+        assert_eq!(cfg.peers[0].public_key.to_base64(), key);
+    }
+
+    #[test]
+    fn flags_override_file_fields_and_add_peers() {
+        let fx = fixture();
+        let path = fx.dir.path().join("meshd.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "private_key_file = \"{}\"\nlisten_port = 1000\nlocal_cidrs = [\"10.1.0.0/16\"]\n",
+                fx.key_path.display()
+            ),
+        )
+        .unwrap();
+        let key = pubkey();
+        let cfg = Config::load(&ConfigArgs {
+            config: Some(path),
+            listen_port: Some(2000),
+            local_cidrs: vec!["10.244.0.0/16".into()],
+            mtu: Some(1380),
+            peers: vec![format!(
+                "name=m2,public-key={key},endpoint=127.0.0.1:51821,allowed=10.245.0.0/16,allowed=10.97.0.0/16,keepalive=25"
+            )],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.listen_port, 2000);
+        assert_eq!(cfg.local_cidrs, vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(cfg.mtu, Some(1380));
+        assert_eq!(cfg.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(cfg.peers[0].allowed_cidrs.len(), 2);
+    }
+
+    fn err_text(r: Result<Config, ConfigError>) -> String {
+        r.expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn missing_key_file_names_path_and_fix() {
+        let fx = fixture();
+        let cfg = fx.dir.path().join("meshd.toml");
+        std::fs::write(&cfg, "private_key_file = \"/nonexistent/key\"\n").unwrap();
+        let text = err_text(Config::load(&ConfigArgs {
+            config: Some(cfg),
+            ..Default::default()
+        }));
+        assert!(text.contains("/nonexistent/key"), "{text}");
+        assert!(text.contains("meshctl genkey"), "{text}");
+    }
+
+    #[test]
+    fn absent_private_key_is_refused_with_a_config_file() {
+        let fx = fixture();
+        let cfg = fx.dir.path().join("meshd.toml");
+        std::fs::write(&cfg, "cluster = \"m1\"\n").unwrap();
+        let text = err_text(Config::load(&ConfigArgs {
+            config: Some(cfg),
+            ..Default::default()
+        }));
+        assert!(text.starts_with("private_key_file: is required"), "{text}");
+    }
+
+    #[test]
+    fn malformed_private_key_names_the_file() {
+        let fx = fixture();
+        std::fs::write(&fx.key_path, "hello\n").unwrap();
+        let text = err_text(load(&fx, ""));
+        assert!(text.contains("private.key"), "{text}");
+        assert!(text.contains("not a WireGuard key"), "{text}");
+    }
+
+    #[test]
+    fn malformed_peer_key_names_the_peer() {
+        let fx = fixture();
+        let text = err_text(load(&fx, &m2_peer("AAAA", "\"10.245.0.0/16\"")));
+        assert!(text.contains("peers[0] (m2).public_key"), "{text}");
+    }
+
+    #[test]
+    fn invalid_cidrs_name_the_field() {
+        let fx = fixture();
+        let text = err_text(load(&fx, &m2_peer(&pubkey(), "\"10.245.0.0/33\"")));
+        assert!(text.contains("peers[0] (m2).allowed_cidrs[0]"), "{text}");
+        assert!(text.contains("not a CIDR"), "{text}");
+        let text = err_text(load(&fx, "local_cidrs = [\"10.244.1.0/16\"]\n"));
+        assert!(text.contains("local_cidrs[0]"), "{text}");
+        assert!(text.contains("did you mean 10.244.0.0/16"), "{text}");
+    }
+
+    #[test]
+    fn overlapping_peers_name_both() {
+        let fx = fixture();
+        let body = format!(
+            "{}[[peers]]\nname = \"m3\"\npublic_key = \"{}\"\nallowed_cidrs = [\"10.245.1.0/24\"]\n",
+            m2_peer(&pubkey(), "\"10.245.0.0/16\""),
+            pubkey()
+        );
+        let text = err_text(load(&fx, &body));
+        assert!(text.contains("peer 'm2' CIDR 10.245.0.0/16"), "{text}");
+        assert!(text.contains("peer 'm3' CIDR 10.245.1.0/24"), "{text}");
+    }
+
+    #[test]
+    fn peer_overlapping_local_cluster_names_both() {
+        let fx = fixture();
+        let body = format!(
+            "cluster = \"m1\"\nlocal_cidrs = [\"10.244.0.0/16\"]\n{}",
+            m2_peer(&pubkey(), "\"10.244.0.0/24\"")
+        );
+        let text = err_text(load(&fx, &body));
+        assert!(text.contains("local cluster 'm1' CIDR 10.244.0.0/16"), "{text}");
+        assert!(text.contains("peer 'm2' CIDR 10.244.0.0/24"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_public_keys_name_both_peers() {
+        let fx = fixture();
+        let key = pubkey();
+        let body = format!(
+            "{}[[peers]]\nname = \"m3\"\npublic_key = \"{key}\"\nallowed_cidrs = [\"10.246.0.0/16\"]\n",
+            m2_peer(&key, "\"10.245.0.0/16\"")
+        );
+        let text = err_text(load(&fx, &body));
+        assert!(text.contains("peers[0] (m2) and peers[1] (m3) have the same public key"), "{text}");
+    }
+
+    #[test]
+    fn own_key_as_peer_is_refused() {
+        let fx = fixture();
+        let own = PrivateKey::from_file(&fx.key_path).unwrap().public_key().to_base64();
+        let text = err_text(load(&fx, &m2_peer(&own, "\"10.245.0.0/16\"")));
+        assert!(text.contains("own public key"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_refused_with_the_file_name() {
+        let fx = fixture();
+        let text = err_text(load(&fx, "listen_prot = 5\n"));
+        assert!(text.contains("meshd.toml"), "{text}");
+        assert!(text.contains("listen_prot"), "{text}");
+        let text = err_text(load(&fx, "listen_port = 70000\n"));
+        assert!(text.contains("listen_port"), "{text}");
+    }
+
+    #[test]
+    fn bad_endpoint_mtu_and_interface_are_refused() {
+        let fx = fixture();
+        let body = "[[peers]]\nname = \"m2\"\npublic_key = \"KEY\"\nendpoint = \"192.0.2.2\"\n"
+            .replace("KEY", &pubkey());
+        let text = err_text(load(&fx, &body));
+        assert!(text.contains("peers[0] (m2).endpoint"), "{text}");
+        let text = err_text(load(&fx, "mtu = 100\n"));
+        assert!(text.starts_with("mtu: 100 is below"), "{text}");
+        let text = err_text(load(&fx, "interface = \"much-too-long-name\"\n"));
+        assert!(text.starts_with("interface:"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_names_and_bad_peer_specs_are_refused() {
+        let fx = fixture();
+        let body = format!(
+            "{}{}",
+            m2_peer(&pubkey(), "\"10.245.0.0/16\""),
+            m2_peer(&pubkey(), "\"10.246.0.0/16\"")
+        );
+        assert!(err_text(load(&fx, &body)).contains("used twice"));
+        let e = parse_peer_spec("name=m2,colour=blue").unwrap_err().to_string();
+        assert!(e.contains("unknown key 'colour'"), "{e}");
+        let e = parse_peer_spec("name=m2").unwrap_err().to_string();
+        assert!(e.contains("public-key=... is missing"), "{e}");
+    }
+
+    #[test]
+    fn empty_device_needs_no_key() {
+        let cfg = Config::from_parts(
+            ConfigFile::default(),
+            &ConfigArgs {
+                interface: Some("wg7".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(cfg.private_key.is_none());
+        assert!(cfg.peers.is_empty());
+        assert_eq!(cfg.cluster, "wg7");
+    }
+}

@@ -1,0 +1,109 @@
+//! One WireGuard peer as the dataplane sees it: its protocol state, its endpoint, its counters.
+//!
+//! The boringtun [`Tunn`] takes `&mut self` for every packet, so it sits behind a short lock that is
+//! never held across a syscall: callers encrypt or decrypt into their own buffer, drop the guard,
+//! then send. The endpoint follows the source of the last authenticated packet (roaming, NAT).
+
+use crate::keys::PublicKey;
+use boringtun::noise::Tunn;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Per-peer traffic counters, updated with relaxed atomics on the hot path.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// UDP payload bytes received from the peer that authenticated.
+    pub rx_bytes: AtomicU64,
+    /// UDP payload bytes sent to the peer.
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
+}
+
+impl PeerStats {
+    pub(crate) fn count_rx(&self, bytes: usize) {
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_tx(&self, bytes: usize) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A peer in the dataplane's table.
+pub struct Peer {
+    pub public_key: PublicKey,
+    /// Our local index for this peer: the high 24 bits of every receiver index it sends us.
+    pub index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    pub stats: PeerStats,
+}
+
+/// What the control plane reads about a peer.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl Peer {
+    pub(crate) fn new(
+        public_key: PublicKey,
+        index: u32,
+        tunn: Tunn,
+        endpoint: Option<SocketAddr>,
+    ) -> Self {
+        Peer {
+            public_key,
+            index,
+            tunn: Mutex::new(tunn),
+            endpoint: RwLock::new(endpoint),
+            stats: PeerStats::default(),
+        }
+    }
+
+    /// The protocol state, locked. Never hold the guard across a syscall.
+    pub(crate) fn tunn(&self) -> MutexGuard<'_, Tunn> {
+        self.tunn.lock()
+    }
+
+    /// Replaces the protocol state (new key, keepalive or preshared key); sessions start over.
+    pub(crate) fn replace_tunn(&self, tunn: Tunn) {
+        *self.tunn.lock() = tunn;
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.read()
+    }
+
+    /// Records where the peer's last authenticated packet came from.
+    pub(crate) fn set_endpoint(&self, addr: SocketAddr) {
+        if self.endpoint() != Some(addr) {
+            *self.endpoint.write() = Some(addr);
+        }
+    }
+
+    pub fn status(&self) -> PeerStatus {
+        let tunn = self.tunn.lock();
+        let since = tunn.time_since_last_handshake();
+        let keepalive = tunn.persistent_keepalive();
+        drop(tunn);
+        PeerStatus {
+            public_key: self.public_key,
+            endpoint: self.endpoint(),
+            last_handshake: since.and_then(|d: Duration| SystemTime::now().checked_sub(d)),
+            rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
+            tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
+            persistent_keepalive: keepalive,
+        }
+    }
+}

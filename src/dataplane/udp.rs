@@ -1,0 +1,222 @@
+//! The WireGuard UDP port: one dual-stack socket, batched receive, and sends that wait for room.
+//!
+//! quinn-udp does the syscalls (`recvmmsg` with GRO on receive, `sendmsg` on send); this module
+//! owns the socket's lifetime (so `wg set listen-port` can swap it), the blocking-with-timeout
+//! behaviour the dataplane threads want, and the IPv4-mapped address handling of a dual-stack
+//! socket. It knows nothing of WireGuard.
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Datagrams one receive call can return.
+pub const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
+/// Socket buffer size we ask for: enough for a burst at several Gbit/s.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Why the UDP port could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("listen port {port}/udp is already in use (another meshd, wireguard-go or WireGuard?): stop it or choose another port with listen_port / --listen-port")]
+    InUse { port: u16 },
+    #[error("cannot open UDP port {port}: {source}")]
+    Other {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound WireGuard port.
+pub struct UdpPort {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    port: u16,
+    closed: AtomicBool,
+}
+
+/// The form a dual-stack socket wants: IPv4 addresses as `::ffff:a.b.c.d`.
+fn to_socket_form(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        v6 => v6,
+    }
+}
+
+/// The form users and peers see: IPv4-mapped addresses back to plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+fn poll_fd(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and we pass a count of one.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(n > 0)
+}
+
+impl UdpPort {
+    /// Binds `[::]:port` (IPv4 too). Port 0 picks a free port.
+    pub fn bind(port: u16) -> Result<Self, BindError> {
+        let other = |source| BindError::Other { port, source };
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).map_err(other)?;
+        socket.set_only_v6(false).map_err(other)?;
+        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        socket.bind(&addr.into()).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                BindError::InUse { port }
+            } else {
+                other(e)
+            }
+        })?;
+        socket.set_nonblocking(true).map_err(other)?;
+        let socket: UdpSocket = socket.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket)).map_err(other)?;
+        // Best effort: a smaller buffer only costs throughput under bursts, and the kernel caps it.
+        let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+        let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+        let port = socket.local_addr().map_err(other)?.port();
+        Ok(UdpPort {
+            socket,
+            state,
+            port,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Marks the port as replaced: its receive loop ends at its next wake-up.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Sends one datagram, waiting (briefly) for socket buffer room rather than dropping.
+    pub fn send_to(&self, payload: &[u8], dst: SocketAddr) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to_socket_form(dst),
+            ecn: None,
+            contents: payload,
+            segment_size: None,
+            src_ip: None,
+        };
+        loop {
+            match self
+                .state
+                .try_send(UdpSockRef::from(&self.socket), &transmit)
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !poll_fd(
+                        self.socket.as_raw_fd(),
+                        libc::POLLOUT,
+                        Duration::from_millis(100),
+                    )? {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives up to `bufs.len()` datagrams (GRO may merge several into one buffer: see
+    /// `RecvMeta::stride`). Waits at most `timeout`; returns 0 when nothing arrived.
+    pub fn recv_batch(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        loop {
+            match self
+                .state
+                .recv(UdpSockRef::from(&self.socket), bufs, meta)
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !poll_fd(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
+                        return Ok(0);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_round_trip() {
+        let v4: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        assert_eq!(canonical(to_socket_form(v4)), v4);
+        let v6: SocketAddr = "[fd00::2]:51820".parse().unwrap();
+        assert_eq!(canonical(to_socket_form(v6)), v6);
+    }
+
+    #[test]
+    fn port_in_use_is_named() {
+        let first = UdpPort::bind(0).unwrap();
+        let err = UdpPort::bind(first.port()).err().expect("second bind must fail");
+        let text = err.to_string();
+        assert!(text.contains(&format!("listen port {}", first.port())), "{text}");
+        assert!(text.contains("--listen-port"), "{text}");
+    }
+
+    #[test]
+    fn loopback_batch_receive() {
+        let a = UdpPort::bind(0).unwrap();
+        let b = UdpPort::bind(0).unwrap();
+        let dst: SocketAddr = format!("127.0.0.1:{}", b.port()).parse().unwrap();
+        a.send_to(b"one", dst).unwrap();
+        a.send_to(b"two", dst).unwrap();
+        let mut storage = vec![[0u8; 2048]; RECV_BATCH];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let n = b
+                .recv_batch(&mut bufs, &mut meta, Duration::from_secs(5))
+                .unwrap();
+            assert!(n > 0, "datagrams did not arrive");
+            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                for chunk in buf[..m.len].chunks(m.stride) {
+                    got.push(chunk.to_vec());
+                }
+                assert_eq!(canonical(m.addr).ip(), dst.ip());
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+}
