@@ -145,16 +145,15 @@ pub fn parse_cidr(what: &str, text: &str) -> Result<IpNet, ConfigError> {
     let net: IpNet = text.trim().parse().map_err(|_| {
         field(
             what,
-            format!("'{text}' is not a CIDR; write an address and prefix length such as 10.244.0.0/16"),
+            format!(
+                "'{text}' is not a CIDR; write an address and prefix length such as 10.244.0.0/16"
+            ),
         )
     })?;
     if net.trunc() != net {
         return Err(field(
             what,
-            format!(
-                "'{text}' has host bits set; did you mean {}?",
-                net.trunc()
-            ),
+            format!("'{text}' has host bits set; did you mean {}?", net.trunc()),
         ));
     }
     Ok(net)
@@ -291,7 +290,10 @@ impl Config {
             .or(file.cluster)
             .unwrap_or_else(|| interface.clone());
         if cluster.is_empty() || cluster.contains(char::is_whitespace) {
-            return Err(field("cluster", format!("'{cluster}' must be a non-empty name without spaces")));
+            return Err(field(
+                "cluster",
+                format!("'{cluster}' must be a non-empty name without spaces"),
+            ));
         }
 
         let key_file = args.private_key_file.clone().or(file.private_key_file);
@@ -361,7 +363,10 @@ impl Config {
             if !names.insert(peer.name.clone()) {
                 return Err(field(
                     format!("{what}.name"),
-                    format!("peer name '{}' is used twice; give each peer its own name", peer.name),
+                    format!(
+                        "peer name '{}' is used twice; give each peer its own name",
+                        peer.name
+                    ),
                 ));
             }
             let public_key =
@@ -380,8 +385,13 @@ impl Config {
                 .as_deref()
                 .map(|e| resolve_endpoint(&format!("{label}.endpoint"), e))
                 .transpose()?;
-            let allowed_cidrs = parse_cidrs(&format!("{label}.allowed_cidrs"), &peer.allowed_cidrs)?;
-            owned.extend(allowed_cidrs.iter().map(|c| (format!("peer '{}'", peer.name), *c)));
+            let allowed_cidrs =
+                parse_cidrs(&format!("{label}.allowed_cidrs"), &peer.allowed_cidrs)?;
+            owned.extend(
+                allowed_cidrs
+                    .iter()
+                    .map(|c| (format!("peer '{}'", peer.name), *c)),
+            );
             peers.push(PeerConfig {
                 name: peer.name,
                 public_key,
@@ -436,10 +446,7 @@ mod tests {
 
     fn load(fx: &Fixture, body: &str) -> Result<Config, ConfigError> {
         let path = fx.dir.path().join("meshd.toml");
-        let text = format!(
-            "private_key_file = \"{}\"\n{body}",
-            fx.key_path.display()
-        );
+        let text = format!("private_key_file = \"{}\"\n{body}", fx.key_path.display());
         std::fs::write(&path, text).unwrap();
         Config::load(&ConfigArgs {
             config: Some(path),
@@ -470,7 +477,10 @@ mod tests {
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert_eq!(cfg.mtu, None);
         assert_eq!(cfg.peers.len(), 1);
-        assert_eq!(cfg.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(
+            cfg.peers[0].endpoint,
+            Some("192.0.2.2:51820".parse().unwrap())
+        );
         assert_eq!(cfg.peers[0].allowed_cidrs.len(), 3);
         assert_eq!(cfg.peers[0].public_key.to_base64(), key);
     }
@@ -500,7 +510,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(cfg.listen_port, 2000);
-        assert_eq!(cfg.local_cidrs, vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            cfg.local_cidrs,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(cfg.mtu, Some(1380));
         assert_eq!(cfg.peers[0].persistent_keepalive, Some(25));
         assert_eq!(cfg.peers[0].allowed_cidrs.len(), 2);
@@ -583,7 +596,10 @@ mod tests {
             m2_peer(&pubkey(), "\"10.244.0.0/24\"")
         );
         let text = err_text(load(&fx, &body));
-        assert!(text.contains("local cluster 'm1' CIDR 10.244.0.0/16"), "{text}");
+        assert!(
+            text.contains("local cluster 'm1' CIDR 10.244.0.0/16"),
+            "{text}"
+        );
         assert!(text.contains("peer 'm2' CIDR 10.244.0.0/24"), "{text}");
     }
 
@@ -596,13 +612,19 @@ mod tests {
             m2_peer(&key, "\"10.245.0.0/16\"")
         );
         let text = err_text(load(&fx, &body));
-        assert!(text.contains("peers[0] (m2) and peers[1] (m3) have the same public key"), "{text}");
+        assert!(
+            text.contains("peers[0] (m2) and peers[1] (m3) have the same public key"),
+            "{text}"
+        );
     }
 
     #[test]
     fn own_key_as_peer_is_refused() {
         let fx = fixture();
-        let own = PrivateKey::from_file(&fx.key_path).unwrap().public_key().to_base64();
+        let own = PrivateKey::from_file(&fx.key_path)
+            .unwrap()
+            .public_key()
+            .to_base64();
         let text = err_text(load(&fx, &m2_peer(&own, "\"10.245.0.0/16\"")));
         assert!(text.contains("own public key"), "{text}");
     }
@@ -639,7 +661,9 @@ mod tests {
             m2_peer(&pubkey(), "\"10.246.0.0/16\"")
         );
         assert!(err_text(load(&fx, &body)).contains("used twice"));
-        let e = parse_peer_spec("name=m2,colour=blue").unwrap_err().to_string();
+        let e = parse_peer_spec("name=m2,colour=blue")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown key 'colour'"), "{e}");
         let e = parse_peer_spec("name=m2").unwrap_err().to_string();
         assert!(e.contains("public-key=... is missing"), "{e}");

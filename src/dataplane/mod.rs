@@ -257,12 +257,8 @@ impl Dataplane {
                     }
                     None => {
                         let index = running.allocate_index();
-                        let tunn = identity.tunn(
-                            &want.public_key,
-                            psk,
-                            want.persistent_keepalive,
-                            index,
-                        );
+                        let tunn =
+                            identity.tunn(&want.public_key, psk, want.persistent_keepalive, index);
                         tracing::info!(peer = %want.name, public_key = %want.public_key, "peer added");
                         Arc::new(Peer::new(want.public_key, index, tunn, want.endpoint))
                     }
@@ -271,7 +267,11 @@ impl Dataplane {
                 peers.insert(want.public_key, peer);
             }
         }
-        for (key, _) in running.peers.iter().filter(|(k, _)| !peers.contains_key(*k)) {
+        for (key, _) in running
+            .peers
+            .iter()
+            .filter(|(k, _)| !peers.contains_key(*k))
+        {
             tracing::info!(public_key = %key, "peer removed");
         }
         running.peers = peers;

@@ -157,10 +157,7 @@ impl UdpPort {
         timeout: Duration,
     ) -> io::Result<usize> {
         loop {
-            match self
-                .state
-                .recv(UdpSockRef::from(&self.socket), bufs, meta)
-            {
+            match self.state.recv(UdpSockRef::from(&self.socket), bufs, meta) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !poll_fd(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
                         return Ok(0);
@@ -187,9 +184,14 @@ mod tests {
     #[test]
     fn port_in_use_is_named() {
         let first = UdpPort::bind(0).unwrap();
-        let err = UdpPort::bind(first.port()).err().expect("second bind must fail");
+        let err = UdpPort::bind(first.port())
+            .err()
+            .expect("second bind must fail");
         let text = err.to_string();
-        assert!(text.contains(&format!("listen port {}", first.port())), "{text}");
+        assert!(
+            text.contains(&format!("listen port {}", first.port())),
+            "{text}"
+        );
         assert!(text.contains("--listen-port"), "{text}");
     }
 

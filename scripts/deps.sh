@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian packages meshd's lab, tests and benchmarks use, when missing. Sourced by
+# scripts/lab.sh, scripts/test.sh and bench/lab-throughput.sh; needs root to install.
+set -euo pipefail
+
+# command -> Debian package providing it
+declare -A MESHD_PACKAGES=(
+  [ip]=iproute2
+  [ping]=iputils-ping
+  [iperf3]=iperf3
+  [dig]=dnsutils
+  [wg]=wireguard-tools
+  [wireguard-go]=wireguard-go
+  [ethtool]=ethtool
+)
+
+ensure_packages() {
+  local missing=()
+  for cmd in "${!MESHD_PACKAGES[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${MESHD_PACKAGES[$cmd]}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${missing[*]}; run as root (or: apt-get install ${missing[*]})" >&2
+    return 1
+  fi
+  echo "installing: ${missing[*]}" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null 2>&1 || {
+    echo "cargo not found: install Rust (rustup) first" >&2
+    return 1
+  }
+}

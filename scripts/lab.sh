@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# The two-cluster lab on one machine: network namespaces stand in for the clusters.
+#
+#   m1pod (10.244.1.10) -- m1gw ══ underlay 192.0.2.0/24 ══ m2gw -- m2pod (10.245.1.10)
+#
+# Each gateway runs a WireGuard implementation (meshd by default) that routes the other cluster's
+# pod CIDR through the tunnel.
+#
+# usage: scripts/lab.sh up|down|demo|status [--m1 IMPL] [--m2 IMPL] [--prefix P]
+#   IMPL: meshd (default) | wireguard-go | boringtun | none (plain routing, no tunnel)
+#   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
+# env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+# shellcheck source=scripts/deps.sh
+. "$here/deps.sh"
+
+action=${1:-}
+[ -n "$action" ] && shift
+M1=meshd M2=meshd P=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --m1) M1=$2; shift 2 ;;
+    --m2) M2=$2; shift 2 ;;
+    --prefix) P=$2; shift 2 ;;
+    *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
+  esac
+done
+for impl in "$M1" "$M2"; do
+  case "$impl" in meshd|wireguard-go|boringtun|none) ;; *)
+    echo "unknown implementation '$impl': use meshd, wireguard-go, boringtun or none" >&2; exit 2 ;;
+  esac
+done
+if [ "$M1" = none ] || [ "$M2" = none ]; then
+  [ "$M1" = "$M2" ] || { echo "--m1 none needs --m2 none (plain routing has no tunnel)" >&2; exit 2; }
+fi
+
+state=/run/meshd-lab/${P:-default}
+port=51820
+
+ns() { echo "${P}$1"; }
+in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
+log() { printf '[lab] %s\n' "$*" >&2; }
+
+# cluster facts: index -> pod CIDR, service CIDR, pod IP, gateway pod-side IP, underlay IP, tunnel IP
+pod_cidr() { echo "10.24$((3 + $1)).0.0/16"; }
+svc_cidr() { echo "10.9$((5 + $1)).0.0/16"; }
+pod_ip() { echo "10.24$((3 + $1)).1.10"; }
+gw_pod_ip() { echo "10.24$((3 + $1)).1.1"; }
+underlay_ip() { echo "192.0.2.$1"; }
+tunnel_ip() { echo "100.64.0.$1"; }
+iface() { echo "${P}m$1wg"; }
+other() { echo $((3 - $1)); }
+impl_of() { if [ "$1" = 1 ]; then echo "$M1"; else echo "$M2"; fi; }
+
+meshd_bin() {
+  if [ -n "${MESHD_BIN_DIR:-}" ]; then
+    echo "$MESHD_BIN_DIR"
+  else
+    ensure_cargo
+    (cd "$root" && cargo build --release --quiet --bins) >&2
+    echo "$root/target/release"
+  fi
+}
+
+down() {
+  for i in 1 2; do
+    for n in gw pod; do
+      local name; name=$(ns "m$i$n")
+      if ip netns list | grep -qw "$name"; then
+        # Processes keep a namespace alive: stop them first.
+        for pid in $(ip netns pids "$name" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
+        sleep 0.2
+        for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+        ip netns del "$name" 2>/dev/null || true
+      fi
+    done
+    rm -f "/var/run/wireguard/$(iface "$i").sock"
+  done
+  rm -rf "$state"
+}
+
+topology() {
+  for i in 1 2; do
+    ip netns add "$(ns "m${i}gw")"
+    ip netns add "$(ns "m${i}pod")"
+    in_ns "m${i}gw" ip link set lo up
+    in_ns "m${i}pod" ip link set lo up
+    # pod <-> gateway
+    ip link add "${P}m${i}p" netns "$(ns "m${i}pod")" type veth peer name "${P}m${i}g" netns "$(ns "m${i}gw")"
+    in_ns "m${i}pod" ip link set "${P}m${i}p" name eth0
+    in_ns "m${i}pod" ip addr add "$(pod_ip "$i")/24" dev eth0
+    in_ns "m${i}pod" ip link set eth0 up
+    in_ns "m${i}pod" ip route add default via "$(gw_pod_ip "$i")"
+    in_ns "m${i}gw" ip link set "${P}m${i}g" name pod0
+    in_ns "m${i}gw" ip addr add "$(gw_pod_ip "$i")/24" dev pod0
+    in_ns "m${i}gw" ip link set pod0 up
+    in_ns "m${i}gw" sysctl -qw net.ipv4.ip_forward=1
+  done
+  # the underlay between the gateways
+  ip link add "${P}ul1" netns "$(ns m1gw)" type veth peer name "${P}ul2" netns "$(ns m2gw)"
+  for i in 1 2; do
+    in_ns "m${i}gw" ip link set "${P}ul$i" name ul0
+    in_ns "m${i}gw" ip addr add "$(underlay_ip "$i")/24" dev ul0
+    in_ns "m${i}gw" ip link set ul0 up
+  done
+}
+
+keys() {
+  local bin=$1
+  for i in 1 2; do
+    (umask 077 && "$bin/meshctl" genkey >"$state/m$i.key")
+    "$bin/meshctl" pubkey <"$state/m$i.key" >"$state/m$i.pub"
+  done
+}
+
+meshd_config() {
+  local i=$1 o; o=$(other "$1")
+  cat >"$state/m$i.toml" <<CFG
+cluster = "m$i"
+interface = "$(iface "$i")"
+private_key_file = "$state/m$i.key"
+listen_port = $port
+local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")"]
+tunnel_address = "$(tunnel_ip "$i")/24"
+
+[[peers]]
+name = "m$o"
+public_key = "$(cat "$state/m$o.pub")"
+endpoint = "$(underlay_ip "$o"):$port"
+allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(tunnel_ip "$o")/32"]
+CFG
+}
+
+start_meshd() {
+  local i=$1 bin=$2
+  meshd_config "$i"
+  in_ns "m${i}gw" "$bin/meshd" --config "$state/m$i.toml" >"$state/m$i.log" 2>&1 &
+  echo $! >"$state/m$i.pid"
+}
+
+# wireguard-go or boringtun-cli, configured with wg and ip, as an operator would.
+start_userspace() {
+  local i=$1 impl=$2 o dev; o=$(other "$1"); dev=$(iface "$i")
+  case "$impl" in
+    wireguard-go)
+      in_ns "m${i}gw" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev" >"$state/m$i.log" 2>&1 & ;;
+    boringtun)
+      command -v boringtun-cli >/dev/null || { echo "boringtun-cli not found: cargo install boringtun-cli" >&2; exit 1; }
+      in_ns "m${i}gw" boringtun-cli --foreground --disable-drop-privileges "$dev" >"$state/m$i.log" 2>&1 & ;;
+  esac
+  echo $! >"$state/m$i.pid"
+  for _ in $(seq 50); do [ -S "/var/run/wireguard/$dev.sock" ] && break; sleep 0.1; done
+  in_ns "m${i}gw" wg set "$dev" listen-port $port private-key "$state/m$i.key" \
+    peer "$(cat "$state/m$o.pub")" endpoint "$(underlay_ip "$o"):$port" \
+    allowed-ips "$(pod_cidr "$o"),$(svc_cidr "$o"),$(tunnel_ip "$o")/32"
+  in_ns "m${i}gw" ip addr add "$(tunnel_ip "$i")/24" dev "$dev"
+  in_ns "m${i}gw" ip link set "$dev" mtu 1420 up
+  in_ns "m${i}gw" ip route add "$(pod_cidr "$o")" dev "$dev"
+  in_ns "m${i}gw" ip route add "$(svc_cidr "$o")" dev "$dev"
+}
+
+wait_for_tunnel() {
+  for _ in $(seq 100); do
+    if in_ns m1pod ping -c1 -W1 "$(pod_ip 2)" >/dev/null 2>&1; then return 0; fi
+    for i in 1 2; do
+      if [ -f "$state/m$i.pid" ] && ! kill -0 "$(cat "$state/m$i.pid")" 2>/dev/null; then
+        log "gateway m$i ($(impl_of "$i")) exited; its log:"; cat "$state/m$i.log" >&2; return 1
+      fi
+    done
+    sleep 0.2
+  done
+  log "no traffic across the tunnel after 20 s; gateway logs:"
+  cat "$state"/m*.log >&2 || true
+  return 1
+}
+
+up() {
+  ensure_packages
+  local bin=""
+  if [ "$M1" = meshd ] || [ "$M2" = meshd ] || true; then bin=$(meshd_bin); fi
+  down
+  mkdir -p "$state"
+  echo "$M1 $M2" >"$state/impls"
+  topology
+  if [ "$M1" = none ]; then
+    in_ns m1gw ip route add "$(pod_cidr 2)" via "$(underlay_ip 2)"
+    in_ns m2gw ip route add "$(pod_cidr 1)" via "$(underlay_ip 1)"
+  else
+    keys "$bin"
+    for i in 1 2; do
+      case "$(impl_of "$i")" in
+        meshd) start_meshd "$i" "$bin" ;;
+        *) start_userspace "$i" "$(impl_of "$i")" ;;
+      esac
+    done
+  fi
+  wait_for_tunnel
+  log "lab up: m1 ($M1) <-> m2 ($M2); state in $state"
+}
+
+status() {
+  for i in 1 2; do
+    [ -S "/var/run/wireguard/$(iface "$i").sock" ] && in_ns "m${i}gw" wg show "$(iface "$i")"
+  done
+}
+
+demo() {
+  trap 'down' EXIT
+  trap 'exit 130' INT TERM
+  up
+  echo
+  echo "== ping m1pod -> m2pod and back"
+  in_ns m1pod ping -c 3 -i 0.2 "$(pod_ip 2)"
+  in_ns m2pod ping -c 3 -i 0.2 "$(pod_ip 1)"
+  echo
+  echo "== iperf3 TCP m1pod -> m2pod (5 s)"
+  in_ns m2pod iperf3 -s -1 -D
+  sleep 0.3
+  in_ns m1pod iperf3 -c "$(pod_ip 2)" -t 5 -f m | tail -4
+  echo
+  echo "== iperf3 TCP m2pod -> m1pod (5 s)"
+  in_ns m1pod iperf3 -s -1 -D
+  sleep 0.3
+  in_ns m2pod iperf3 -c "$(pod_ip 1)" -t 5 -f m | tail -4
+  echo
+  echo "== wg show (standard WireGuard tooling against meshd)"
+  status
+  echo
+  echo "lab demo passed: pods in 10.244.0.0/16 and 10.245.0.0/16 reach each other through meshd"
+}
+
+case "$action" in
+  up) up ;;
+  down) down; log "lab down" ;;
+  demo) demo ;;
+  status) status ;;
+  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+esac

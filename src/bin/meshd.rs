@@ -1,0 +1,147 @@
+//! The meshd daemon: loads the configuration, opens the TUN device and the WireGuard port, starts
+//! the dataplane threads, then runs the control plane (routes, UAPI, SIGHUP reload) on tokio.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
+use meshd::control::routes::{underlay_mtu, RouteTable};
+use meshd::control::{spec_from_config, uapi, Controller};
+use meshd::dataplane::{open_tun, Dataplane, TunSettings};
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Userspace WireGuard gateway joining Kubernetes clusters' pod networks.
+#[derive(Debug, Parser)]
+#[command(name = "meshd", version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("meshd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(&cli.config)?;
+    let mtu = match config.mtu {
+        Some(mtu) => mtu,
+        None => {
+            let (underlay, why) = underlay_mtu(&config.interface);
+            let mtu = underlay.saturating_sub(TUNNEL_OVERHEAD);
+            tracing::info!(underlay, mtu, source = %why, "tunnel MTU derived from the underlay");
+            mtu
+        }
+    };
+    let tun = open_tun(&TunSettings {
+        name: config.interface.clone(),
+        mtu,
+        address: config.tunnel_address,
+    })
+    .with_context(|| {
+        format!(
+            "cannot create TUN interface '{}' (needs root or CAP_NET_ADMIN and /dev/net/tun; is the name already taken?)",
+            config.interface
+        )
+    })?;
+    let ifindex = tun
+        .if_index()
+        .context("cannot read the TUN interface's index")?;
+    let dataplane = Dataplane::start(tun, spec_from_config(&config))?;
+    tracing::info!(
+        cluster = %config.cluster,
+        interface = %config.interface,
+        listen_port = dataplane.listen_port(),
+        mtu,
+        peers = config.peers.len(),
+        public_key = %config.private_key.as_ref().map(|k| k.public_key().to_string()).unwrap_or_else(|| "(none yet: set one with `wg set`)".into()),
+        "meshd is up"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control plane runtime")?;
+    runtime.block_on(control_plane(cli.config, config, dataplane, ifindex))
+}
+
+async fn control_plane(
+    args: ConfigArgs,
+    config: Config,
+    dataplane: Arc<Dataplane>,
+    ifindex: u32,
+) -> Result<()> {
+    let (controller, mut wanted) = Controller::new(dataplane);
+    let mut routes = RouteTable::new(&config.interface, ifindex)
+        .context("cannot open a netlink socket for routes")?;
+    routes.sync(&wanted.borrow_and_update()).await?;
+    let route_task = tokio::spawn(async move {
+        while wanted.changed().await.is_ok() {
+            let prefixes = wanted.borrow_and_update().clone();
+            if let Err(e) = routes.sync(&prefixes).await {
+                tracing::error!(error = %e, "route update failed; traffic to that prefix will not enter the tunnel until it is fixed");
+            }
+        }
+    });
+
+    let socket = uapi::socket_path(&config.interface);
+    let mut uapi_task = tokio::spawn(uapi::serve(socket.clone(), controller.clone()));
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let result = loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&args, &config, &controller),
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+            r = &mut uapi_task => {
+                break match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("UAPI socket {} failed", socket.display()))),
+                    Err(e) => Err(anyhow::anyhow!("UAPI task panicked: {e}")),
+                };
+            }
+        }
+    };
+    route_task.abort();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("meshd stopped");
+    result
+}
+
+/// Re-reads the configuration on SIGHUP and applies what can change at runtime.
+fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) {
+    let config = match Config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
+            return;
+        }
+    };
+    if config.interface != running.interface
+        || config.tunnel_address != running.tunnel_address
+        || config.mtu != running.mtu
+    {
+        tracing::warn!(
+            "SIGHUP: interface, tunnel_address and mtu changes take effect only after a restart"
+        );
+    }
+    match controller.apply(spec_from_config(&config)) {
+        Ok(()) => tracing::info!(peers = config.peers.len(), "SIGHUP: configuration reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one")
+        }
+    }
+}
