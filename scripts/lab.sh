@@ -7,7 +7,8 @@
 # pod CIDR through the tunnel.
 #
 # usage: scripts/lab.sh up|down|demo|status [--m1 IMPL] [--m2 IMPL] [--prefix P]
-#   IMPL: meshd (default) | wireguard-go | boringtun | none (plain routing, no tunnel)
+#   IMPL: meshd (default) | meshd-wg (meshd started empty, configured only with wg set)
+#         | wireguard-go | boringtun | none (plain routing, no tunnel)
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 set -euo pipefail
@@ -29,8 +30,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for impl in "$M1" "$M2"; do
-  case "$impl" in meshd|wireguard-go|boringtun|none) ;; *)
-    echo "unknown implementation '$impl': use meshd, wireguard-go, boringtun or none" >&2; exit 2 ;;
+  case "$impl" in meshd|meshd-wg|wireguard-go|boringtun|none) ;; *)
+    echo "unknown implementation '$impl': use meshd, meshd-wg, wireguard-go, boringtun or none" >&2; exit 2 ;;
   esac
 done
 if [ "$M1" = none ] || [ "$M2" = none ]; then
@@ -137,19 +138,22 @@ CFG
 start_meshd() {
   local i=$1 bin=$2
   meshd_config "$i"
-  in_ns "m${i}gw" "$bin/meshd" --config "$state/m$i.toml" >"$state/m$i.log" 2>&1 &
+  # Not through in_ns: $! must be meshd's own PID (ip netns exec execs it) for signals.
+  ip netns exec "$(ns "m${i}gw")" "$bin/meshd" --config "$state/m$i.toml" >"$state/m$i.log" 2>&1 &
   echo $! >"$state/m$i.pid"
 }
 
-# wireguard-go or boringtun-cli, configured with wg and ip, as an operator would.
+# wireguard-go, boringtun-cli or an empty meshd, configured with wg and ip, as an operator would.
 start_userspace() {
-  local i=$1 impl=$2 o dev; o=$(other "$1"); dev=$(iface "$i")
+  local i=$1 impl=$2 bin=$3 o dev; o=$(other "$1"); dev=$(iface "$i")
   case "$impl" in
+    meshd-wg)
+      ip netns exec "$(ns "m${i}gw")" "$bin/meshd" --interface "$dev" --mtu 1420 >"$state/m$i.log" 2>&1 & ;;
     wireguard-go)
-      in_ns "m${i}gw" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev" >"$state/m$i.log" 2>&1 & ;;
+      ip netns exec "$(ns "m${i}gw")" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev" >"$state/m$i.log" 2>&1 & ;;
     boringtun)
       command -v boringtun-cli >/dev/null || { echo "boringtun-cli not found: cargo install boringtun-cli" >&2; exit 1; }
-      in_ns "m${i}gw" boringtun-cli --foreground --disable-drop-privileges "$dev" >"$state/m$i.log" 2>&1 & ;;
+      ip netns exec "$(ns "m${i}gw")" boringtun-cli --foreground --disable-drop-privileges "$dev" >"$state/m$i.log" 2>&1 & ;;
   esac
   echo $! >"$state/m$i.pid"
   for _ in $(seq 50); do [ -S "/var/run/wireguard/$dev.sock" ] && break; sleep 0.1; done
@@ -158,8 +162,9 @@ start_userspace() {
     allowed-ips "$(pod_cidr "$o"),$(svc_cidr "$o"),$(tunnel_ip "$o")/32"
   in_ns "m${i}gw" ip addr add "$(tunnel_ip "$i")/24" dev "$dev"
   in_ns "m${i}gw" ip link set "$dev" mtu 1420 up
-  in_ns "m${i}gw" ip route add "$(pod_cidr "$o")" dev "$dev"
-  in_ns "m${i}gw" ip route add "$(svc_cidr "$o")" dev "$dev"
+  # meshd installs these routes itself; the others need them from the operator.
+  in_ns "m${i}gw" ip route replace "$(pod_cidr "$o")" dev "$dev"
+  in_ns "m${i}gw" ip route replace "$(svc_cidr "$o")" dev "$dev"
 }
 
 wait_for_tunnel() {
@@ -179,8 +184,8 @@ wait_for_tunnel() {
 
 up() {
   ensure_packages
-  local bin=""
-  if [ "$M1" = meshd ] || [ "$M2" = meshd ] || true; then bin=$(meshd_bin); fi
+  local bin
+  bin=$(meshd_bin)  # meshctl makes the keys for every implementation
   down
   mkdir -p "$state"
   echo "$M1 $M2" >"$state/impls"
@@ -193,7 +198,7 @@ up() {
     for i in 1 2; do
       case "$(impl_of "$i")" in
         meshd) start_meshd "$i" "$bin" ;;
-        *) start_userspace "$i" "$(impl_of "$i")" ;;
+        *) start_userspace "$i" "$(impl_of "$i")" "$bin" ;;
       esac
     done
   fi

@@ -18,6 +18,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_INTERFACE: &str = "meshd0";
 /// WireGuard's worst-case overhead over IPv6: 40 (IPv6) + 8 (UDP) + 32 (WireGuard header, tag).
 pub const TUNNEL_OVERHEAD: u16 = 80;
+/// Default address of the Prometheus `/metrics` endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 /// The smallest tunnel MTU we accept: IPv4's minimum reassembly size.
 pub const MIN_MTU: u16 = 576;
 
@@ -33,6 +35,7 @@ pub struct ConfigFile {
     pub local_cidrs: Vec<String>,
     pub tunnel_address: Option<String>,
     pub mtu: Option<u16>,
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -76,6 +79,9 @@ pub struct ConfigArgs {
     /// Tunnel MTU [default: underlay MTU - 80].
     #[arg(long, env = "MESHD_MTU")]
     pub mtu: Option<u16>,
+    /// Address for Prometheus `/metrics` [default: 0.0.0.0:9090]; "off" disables it.
+    #[arg(long, env = "MESHD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS].
     /// Repeat for several peers (space-separated in the environment).
     #[arg(long = "peer", env = "MESHD_PEERS", value_delimiter = ' ')]
@@ -137,6 +143,8 @@ pub struct Config {
     pub tunnel_address: Option<IpNet>,
     /// `None`: derive from the underlay (its MTU minus [`TUNNEL_OVERHEAD`]).
     pub mtu: Option<u16>,
+    /// `None`: metrics are off.
+    pub metrics_listen: Option<SocketAddr>,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -334,6 +342,24 @@ impl Config {
             }
         }
 
+        let metrics_text = args
+            .metrics_listen
+            .clone()
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        let metrics_listen = if metrics_text == "off" {
+            None
+        } else {
+            Some(metrics_text.parse::<SocketAddr>().map_err(|_| {
+                field(
+                    "metrics_listen",
+                    format!(
+                        "'{metrics_text}' is not an address:port such as 0.0.0.0:9090 (or \"off\")"
+                    ),
+                )
+            })?)
+        };
+
         let mut peer_files: Vec<(String, PeerFile)> = file
             .peers
             .into_iter()
@@ -417,6 +443,7 @@ impl Config {
             local_cidrs,
             tunnel_address,
             mtu,
+            metrics_listen,
             peers,
         })
     }
@@ -650,6 +677,10 @@ mod tests {
         assert!(text.starts_with("mtu: 100 is below"), "{text}");
         let text = err_text(load(&fx, "interface = \"much-too-long-name\"\n"));
         assert!(text.starts_with("interface:"), "{text}");
+        let text = err_text(load(&fx, "metrics_listen = \"9090\"\n"));
+        assert!(text.starts_with("metrics_listen:"), "{text}");
+        let cfg = load(&fx, "metrics_listen = \"off\"\n").unwrap();
+        assert_eq!(cfg.metrics_listen, None);
     }
 
     #[test]

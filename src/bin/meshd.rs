@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use meshd::admin::metrics;
 use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
 use meshd::control::routes::{underlay_mtu, RouteTable};
 use meshd::control::{spec_from_config, uapi, Controller};
@@ -25,6 +26,7 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -94,6 +96,18 @@ async fn control_plane(
             }
         }
     });
+
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
+        })?;
+        let registry = metrics::registry(controller.dataplane().clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, registry).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
 
     let socket = uapi::socket_path(&config.interface);
     let mut uapi_task = tokio::spawn(uapi::serve(socket.clone(), controller.clone()));

@@ -116,6 +116,14 @@ pub struct Dataplane {
     pub drops: DropStats,
 }
 
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("listen_port", &self.listen_port())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Settings for the TUN device.
 #[derive(Debug, Clone)]
 pub struct TunSettings {
@@ -226,6 +234,7 @@ impl Dataplane {
         }
         let mut table = PeerTable::new(running.identity.clone());
         let mut peers = HashMap::new();
+        let mut fresh = Vec::new();
         if let Some(identity) = running.identity.clone() {
             for want in &spec.peers {
                 let psk = want.preshared_key.as_ref().map(|k| *k.as_bytes());
@@ -260,7 +269,9 @@ impl Dataplane {
                         let tunn =
                             identity.tunn(&want.public_key, psk, want.persistent_keepalive, index);
                         tracing::info!(peer = %want.name, public_key = %want.public_key, "peer added");
-                        Arc::new(Peer::new(want.public_key, index, tunn, want.endpoint))
+                        let peer = Arc::new(Peer::new(want.public_key, index, tunn, want.endpoint));
+                        fresh.push(peer.clone());
+                        peer
                     }
                 };
                 table.insert(peer.clone(), &want.allowed_ips);
@@ -277,7 +288,24 @@ impl Dataplane {
         running.peers = peers;
         running.spec = spec;
         self.table.store(Arc::new(table));
+        drop(running);
+        self.initiate_handshakes(&fresh);
         Ok(())
+    }
+
+    /// Starts a handshake with each new peer whose endpoint we know, so that a restarted gateway
+    /// is reachable at once instead of after its peer's session times out.
+    fn initiate_handshakes(&self, peers: &[Arc<Peer>]) {
+        let mut out = [0u8; WG_ROOM];
+        let port = self.udp.load();
+        for peer in peers {
+            let Some(to) = peer.endpoint() else { continue };
+            let result = peer.tunn().format_handshake_initiation(&mut out, false);
+            if let boringtun::noise::TunnResult::WriteToNetwork(init) = result {
+                peer.stats.count_tx(init.len());
+                self.send(&port, init, to);
+            }
+        }
     }
 
     fn send(&self, port: &UdpPort, datagram: &[u8], to: SocketAddr) {
@@ -358,10 +386,14 @@ impl Dataplane {
             Inbound::ToTun(packet) => self.tun_write(packet),
             Inbound::Reply(reply, peer) => {
                 self.send(port, reply, src);
-                if let Some(peer) = peer {
-                    while let Some(queued) = PeerTable::flush_queued(&peer, out) {
-                        self.send(port, queued, src);
+                match peer {
+                    Some(peer) => {
+                        while let Some(queued) = PeerTable::flush_queued(&peer, out) {
+                            self.send(port, queued, src);
+                        }
                     }
+                    // A cookie reply: the handshake itself was not processed.
+                    None => self.drops.count(DropReason::UnderLoad),
                 }
             }
             Inbound::Done => {}

@@ -39,7 +39,8 @@ pub enum DropReason {
     NoRoute,
     /// For a peer whose endpoint is not known yet (it has to contact us first).
     NoEndpoint,
-    /// A handshake refused because we are under load and it carried no valid cookie.
+    /// A handshake not processed because we are under load: it carried no valid cookie, and got
+    /// a cookie reply instead.
     UnderLoad,
     /// The kernel refused the send.
     SendFailed,

@@ -1,0 +1,154 @@
+//! Prometheus metrics, read from the dataplane's atomic counters at scrape time.
+//!
+//! The dataplane counts with relaxed atomics and never formats anything; a [`DataplaneCollector`]
+//! turns those counters into `meshd_*` metric families when `/metrics` is scraped, so a scrape
+//! costs the hot path nothing.
+
+use crate::dataplane::{Dataplane, DropReason};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+/// Encodes the dataplane's counters on every scrape.
+#[derive(Debug)]
+pub struct DataplaneCollector {
+    dataplane: Arc<Dataplane>,
+}
+
+fn counter_family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a str, String, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (label, value, count) in rows {
+        let labels = [(label, value)];
+        ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let drops = &self.dataplane.drops;
+        counter_family(
+            &mut encoder,
+            "meshd_dropped_packets",
+            "Packets dropped by the dataplane, by reason.",
+            DropReason::ALL
+                .iter()
+                .map(|r| ("reason", r.as_str().to_string(), drops.get(*r))),
+        )?;
+
+        let spec = self.dataplane.spec();
+        let table = self.dataplane.table();
+        let peers: Vec<(String, Arc<crate::dataplane::Peer>)> = spec
+            .peers
+            .iter()
+            .filter_map(|p| {
+                table
+                    .peer(&p.public_key)
+                    .map(|peer| (p.name.clone(), peer.clone()))
+            })
+            .collect();
+        let stat = |pick: fn(&crate::dataplane::PeerStats) -> &std::sync::atomic::AtomicU64| {
+            peers.iter().map(move |(name, peer)| {
+                (
+                    "peer",
+                    name.clone(),
+                    pick(&peer.stats).load(Ordering::Relaxed),
+                )
+            })
+        };
+        counter_family(
+            &mut encoder,
+            "meshd_peer_rx_bytes",
+            "WireGuard bytes received from the peer.",
+            stat(|s| &s.rx_bytes),
+        )?;
+        counter_family(
+            &mut encoder,
+            "meshd_peer_tx_bytes",
+            "WireGuard bytes sent to the peer.",
+            stat(|s| &s.tx_bytes),
+        )?;
+        counter_family(
+            &mut encoder,
+            "meshd_peer_rx_packets",
+            "WireGuard datagrams received from the peer.",
+            stat(|s| &s.rx_packets),
+        )?;
+        counter_family(
+            &mut encoder,
+            "meshd_peer_tx_packets",
+            "WireGuard datagrams sent to the peer.",
+            stat(|s| &s.tx_packets),
+        )?;
+
+        let mut family = encoder.encode_descriptor(
+            "meshd_peer_last_handshake_timestamp_seconds",
+            "Unix time of the peer's last completed handshake (0: never).",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (name, peer) in &peers {
+            let at = peer
+                .status()
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            let labels = [("peer", name.clone())];
+            ConstGauge::new(at).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A registry with meshd's collectors.
+pub fn registry(dataplane: Arc<Dataplane>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(DataplaneCollector { dataplane }));
+    registry
+}
+
+/// Serves `/metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std::io::Result<()> {
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let registry = Arc::new(registry);
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response(),
+                    Err(_) => (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; charset=utf-8",
+                        )],
+                        "metrics encoding failed".to_string(),
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,441 @@
+//! End-to-end tests in the two-cluster lab (scripts/lab.sh): real namespaces, TUN devices, UDP,
+//! iperf3, ping, wg and wireguard-go. They need root and skip with a message otherwise.
+
+mod support;
+
+use boringtun::noise::{Tunn, TunnResult};
+use meshd::keys::{PrivateKey, PublicKey};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::*;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Checks `wg show dump` of gateway `i`: one peer, a handshake in the last `max_age` seconds,
+/// transfer both ways; returns (rx, tx).
+fn assert_wg_peer_live(lab: &Lab, i: u8, max_age: u64) -> (u64, u64) {
+    let dump = lab.wg_dump(i);
+    assert_eq!(dump.len(), 2, "expected the device and one peer: {dump:?}");
+    let peer = &dump[1];
+    let handshake: u64 = peer[4].parse().unwrap();
+    assert!(handshake > 0, "no handshake: {peer:?}");
+    assert!(
+        now_secs().saturating_sub(handshake) <= max_age,
+        "stale handshake: {peer:?}"
+    );
+    let (rx, tx): (u64, u64) = (peer[5].parse().unwrap(), peer[6].parse().unwrap());
+    assert!(rx > 0 && tx > 0, "no transfer: {peer:?}");
+    (rx, tx)
+}
+
+#[test]
+fn pods_reach_each_other_both_ways_through_meshd() {
+    if !root_or_skip("pods_reach_each_other_both_ways_through_meshd") {
+        return;
+    }
+    let lab = Lab::up("tp", "meshd", "meshd");
+    assert!(lab.ping("m1pod", M2_POD), "m1pod cannot ping m2pod");
+    assert!(lab.ping("m2pod", M1_POD), "m2pod cannot ping m1pod");
+    let there = lab.iperf3("m1pod", "m2pod", M2_POD, &["-t", "2"]);
+    let back = lab.iperf3("m2pod", "m1pod", M1_POD, &["-t", "2"]);
+    assert!(
+        there > 0 && back > 0,
+        "iperf3 moved {there} and {back} bytes"
+    );
+
+    // meshd programmed the remote CIDRs through its interface.
+    let routes = lab.exec_ok("m1gw", &["ip", "route", "show", "dev", &lab.iface(1)]);
+    for cidr in ["10.245.0.0/16", "10.97.0.0/16"] {
+        assert!(routes.contains(cidr), "route {cidr} missing:\n{routes}");
+    }
+
+    // wg show works against meshd and counts at least what iperf3 moved.
+    let (rx, tx) = assert_wg_peer_live(&lab, 1, 60);
+    assert!(
+        tx >= there && rx >= back,
+        "wg counters {rx}/{tx} below iperf3's {back}/{there}"
+    );
+
+    // The UAPI socket carries the private key: root only.
+    let socket = format!("/var/run/wireguard/{}.sock", lab.iface(1));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{socket} mode {mode:o}");
+
+    // Metrics agree with wg on the byte counters.
+    let body = lab.http_get("m1gw", "127.0.0.1:9090", "/metrics");
+    let metric_tx = metric(&body, "meshd_peer_tx_bytes_total{peer=\"m2\"}").expect("tx metric");
+    assert!(
+        metric_tx >= tx as f64,
+        "metrics tx {metric_tx} < wg tx {tx}:\n{body}"
+    );
+}
+
+#[test]
+fn interop_with_wireguard_go_both_ways() {
+    if !root_or_skip("interop_with_wireguard_go_both_ways") {
+        return;
+    }
+    let lab = Lab::up("ti", "meshd", "wireguard-go");
+    assert!(
+        lab.ping("m1pod", M2_POD),
+        "meshd -> wireguard-go ping failed"
+    );
+    assert!(
+        lab.ping("m2pod", M1_POD),
+        "wireguard-go -> meshd ping failed"
+    );
+    assert!(lab.iperf3("m1pod", "m2pod", M2_POD, &["-t", "2"]) > 0);
+    assert!(lab.iperf3("m2pod", "m1pod", M1_POD, &["-t", "2"]) > 0);
+    assert_wg_peer_live(&lab, 1, 60);
+    assert_wg_peer_live(&lab, 2, 60);
+}
+
+#[test]
+fn empty_meshd_configured_only_with_wg_set() {
+    if !root_or_skip("empty_meshd_configured_only_with_wg_set") {
+        return;
+    }
+    let lab = Lab::up("tw", "meshd-wg", "meshd");
+    assert!(lab.ping("m2pod", M1_POD));
+    assert!(lab.iperf3("m1pod", "m2pod", M2_POD, &["-t", "2"]) > 0);
+    // meshd routed the allowed IPs that `wg set` gave it.
+    let routes = lab.exec_ok("m1gw", &["ip", "route", "show", "dev", &lab.iface(1)]);
+    assert!(routes.contains("10.245.0.0/16"), "{routes}");
+    // `wg showconf` | `wg setconf` round-trips.
+    let conf = lab.exec_ok("m1gw", &["wg", "showconf", &lab.iface(1)]);
+    let path = lab.state.join("m1.conf");
+    std::fs::write(&path, &conf).unwrap();
+    lab.exec_ok(
+        "m1gw",
+        &["wg", "setconf", &lab.iface(1), path.to_str().unwrap()],
+    );
+    assert!(lab.ping("m1pod", M2_POD));
+    // Bad input through wg set is refused and changes nothing.
+    let out = lab.exec("m1gw", &["wg", "set", &lab.iface(1), "peer", "AAAA"]);
+    assert!(!out.status.success());
+    assert_eq!(lab.wg_dump(1).len(), 2);
+}
+
+#[test]
+fn peer_restart_gets_traffic_flowing_within_5s() {
+    if !root_or_skip("peer_restart_gets_traffic_flowing_within_5s") {
+        return;
+    }
+    let lab = Lab::up("tr", "meshd", "meshd");
+    assert!(lab.ping("m1pod", M2_POD));
+    let old = lab.pid(2);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    let start = std::time::Instant::now();
+    // SAFETY: signal 0 only checks existence.
+    while unsafe { libc::kill(old, 0) } == 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !std::fs::read_to_string(format!("/proc/{old}/comm")).is_ok_and(|c| c.trim() == "meshd"),
+        "meshd {old} did not die"
+    );
+    let config = lab.state.join("m2.toml");
+    let log = std::fs::File::create(lab.state.join("m2.log")).unwrap();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("m2gw")])
+        .arg(env!("CARGO_BIN_EXE_meshd"))
+        .args(["--config", config.to_str().unwrap()])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(lab.state.join("m2.pid"), child.id().to_string()).unwrap();
+    let socket = format!("/var/run/wireguard/{}.sock", lab.iface(2));
+    let start = std::time::Instant::now();
+    while !std::path::Path::new(&socket).exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Traffic from the side that did not restart: it still holds the old session.
+    let took = lab.ping_within("m1pod", M2_POD, Duration::from_secs(5));
+    assert!(
+        took.is_some(),
+        "no traffic within 5 s of the peer's restart\n{}",
+        lab.log(2)
+    );
+    // SAFETY: signal 0 only checks existence.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as i32, 0) },
+        0,
+        "restarted meshd died\n{}",
+        lab.log(2)
+    );
+    assert!(lab.ping("m2pod", M1_POD));
+}
+
+#[test]
+fn sighup_adds_and_removes_peers_without_dropping_others() {
+    if !root_or_skip("sighup_adds_and_removes_peers_without_dropping_others") {
+        return;
+    }
+    let lab = Lab::up("th", "meshd", "meshd");
+    assert!(lab.ping("m1pod", M2_POD));
+    let handshake_before = lab.wg_dump(1)[1][4].clone();
+    let config = lab.state.join("m1.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let extra = PrivateKey::generate().public_key();
+    std::fs::write(
+        &config,
+        format!("{original}\n[[peers]]\nname = \"m3\"\npublic_key = \"{extra}\"\nallowed_cidrs = [\"10.246.0.0/16\"]\n"),
+    )
+    .unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(lab.pid(1), libc::SIGHUP) };
+    let start = std::time::Instant::now();
+    while lab.wg_dump(1).len() != 3 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lab.wg_dump(1).len(), 3, "peer m3 not added\n{}", lab.log(1));
+    let routes = lab.exec_ok("m1gw", &["ip", "route", "show", "dev", &lab.iface(1)]);
+    assert!(routes.contains("10.246.0.0/16"), "{routes}");
+    assert!(lab.ping("m1pod", M2_POD), "m2 dropped by the reload");
+    let m2 = lab
+        .wg_dump(1)
+        .into_iter()
+        .find(|l| l[3].contains("10.245.0.0/16"))
+        .unwrap();
+    assert_eq!(
+        m2[4], handshake_before,
+        "m2's session was restarted by the reload"
+    );
+
+    // A config that fails validation is refused and the running one stays.
+    std::fs::write(&config, format!("mtu = 10\n{original}")).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(lab.pid(1), libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.wg_dump(1).len(), 3);
+    assert!(lab.log(1).contains("mtu: 10 is below"), "{}", lab.log(1));
+
+    std::fs::write(&config, &original).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(lab.pid(1), libc::SIGHUP) };
+    let start = std::time::Instant::now();
+    while lab.wg_dump(1).len() != 2 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lab.wg_dump(1).len(), 2, "peer m3 not removed");
+    let routes = lab.exec_ok("m1gw", &["ip", "route", "show", "dev", &lab.iface(1)]);
+    assert!(!routes.contains("10.246.0.0/16"), "{routes}");
+    assert!(lab.ping("m1pod", M2_POD));
+}
+
+/// A small deterministic generator for garbage (no test depends on its quality).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Captures WireGuard data packets m1gw sends to m2gw, as seen on m2gw's underlay.
+fn capture_data_packets(lab: &Lab, count: usize) -> Vec<Vec<u8>> {
+    in_netns(&lab.ns("m2gw"), move || {
+        // SAFETY: plain socket creation; the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM,
+                (libc::ETH_P_IP as u16).to_be() as i32,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut packets = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while packets.len() < count {
+            // SAFETY: buf is valid for its length; fd is open.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n > 0);
+            let ip = &buf[..n as usize];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            if ip[9] != 17 || ip[12..16] != [192, 0, 2, 1] || ip.len() < ihl + 8 + 32 {
+                continue;
+            }
+            let udp = &ip[ihl..];
+            if u16::from_be_bytes([udp[2], udp[3]]) != 51820 || udp[8] != 4 {
+                continue;
+            }
+            packets.push(udp[8..].to_vec());
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        packets
+    })
+}
+
+#[test]
+fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
+    if !root_or_skip("garbage_flood_is_dropped_and_counted_while_iperf3_runs") {
+        return;
+    }
+    let lab = Lab::up("tg", "meshd", "meshd");
+    let m2_key = PublicKey::from_base64(
+        "m2.pub",
+        &std::fs::read_to_string(lab.state.join("m2.pub")).unwrap(),
+    )
+    .unwrap();
+    let target: SocketAddr = format!("{M2_UNDERLAY}:51820").parse().unwrap();
+
+    // Real data packets to replay, captured while traffic flows.
+    let pinger = {
+        let ns = lab.ns("m1pod");
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "ping", "-c", "40", "-i", "0.05", M2_POD,
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let captured = capture_data_packets(&lab, 20);
+    pinger.join().unwrap();
+
+    // Handshake initiations from keys m2 does not know (valid MAC1: they reach the DH step).
+    let mut strangers = Vec::new();
+    for i in 0..50u32 {
+        let mut tunn = Tunn::new(
+            boringtun::x25519::StaticSecret::from(*PrivateKey::generate().as_bytes()),
+            boringtun::x25519::PublicKey::from(*m2_key.as_bytes()),
+            None,
+            None,
+            i,
+            None,
+        );
+        let mut out = vec![0u8; 256];
+        match tunn.format_handshake_initiation(&mut out, false) {
+            TunnResult::WriteToNetwork(init) => strangers.push(init.to_vec()),
+            _ => panic!("no handshake initiation"),
+        }
+    }
+
+    let iperf = {
+        let ns1 = lab.ns("m1pod");
+        let pidfile = lab.state.join("iperf3-flood.pid");
+        lab.exec_ok(
+            "m2pod",
+            &["iperf3", "-s", "-1", "-D", "-I", pidfile.to_str().unwrap()],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns1, "iperf3", "-c", M2_POD, "-t", "6", "-J",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+
+    let socket = lab.udp_socket_in("m1gw");
+    let mut rng = XorShift(0x9e3779b97f4a7c15);
+    let (mut random, mut truncated, mut handshakes, mut replays) = (0u64, 0u64, 0u64, 0u64);
+    for i in 0..100_000u64 {
+        let datagram = match i % 4 {
+            0 => {
+                random += 1;
+                // Never a valid type byte 1-4 with a valid length: pure noise.
+                let len = 1 + (rng.next() % 1400) as usize;
+                let mut d = rng.bytes(len);
+                d[0] = 5 + (d[0] % 250);
+                d
+            }
+            1 => {
+                truncated += 1;
+                let kind = 1 + (rng.next() % 4) as u8;
+                let len = match kind {
+                    1 => 147,
+                    2 => 91,
+                    3 => 63,
+                    _ => 31,
+                };
+                let mut d = rng.bytes(len);
+                d[..4].copy_from_slice(&[kind, 0, 0, 0]);
+                d
+            }
+            2 => {
+                handshakes += 1;
+                strangers[(i as usize / 4) % strangers.len()].clone()
+            }
+            _ => {
+                replays += 1;
+                captured[(i as usize / 4) % captured.len()].clone()
+            }
+        };
+        socket.send_to(&datagram, target).unwrap();
+        if i % 200 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    let out = iperf.join().unwrap();
+    assert!(
+        out.status.success(),
+        "iperf3 failed during the flood:\n{}",
+        text(&out)
+    );
+    let moved = received_bytes(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert!(moved > 0, "iperf3 moved nothing during the flood");
+    assert!(lab.ping("m1pod", M2_POD), "tunnel broken after the flood");
+    assert!(lab.ping("m2pod", M1_POD), "tunnel broken after the flood");
+
+    let body = lab.http_get("m2gw", "127.0.0.1:9090", "/metrics");
+    let dropped = |reason: &str| {
+        metric(
+            &body,
+            &format!("meshd_dropped_packets_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let garbage = dropped("garbage");
+    let strangers_dropped = dropped("unknown_peer") + dropped("under_load");
+    let replayed = dropped("replay");
+    let sent = (random + truncated + handshakes + replays) as f64;
+    let counted = garbage + strangers_dropped + replayed;
+    assert!(
+        garbage >= 0.9 * (random + truncated) as f64,
+        "garbage {garbage}\n{body}"
+    );
+    assert!(
+        strangers_dropped >= 0.9 * handshakes as f64,
+        "strangers {strangers_dropped}\n{body}"
+    );
+    assert!(
+        replayed >= 0.9 * replays as f64,
+        "replays {replayed}\n{body}"
+    );
+    assert!(
+        counted <= sent + 100.0,
+        "counted {counted} of {sent} sent\n{body}"
+    );
+    // meshd is still the process we started.
+    // SAFETY: signal 0 only checks existence.
+    assert_eq!(
+        unsafe { libc::kill(lab.pid(2), 0) },
+        0,
+        "meshd died\n{}",
+        lab.log(2)
+    );
+}

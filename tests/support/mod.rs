@@ -1,0 +1,232 @@
+//! Shared support for meshd's integration tests: the two-cluster lab (scripts/lab.sh) driven from
+//! Rust, commands inside its namespaces, and sockets opened inside them.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Lab tests share the machine's two cores; one lab at a time per test binary.
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+pub const M1_POD: &str = "10.244.1.10";
+pub const M2_POD: &str = "10.245.1.10";
+pub const M1_UNDERLAY: &str = "192.0.2.1";
+pub const M2_UNDERLAY: &str = "192.0.2.2";
+
+/// True when the test may build labs; otherwise says why the test is skipped.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        true
+    } else {
+        eprintln!(
+            "SKIPPED {test}: needs root (network namespaces, TUN devices); run the suite as root"
+        );
+        false
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_meshd"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn meshctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshctl"))
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A running lab; torn down on drop (also when the test panics).
+pub struct Lab {
+    pub prefix: String,
+    pub state: PathBuf,
+    _guard: MutexGuard<'static, ()>,
+}
+
+fn lab_script(action: &str, prefix: &str, m1: &str, m2: &str) -> Output {
+    Command::new(repo_root().join("scripts/lab.sh"))
+        .args([action, "--prefix", prefix, "--m1", m1, "--m2", m2])
+        .env("MESHD_BIN_DIR", bin_dir())
+        .output()
+        .expect("run scripts/lab.sh")
+}
+
+impl Lab {
+    /// Brings up the lab with the given implementation in each gateway and waits for pod↔pod ping.
+    pub fn up(prefix: &str, m1: &str, m2: &str) -> Lab {
+        let guard = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let out = lab_script("up", prefix, m1, m2);
+        let lab = Lab {
+            prefix: prefix.to_string(),
+            state: PathBuf::from(format!("/run/meshd-lab/{prefix}")),
+            _guard: guard,
+        };
+        assert!(out.status.success(), "lab up failed:\n{}", text(&out));
+        lab
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    pub fn iface(&self, i: u8) -> String {
+        format!("{}m{i}wg", self.prefix)
+    }
+
+    /// Runs a command inside one of the lab's namespaces.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) -> String {
+        let out = self.exec(ns, args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {ns} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    pub fn ping(&self, from: &str, to: &str) -> bool {
+        self.exec(from, &["ping", "-c", "1", "-W", "1", to])
+            .status
+            .success()
+    }
+
+    /// Retries ping until it answers or `limit` passes; returns how long it took.
+    pub fn ping_within(&self, from: &str, to: &str, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.ping(from, to) {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    }
+
+    /// Runs iperf3 from `client` to the server it starts in `server` at `server_ip`; returns the
+    /// bytes the receiver got.
+    pub fn iperf3(&self, client: &str, server: &str, server_ip: &str, args: &[&str]) -> u64 {
+        let pidfile = self.state.join(format!("iperf3-{server}.pid"));
+        self.exec_ok(
+            server,
+            &["iperf3", "-s", "-1", "-D", "-I", pidfile.to_str().unwrap()],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut cmd = vec!["iperf3", "-c", server_ip, "-J"];
+        cmd.extend_from_slice(args);
+        let out = self.exec(client, &cmd);
+        let json = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "iperf3 failed:\n{}", text(&out));
+        received_bytes(&json).unwrap_or_else(|| panic!("no sum_received in iperf3 output:\n{json}"))
+    }
+
+    /// `wg show <iface> dump` in gateway `i`: one line for the device, one per peer.
+    pub fn wg_dump(&self, i: u8) -> Vec<Vec<String>> {
+        let out = self.exec_ok(&format!("m{i}gw"), &["wg", "show", &self.iface(i), "dump"]);
+        out.lines()
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect()
+    }
+
+    pub fn pid(&self, i: u8) -> i32 {
+        std::fs::read_to_string(self.state.join(format!("m{i}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn log(&self, i: u8) -> String {
+        std::fs::read_to_string(self.state.join(format!("m{i}.log"))).unwrap_or_default()
+    }
+
+    /// Opens a UDP socket bound inside namespace `ns` (the socket stays in it after we return).
+    pub fn udp_socket_in(&self, ns: &str) -> UdpSocket {
+        in_netns(&self.ns(ns), || UdpSocket::bind("0.0.0.0:0").unwrap())
+    }
+
+    /// Fetches `path` over HTTP from `addr` inside namespace `ns`.
+    pub fn http_get(&self, ns: &str, addr: &str, path: &str) -> String {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let path = path.to_string();
+        in_netns(&self.ns(ns), move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            body
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = lab_script("down", &self.prefix, "meshd", "meshd");
+        if !out.status.success() {
+            eprintln!("lab down failed:\n{}", text(&out));
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: a valid namespace fd; setns affects only this thread, which ends after `f`.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread panicked")
+}
+
+/// The receiver's byte count from `iperf3 -J` output (TCP or UDP).
+pub fn received_bytes(json: &str) -> Option<u64> {
+    let key = "\"sum_received\"";
+    let at = json.find(key).or_else(|| json.find("\"sum\""))?;
+    let rest = &json[at..];
+    let b = rest.find("\"bytes\":")? + "\"bytes\":".len();
+    let digits: String = rest[b..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Reads one sample from Prometheus text: `name{label="value"}`.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
