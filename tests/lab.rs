@@ -143,7 +143,7 @@ fn peer_restart_gets_traffic_flowing_within_5s() {
     );
     let config = lab.state.join("m2.toml");
     let log = std::fs::File::create(lab.state.join("m2.log")).unwrap();
-    let child = std::process::Command::new("ip")
+    let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.ns("m2gw")])
         .arg(env!("CARGO_BIN_EXE_meshd"))
         .args(["--config", config.to_str().unwrap()])
@@ -171,6 +171,8 @@ fn peer_restart_gets_traffic_flowing_within_5s() {
         lab.log(2)
     );
     assert!(lab.ping("m2pod", M1_POD));
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]

@@ -409,7 +409,7 @@ impl Dataplane {
             std::thread::sleep(TIMER_TICK);
             ticks += 1;
             let table = self.table.load();
-            if ticks % 4 == 0 {
+            if ticks.is_multiple_of(4) {
                 if let Some(identity) = &table.identity {
                     identity.rate_limiter.reset_count();
                 }
