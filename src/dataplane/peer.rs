@@ -56,7 +56,7 @@ pub struct PeerStatus {
 }
 
 impl Peer {
-    pub(crate) fn new(
+    pub fn new(
         public_key: PublicKey,
         index: u32,
         tunn: Tunn,
