@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on Debian:
+# installs the packages it needs when missing, checks formatting and lints, smoke-runs the lab
+# throughput benchmark, then runs every test (unit, CLI, lab end-to-end, benchmark smoke runs).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+cd "$root"
+# shellcheck source=scripts/deps.sh
+. "$here/deps.sh"
+
+if [ "$(id -u)" -eq 0 ]; then
+  ensure_packages
+else
+  echo "not root: the lab end-to-end tests will be SKIPPED (they need network namespaces and TUN)" >&2
+fi
+ensure_cargo
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo build --bins --quiet
+
+if [ "$(id -u)" -eq 0 ]; then
+  # A short run of the end-to-end benchmark (debug binaries; dependencies are optimised).
+  MESHD_BIN_DIR="$root/target/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
+fi
+
+# Unit, CLI and lab tests, plus one iteration of each criterion benchmark.
+cargo test --all-targets
