@@ -37,7 +37,10 @@ fn configuration_reference_example_loads() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("private.key");
         std::fs::write(&key, PrivateKey::generate().to_base64().as_str()).unwrap();
-        assert_eq!(file.private_key_file.as_deref(), Some(Path::new("/etc/meshd/private.key")));
+        assert_eq!(
+            file.private_key_file.as_deref(),
+            Some(Path::new("/etc/meshd/private.key"))
+        );
         file.private_key_file = Some(key);
         let config = Config::from_parts(file, &ConfigArgs::default()).unwrap();
         assert_eq!(config.cluster, "m1");
