@@ -48,8 +48,11 @@ stats() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1]
 
 declare -A result
 for impl in $impls; do
-  "$lab" up --prefix bn --m1 "$impl" --m2 "$impl" >/dev/null 2>&1 || {
-    echo "lab up with $impl failed; rerun: $lab up --prefix bn --m1 $impl --m2 $impl" >&2; exit 1; }
+  if ! "$lab" up --prefix bn --m1 "$impl" --m2 "$impl" >/tmp/meshd-bench-lab.log 2>&1; then
+    cat /tmp/meshd-bench-lab.log >&2
+    echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --m1 $impl --m2 $impl" >&2
+    exit 1
+  fi
   samples=()
   for _ in $(seq "$runs"); do
     ip netns exec bnm2pod iperf3 -s -1 -D
