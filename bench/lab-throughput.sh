@@ -36,7 +36,7 @@ if [[ " $impls " == *" boringtun "* ]] && ! command -v boringtun-cli >/dev/null;
 fi
 if [ -z "${MESHD_BIN_DIR:-}" ]; then
   (cd "$root" && cargo build --release --quiet --bins)
-  export MESHD_BIN_DIR="$root/target/release"
+  export MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/release"
 fi
 
 lab="$root/scripts/lab.sh"

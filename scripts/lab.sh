@@ -62,7 +62,7 @@ meshd_bin() {
   else
     ensure_cargo
     (cd "$root" && cargo build --release --quiet --bins) >&2
-    echo "$root/target/release"
+    echo "${CARGO_TARGET_DIR:-$root/target}/release"
   fi
 }
 

@@ -22,7 +22,7 @@ cargo build --bins --quiet
 
 if [ "$(id -u)" -eq 0 ]; then
   # A short run of the end-to-end benchmark (debug binaries; dependencies are optimised).
-  MESHD_BIN_DIR="$root/target/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
+  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
 fi
 
 # Unit, CLI and lab tests, plus one iteration of each criterion benchmark.
