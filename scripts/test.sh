@@ -25,5 +25,6 @@ if [ "$(id -u)" -eq 0 ]; then
   MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
 fi
 
-# Unit, CLI and lab tests, plus one iteration of each criterion benchmark.
-cargo test --all-targets
+# One iteration of each criterion benchmark (a smoke run), then the unit, CLI and lab tests.
+cargo test --benches
+cargo test --lib --bins --tests
