@@ -10,6 +10,7 @@
 #   IMPL: meshd (default) | meshd-wg (meshd started empty, configured only with wg set)
 #         | wireguard-go | boringtun | none (plain routing, no tunnel)
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
+#   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 set -euo pipefail
 
@@ -20,12 +21,13 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P=""
+M1=meshd M2=meshd P="" NAT=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
     --m2) M2=$2; shift 2 ;;
     --prefix) P=$2; shift 2 ;;
+    --nat) NAT=1; shift ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -118,7 +120,12 @@ keys() {
 }
 
 meshd_config() {
-  local i=$1 o; o=$(other "$1")
+  local i=$1 o endpoint keepalive=""; o=$(other "$1")
+  endpoint="endpoint = \"$(underlay_ip "$o"):$port\""
+  if [ "$NAT" = 1 ]; then
+    # M1 cannot reach M2 first; M2 keeps the path open.
+    if [ "$i" = 1 ]; then endpoint="# no endpoint: m2 is behind NAT"; else keepalive="persistent_keepalive = 2"; fi
+  fi
   cat >"$state/m$i.toml" <<CFG
 cluster = "m$i"
 interface = "$(iface "$i")"
@@ -130,8 +137,9 @@ tunnel_address = "$(tunnel_ip "$i")/24"
 [[peers]]
 name = "m$o"
 public_key = "$(cat "$state/m$o.pub")"
-endpoint = "$(underlay_ip "$o"):$port"
+$endpoint
 allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(tunnel_ip "$o")/32"]
+$keepalive
 CFG
 }
 

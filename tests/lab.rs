@@ -176,6 +176,64 @@ fn peer_restart_gets_traffic_flowing_within_5s() {
 }
 
 #[test]
+fn peer_behind_nat_is_reached_and_followed_when_it_roams() {
+    if !root_or_skip("peer_behind_nat_is_reached_and_followed_when_it_roams") {
+        return;
+    }
+    // M1 knows no endpoint for M2; M2 contacts M1 and keeps the path open.
+    let lab = Lab::up_with("tn", "meshd", "meshd", &["--nat"]);
+    assert!(lab.ping("m1pod", M2_POD));
+    assert_eq!(lab.wg_dump(1)[1][2], format!("{M2_UNDERLAY}:51820"));
+
+    // M2 moves to another port (a NAT rebinding): M1 follows its authenticated packets.
+    let old = lab.pid(2);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    // SAFETY: signal 0 only checks existence.
+    while unsafe { libc::kill(old, 0) } == 0
+        && std::fs::read_to_string(format!("/proc/{old}/comm")).is_ok_and(|c| c.trim() == "meshd")
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = lab.state.join("m2.toml");
+    let moved = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen_port = 51820", "listen_port = 40000");
+    std::fs::write(&config, moved).unwrap();
+    let log = std::fs::File::create(lab.state.join("m2.log")).unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("m2gw")])
+        .arg(env!("CARGO_BIN_EXE_meshd"))
+        .args(["--config", config.to_str().unwrap()])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let reached = lab.ping_within("m1pod", M2_POD, Duration::from_secs(10));
+    let endpoint = lab.wg_dump(1)[1][2].clone();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        reached.is_some(),
+        "M1 did not follow M2 to its new port\n{}",
+        lab.log(2)
+    );
+    assert_eq!(endpoint, format!("{M2_UNDERLAY}:40000"));
+}
+
+#[test]
+fn second_up_after_a_crash_works() {
+    if !root_or_skip("second_up_after_a_crash_works") {
+        return;
+    }
+    let lab = Lab::up("tc", "meshd", "meshd");
+    // The script died without `down`: namespaces, processes and sockets are all still there.
+    let out = lab.up_again();
+    assert!(out.status.success(), "second up failed:\n{}", text(&out));
+    assert!(lab.ping("m1pod", M2_POD));
+    assert!(lab.ping("m2pod", M1_POD));
+}
+
+#[test]
 fn sighup_adds_and_removes_peers_without_dropping_others() {
     if !root_or_skip("sighup_adds_and_removes_peers_without_dropping_others") {
         return;

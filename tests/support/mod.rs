@@ -62,9 +62,10 @@ pub struct Lab {
     _guard: MutexGuard<'static, ()>,
 }
 
-fn lab_script(action: &str, prefix: &str, m1: &str, m2: &str) -> Output {
+fn lab_script(action: &str, prefix: &str, m1: &str, m2: &str, extra: &[&str]) -> Output {
     Command::new(repo_root().join("scripts/lab.sh"))
         .args([action, "--prefix", prefix, "--m1", m1, "--m2", m2])
+        .args(extra)
         .env("MESHD_BIN_DIR", bin_dir())
         .output()
         .expect("run scripts/lab.sh")
@@ -73,8 +74,13 @@ fn lab_script(action: &str, prefix: &str, m1: &str, m2: &str) -> Output {
 impl Lab {
     /// Brings up the lab with the given implementation in each gateway and waits for pod↔pod ping.
     pub fn up(prefix: &str, m1: &str, m2: &str) -> Lab {
+        Self::up_with(prefix, m1, m2, &[])
+    }
+
+    /// As [`Lab::up`], with more `scripts/lab.sh` options (e.g. `--nat`).
+    pub fn up_with(prefix: &str, m1: &str, m2: &str, extra: &[&str]) -> Lab {
         let guard = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let out = lab_script("up", prefix, m1, m2);
+        let out = lab_script("up", prefix, m1, m2, extra);
         let lab = Lab {
             prefix: prefix.to_string(),
             state: PathBuf::from(format!("/run/meshd-lab/{prefix}")),
@@ -82,6 +88,12 @@ impl Lab {
         };
         assert!(out.status.success(), "lab up failed:\n{}", text(&out));
         lab
+    }
+
+    /// Runs `scripts/lab.sh up` again over this lab without taking it down first, as after a
+    /// crash of the script; returns its output.
+    pub fn up_again(&self) -> Output {
+        lab_script("up", &self.prefix, "meshd", "meshd", &[])
     }
 
     pub fn ns(&self, name: &str) -> String {
@@ -188,7 +200,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let out = lab_script("down", &self.prefix, "meshd", "meshd");
+        let out = lab_script("down", &self.prefix, "meshd", "meshd", &[]);
         if !out.status.success() {
             eprintln!("lab down failed:\n{}", text(&out));
         }
