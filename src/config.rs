@@ -36,6 +36,7 @@ pub struct ConfigFile {
     pub tunnel_address: Option<String>,
     pub mtu: Option<u16>,
     pub metrics_listen: Option<String>,
+    pub offload: Option<bool>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -79,6 +80,9 @@ pub struct ConfigArgs {
     /// Tunnel MTU [default: underlay MTU - 80].
     #[arg(long, env = "MESHD_MTU")]
     pub mtu: Option<u16>,
+    /// TUN offload (TSO super-packets in, coalesced writes out) [default: true].
+    #[arg(long, env = "MESHD_OFFLOAD")]
+    pub offload: Option<bool>,
     /// Address for Prometheus `/metrics` [default: 0.0.0.0:9090]; "off" disables it.
     #[arg(long, env = "MESHD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -145,6 +149,7 @@ pub struct Config {
     pub mtu: Option<u16>,
     /// `None`: metrics are off.
     pub metrics_listen: Option<SocketAddr>,
+    pub offload: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -444,6 +449,7 @@ impl Config {
             tunnel_address,
             mtu,
             metrics_listen,
+            offload: args.offload.or(file.offload).unwrap_or(true),
             peers,
         })
     }

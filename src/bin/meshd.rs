@@ -50,6 +50,7 @@ fn run(cli: Cli) -> Result<()> {
         name: config.interface.clone(),
         mtu,
         address: config.tunnel_address,
+        offload: config.offload,
     })
     .with_context(|| {
         format!(
@@ -60,12 +61,15 @@ fn run(cli: Cli) -> Result<()> {
     let ifindex = tun
         .if_index()
         .context("cannot read the TUN interface's index")?;
-    let dataplane = Dataplane::start(tun, spec_from_config(&config))?;
+    let offload = tun.tcp_gso();
+    let dataplane = Dataplane::start(tun, mtu, spec_from_config(&config))?;
     tracing::info!(
         cluster = %config.cluster,
         interface = %config.interface,
         listen_port = dataplane.listen_port(),
         mtu,
+        offload,
+        gso_segments = dataplane.max_segments(),
         peers = config.peers.len(),
         public_key = %config.private_key.as_ref().map(|k| k.public_key().to_string()).unwrap_or_else(|| "(none yet: set one with `wg set`)".into()),
         "meshd is up"
@@ -147,9 +151,10 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) {
     if config.interface != running.interface
         || config.tunnel_address != running.tunnel_address
         || config.mtu != running.mtu
+        || config.offload != running.offload
     {
         tracing::warn!(
-            "SIGHUP: interface, tunnel_address and mtu changes take effect only after a restart"
+            "SIGHUP: interface, tunnel_address, mtu and offload changes take effect only after a restart"
         );
     }
     match controller.apply(spec_from_config(&config)) {

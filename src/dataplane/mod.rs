@@ -30,7 +30,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tun_rs::SyncDevice;
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use udp::{BindError, UdpPort, RECV_BATCH};
 
 /// Largest packet or datagram a buffer must hold (IP's limit).
@@ -110,6 +110,7 @@ impl Running {
 /// The running dataplane.
 pub struct Dataplane {
     tun: SyncDevice,
+    mtu: u16,
     table: ArcSwap<PeerTable>,
     udp: ArcSwap<UdpPort>,
     running: Mutex<Running>,
@@ -130,6 +131,8 @@ pub struct TunSettings {
     pub name: String,
     pub mtu: u16,
     pub address: Option<IpNet>,
+    /// IFF_VNET_HDR with TSO: reads yield TCP super-packets, writes may be coalesced.
+    pub offload: bool,
 }
 
 fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), ApplyError> {
@@ -144,7 +147,8 @@ fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), Ap
 pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&settings.name)
-        .mtu(settings.mtu);
+        .mtu(settings.mtu)
+        .offload(settings.offload);
     match settings.address {
         Some(IpNet::V4(net)) => builder = builder.ipv4(net.addr(), net.prefix_len(), None),
         Some(IpNet::V6(net)) => builder = builder.ipv6(net.addr(), net.prefix_len()),
@@ -154,12 +158,13 @@ pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
 }
 
 impl Dataplane {
-    /// Opens the UDP port, starts the threads over `tun`, and applies `spec`.
-    pub fn start(tun: SyncDevice, spec: DeviceSpec) -> Result<Arc<Self>, ApplyError> {
+    /// Opens the UDP port, starts the threads over `tun` (whose MTU is `mtu`), and applies `spec`.
+    pub fn start(tun: SyncDevice, mtu: u16, spec: DeviceSpec) -> Result<Arc<Self>, ApplyError> {
         let udp = UdpPort::bind(spec.listen_port)?;
         let first_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00ff_ffff;
         let dataplane = Arc::new(Dataplane {
             tun,
+            mtu,
             table: ArcSwap::from_pointee(PeerTable::default()),
             udp: ArcSwap::from_pointee(udp),
             running: Mutex::new(Running {
@@ -199,6 +204,11 @@ impl Dataplane {
 
     pub fn listen_port(&self) -> u16 {
         self.udp.load().port()
+    }
+
+    /// Datagrams per UDP GSO send (1: no GSO on this kernel).
+    pub fn max_segments(&self) -> usize {
+        self.udp.load().max_segments()
     }
 
     /// Reconciles the running peers with `spec`. Peers whose key, preshared key and keepalive are
@@ -315,63 +325,129 @@ impl Dataplane {
         }
     }
 
-    fn tun_write(&self, packet: &[u8]) {
-        if let Err(e) = self.tun.send(packet) {
-            self.drops.count(DropReason::SendFailed);
-            tracing::trace!(error = %e, "TUN write failed");
-        }
-    }
-
-    /// TUN → encrypt → UDP. A batch is one packet until TUN offload yields super-packets.
+    /// TUN → encrypt → UDP. With offload, one read yields a TCP super-packet that tun-rs splits
+    /// into MTU-sized segments; each is encrypted straight into a contiguous buffer, and runs of
+    /// equal-sized datagrams to the same endpoint leave in one `sendmsg` with UDP GSO.
     fn tx_loop(&self) {
-        let mut batch = PacketBatch::new(1);
-        let mut out = vec![0u8; MAX_PACKET + WG_ROOM];
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
         loop {
-            batch.clear();
-            match self.tun.recv(batch.next_buffer()) {
-                Ok(n) => batch.commit(n),
+            let n = match self.tun.recv_multiple(
+                &mut original,
+                &mut bufs,
+                &mut sizes,
+                VIRTIO_NET_HDR_LEN,
+            ) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the TUN device failed; the dataplane stops");
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    tracing::error!(error = %e, "the TUN device is gone; the dataplane stops");
                     std::process::exit(1);
                 }
-            }
+                Err(e) => {
+                    self.drops.count(DropReason::Garbage);
+                    tracing::debug!(error = %e, "unusable read from the TUN device");
+                    continue;
+                }
+            };
             let table = self.table.load();
             let port = self.udp.load();
-            for packet in batch.packets() {
-                match table.encapsulate(packet, &mut out) {
-                    Outbound::Send(datagram, to) => self.send(&port, datagram, to),
+            let mut run = GsoRun::new(port.max_segments());
+            let mut pos = 0;
+            for (buf, size) in bufs.iter().zip(&sizes).take(n) {
+                let packet = &buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
+                match table.encapsulate(packet, &mut out[pos..]) {
+                    Outbound::Send(datagram, to) => {
+                        let len = datagram.len();
+                        if !run.admits(len, to) {
+                            self.send_run(&port, &out, &run);
+                            run.restart(pos);
+                        }
+                        run.push(len, to);
+                        pos += len;
+                    }
                     Outbound::Queued => {}
                     Outbound::Drop(reason) => self.drops.count(reason),
                 }
             }
+            self.send_run(&port, &out, &run);
         }
     }
 
-    /// UDP → decrypt → TUN, a `recvmmsg` batch at a time, until `port` is replaced.
+    fn send_run(&self, port: &UdpPort, out: &[u8], run: &GsoRun) {
+        if let Some(to) = run.to {
+            let contents = &out[run.start..run.start + run.bytes];
+            if let Err(e) = port.send_segments(contents, run.segment, to) {
+                for _ in 0..run.count {
+                    self.drops.count(DropReason::SendFailed);
+                }
+                tracing::trace!(error = %e, to = %to, "send failed");
+            }
+        }
+    }
+
+    /// UDP → decrypt → TUN, a `recvmmsg` batch (with GRO) at a time, until `port` is replaced.
+    /// Decrypted packets collect in a batch that tun-rs coalesces (TCP/UDP GRO) into
+    /// super-packets before writing them to the TUN device.
     fn rx_loop(&self, port: &UdpPort) {
         let mut storage = vec![vec![0u8; MAX_PACKET]; RECV_BATCH];
         let mut bufs: Vec<IoSliceMut<'_>> =
             storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         let mut meta = vec![RecvMeta::default(); RECV_BATCH];
-        let mut out = vec![0u8; MAX_PACKET + WG_ROOM];
+        let mut to_tun = TunBatch::new(usize::from(self.mtu));
         while !port.is_closed() {
-            let n = match port.recv_batch(&mut bufs, &mut meta, RECV_WAKEUP) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "UDP receive failed");
-                    continue;
+            // Wait for the first datagrams, then take whatever else is already queued (without
+            // waiting) so that more segments of a flow meet in one coalescing TUN write.
+            let mut wait = RECV_WAKEUP;
+            loop {
+                let n = match port.recv_batch(&mut bufs, &mut meta, wait) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "UDP receive failed");
+                        0
+                    }
+                };
+                if n == 0 {
+                    break;
                 }
-            };
-            let table = self.table.load();
-            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
-                let src = udp::canonical(m.addr);
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                for datagram in buf[..m.len].chunks(stride.max(1)) {
-                    self.receive(&table, port, datagram, src, &mut out);
+                let table = self.table.load();
+                for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                    let src = udp::canonical(m.addr);
+                    let stride = if m.stride == 0 { m.len } else { m.stride };
+                    for datagram in buf[..m.len].chunks(stride.max(1)) {
+                        self.receive(&table, port, datagram, src, &mut to_tun);
+                        if to_tun.is_full() {
+                            self.flush_to_tun(&mut to_tun);
+                        }
+                    }
                 }
+                if to_tun.len >= IDEAL_BATCH_SIZE / 2 {
+                    break;
+                }
+                wait = Duration::ZERO;
+            }
+            self.flush_to_tun(&mut to_tun);
+        }
+    }
+
+    fn flush_to_tun(&self, batch: &mut TunBatch) {
+        if batch.len == 0 {
+            return;
+        }
+        match self.tun.send_multiple(
+            &mut batch.gro,
+            &mut batch.bufs[..batch.len],
+            VIRTIO_NET_HDR_LEN,
+        ) {
+            Ok(bytes) => tracing::trace!(packets = batch.len, bytes, "TUN batch written"),
+            Err(e) => {
+                self.drops.count(DropReason::SendFailed);
+                tracing::trace!(error = %e, "TUN write failed");
             }
         }
+        batch.len = 0;
     }
 
     fn receive(
@@ -380,12 +456,17 @@ impl Dataplane {
         port: &UdpPort,
         datagram: &[u8],
         src: SocketAddr,
-        out: &mut [u8],
+        to_tun: &mut TunBatch,
     ) {
-        match table.decapsulate(datagram, src, out) {
-            Inbound::ToTun(packet) => self.tun_write(packet),
+        let slot = to_tun.next_slot();
+        match table.decapsulate(datagram, src, &mut slot[VIRTIO_NET_HDR_LEN..]) {
+            Inbound::ToTun(packet) => {
+                let len = packet.len();
+                to_tun.commit(len);
+            }
             Inbound::Reply(reply, peer) => {
                 self.send(port, reply, src);
+                let out = &mut slot[VIRTIO_NET_HDR_LEN..];
                 match peer {
                     Some(peer) => {
                         while let Some(queued) = PeerTable::flush_queued(&peer, out) {
@@ -431,36 +512,106 @@ impl Dataplane {
     }
 }
 
-/// Packets read in one go, in buffers allocated once.
-struct PacketBatch {
-    buffers: Vec<Vec<u8>>,
-    lens: Vec<usize>,
+/// A run of encrypted datagrams in the output buffer that can leave in one GSO `sendmsg`:
+/// same destination, same size (the last may be shorter), within the kernel's limits.
+struct GsoRun {
+    max_segments: usize,
+    start: usize,
+    bytes: usize,
+    segment: usize,
+    count: usize,
+    to: Option<SocketAddr>,
 }
 
-impl PacketBatch {
-    fn new(size: usize) -> Self {
-        PacketBatch {
-            buffers: vec![vec![0u8; MAX_PACKET]; size],
-            lens: Vec::with_capacity(size),
+/// The most UDP payload one GSO send may carry.
+const GSO_MAX_BYTES: usize = 65000;
+
+impl GsoRun {
+    fn new(max_segments: usize) -> Self {
+        GsoRun {
+            max_segments: max_segments.max(1),
+            start: 0,
+            bytes: 0,
+            segment: 0,
+            count: 0,
+            to: None,
         }
     }
 
-    fn clear(&mut self) {
-        self.lens.clear();
+    /// Whether a datagram of `len` bytes to `to` can join this run.
+    fn admits(&self, len: usize, to: SocketAddr) -> bool {
+        match self.to {
+            None => true,
+            Some(dst) => {
+                dst == to
+                    && len <= self.segment
+                    && self.bytes == self.count * self.segment
+                    && self.count < self.max_segments
+                    && self.bytes + len <= GSO_MAX_BYTES
+            }
+        }
     }
 
-    fn next_buffer(&mut self) -> &mut [u8] {
-        &mut self.buffers[self.lens.len()]
+    fn push(&mut self, len: usize, to: SocketAddr) {
+        if self.to.is_none() {
+            self.segment = len;
+            self.to = Some(to);
+        }
+        self.bytes += len;
+        self.count += 1;
     }
 
+    fn restart(&mut self, start: usize) {
+        *self = GsoRun {
+            start,
+            ..GsoRun::new(self.max_segments)
+        };
+    }
+}
+
+/// Decrypted packets waiting for one coalescing write to the TUN device. Each buffer keeps
+/// `VIRTIO_NET_HDR_LEN` bytes of headroom; its length is exactly headroom + packet, as tun-rs's
+/// GRO expects. Buffers grow once (coalescing appends) and are reused.
+struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+    slot_len: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    fn new(mtu: usize) -> Self {
+        let slot_len = VIRTIO_NET_HDR_LEN + mtu.max(1280) + WG_ROOM;
+        // tun-rs coalesces segments into the first buffer of a flow only if it already has room
+        // for a whole super-packet: it never reallocates.
+        let capacity = 2 * VIRTIO_NET_HDR_LEN + MAX_PACKET;
+        let slot = |_| {
+            let mut buf = Vec::with_capacity(capacity);
+            buf.resize(slot_len, 0);
+            buf
+        };
+        TunBatch {
+            bufs: (0..IDEAL_BATCH_SIZE).map(slot).collect(),
+            len: 0,
+            slot_len,
+            gro: GROTable::default(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == self.bufs.len()
+    }
+
+    /// The next free buffer, at its full length for decryption into.
+    fn next_slot(&mut self) -> &mut Vec<u8> {
+        let slot = &mut self.bufs[self.len];
+        slot.resize(self.slot_len, 0);
+        slot
+    }
+
+    /// Keeps the packet of `len` bytes just decrypted into the next slot.
     fn commit(&mut self, len: usize) {
-        self.lens.push(len);
-    }
-
-    fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.buffers
-            .iter()
-            .zip(&self.lens)
-            .map(|(buf, len)| &buf[..*len])
+        self.bufs[self.len].truncate(VIRTIO_NET_HDR_LEN + len);
+        self.len += 1;
     }
 }

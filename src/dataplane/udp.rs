@@ -120,13 +120,29 @@ impl UdpPort {
         self.closed.load(Ordering::Relaxed)
     }
 
+    /// How many datagrams one [`UdpPort::send_segments`] call may carry (1 without UDP GSO).
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
     /// Sends one datagram, waiting (briefly) for socket buffer room rather than dropping.
     pub fn send_to(&self, payload: &[u8], dst: SocketAddr) -> io::Result<()> {
+        self.send_segments(payload, payload.len(), dst)
+    }
+
+    /// Sends `contents` as datagrams of `segment` bytes (the last may be shorter) in one
+    /// `sendmsg` with UDP GSO. At most [`UdpPort::max_segments`] datagrams.
+    pub fn send_segments(
+        &self,
+        contents: &[u8],
+        segment: usize,
+        dst: SocketAddr,
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: to_socket_form(dst),
             ecn: None,
-            contents: payload,
-            segment_size: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
         loop {
@@ -193,6 +209,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("--listen-port"), "{text}");
+    }
+
+    #[test]
+    fn gso_send_arrives_as_separate_datagrams() {
+        let a = UdpPort::bind(0).unwrap();
+        let b = UdpPort::bind(0).unwrap();
+        let dst: SocketAddr = format!("127.0.0.1:{}", b.port()).parse().unwrap();
+        let segments = a.max_segments().min(3);
+        let contents: Vec<u8> = (0..segments * 100 - 40).map(|i| (i / 100) as u8).collect();
+        a.send_segments(&contents, 100, dst).unwrap();
+        let mut storage = vec![[0u8; 4096]; RECV_BATCH];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+        let mut got = Vec::new();
+        while got.iter().map(Vec::len).sum::<usize>() < contents.len() {
+            let n = b
+                .recv_batch(&mut bufs, &mut meta, Duration::from_secs(5))
+                .unwrap();
+            assert!(n > 0, "datagrams did not arrive");
+            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                got.extend(buf[..m.len].chunks(m.stride).map(<[u8]>::to_vec));
+            }
+        }
+        let expected: Vec<Vec<u8>> = contents.chunks(100).map(<[u8]>::to_vec).collect();
+        assert_eq!(got, expected);
     }
 
     #[test]
