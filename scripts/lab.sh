@@ -11,7 +11,9 @@
 #         | wireguard-go | boringtun | none (plain routing, no tunnel)
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
+#   --no-offload  meshd without TUN offload (one packet per TUN read and write)
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
+#      BORINGTUN_THREADS  threads for boringtun-cli (default 1)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,13 +23,14 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT=0
+M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
     --m2) M2=$2; shift 2 ;;
     --prefix) P=$2; shift 2 ;;
     --nat) NAT=1; shift ;;
+    --no-offload) OFFLOAD=false; shift ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -133,6 +136,7 @@ private_key_file = "$state/m$i.key"
 listen_port = $port
 local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")"]
 tunnel_address = "$(tunnel_ip "$i")/24"
+offload = $OFFLOAD
 
 [[peers]]
 name = "m$o"
@@ -161,7 +165,7 @@ start_userspace() {
       ip netns exec "$(ns "m${i}gw")" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev" >"$state/m$i.log" 2>&1 & ;;
     boringtun)
       command -v boringtun-cli >/dev/null || { echo "boringtun-cli not found: cargo install boringtun-cli" >&2; exit 1; }
-      ip netns exec "$(ns "m${i}gw")" boringtun-cli --foreground --disable-drop-privileges "$dev" >"$state/m$i.log" 2>&1 & ;;
+      ip netns exec "$(ns "m${i}gw")" boringtun-cli --foreground --disable-drop-privileges --threads "${BORINGTUN_THREADS:-1}" "$dev" >"$state/m$i.log" 2>&1 & ;;
   esac
   echo $! >"$state/m$i.pid"
   for _ in $(seq 50); do [ -S "/var/run/wireguard/$dev.sock" ] && break; sleep 0.1; done
