@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# End-to-end throughput in the two-cluster lab: the same iperf3 pod->pod run through meshd,
-# boringtun-cli, Debian's wireguard-go and plain routing (no tunnel), in one run, on one machine.
+# End-to-end throughput in the two-cluster lab: the same iperf3 pod->pod runs through meshd,
+# boringtun-cli (1 thread), Debian's wireguard-go and plain routing (no tunnel), in one run, on
+# one machine.
 #
-# usage: bench/lab-throughput.sh [--runs N] [--seconds S] [--smoke] [--impls "meshd wireguard-go ..."]
-#   --smoke   one 1-second run of each implementation that is installed (for CI; no installs)
-# Prints a table of receiver throughput (Mbit/s): min / median / max of N runs.
+# usage: bench/lab-throughput.sh [--runs N] [--seconds S] [--smoke] [--impls "meshd ..."]
+#                                [--modes "tcp1 tcp4 udp"] [--udp-rate 1G]
+#   tcp1: TCP, 1 stream   tcp4: TCP, 4 streams   udp: UDP at --udp-rate, 1300-byte datagrams
+#   --smoke   one 1-second tcp1 run of each implementation that is installed (CI; no installs)
+# Prints, per mode, receiver Mbit/s (min / median / max of N runs), meshd's median divided by
+# each implementation's, and whole-machine CPU-seconds per GB moved (median); for UDP the loss.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 # shellcheck source=scripts/deps.sh
 . "$root/scripts/deps.sh"
 
-runs=3 seconds=10 smoke=0 impls="none meshd boringtun wireguard-go"
+runs=3 seconds=10 smoke=0 impls="none meshd boringtun wireguard-go" modes="tcp1 tcp4 udp" rate=1G
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
-    --smoke) smoke=1 runs=1 seconds=1; shift ;;
+    --smoke) smoke=1 runs=1 seconds=1 modes=tcp1; shift ;;
     --impls) impls=$2; shift 2 ;;
+    --modes) modes=$2; shift 2 ;;
+    --udp-rate) rate=$2; shift 2 ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -43,33 +49,65 @@ lab="$root/scripts/lab.sh"
 cleanup() { "$lab" down --prefix bn >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-# median, min, max of the numbers on stdin
-stats() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.0f %.0f %.0f", a[1], m, a[NR]}'; }
+# Busy CPU time of the whole machine so far, in clock ticks.
+busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+hz=$(getconf CLK_TCK)
 
-declare -A result
+# One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%".
+measure() {
+  local mode=$1 args out before after
+  case "$mode" in
+    tcp1) args=(-t "$seconds") ;;
+    tcp4) args=(-t "$seconds" -P 4) ;;
+    udp) args=(-t "$seconds" -u -b "$rate" -l 1300) ;;
+  esac
+  ip netns exec bnm2pod iperf3 -s -1 -D
+  sleep 0.3
+  before=$(busy_ticks)
+  out=$(ip netns exec bnm1pod iperf3 -c 10.245.1.10 -f m "${args[@]}")
+  after=$(busy_ticks)
+  local line
+  if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
+  awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" 'BEGIN {
+    n = split(line, f, " "); mbps = 0; loss = "-"
+    for (i = 1; i <= n; i++) if (f[i] == "Mbits/sec") mbps = f[i-1]
+    if (match(line, /\(([0-9.e+-]+)%\)/)) loss = substr(line, RSTART + 1, RLENGTH - 3) "%"
+    gb = mbps * secs / 8000
+    printf "%s %.1f %s\n", mbps, (gb > 0 ? ticks / hz / gb : 0), loss
+  }'
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+declare -A mbps cpu loss
 for impl in $impls; do
   if ! "$lab" up --prefix bn --m1 "$impl" --m2 "$impl" >/tmp/meshd-bench-lab.log 2>&1; then
     cat /tmp/meshd-bench-lab.log >&2
     echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --m1 $impl --m2 $impl" >&2
     exit 1
   fi
-  samples=()
-  for _ in $(seq "$runs"); do
-    ip netns exec bnm2pod iperf3 -s -1 -D
-    sleep 0.3
-    mbps=$(ip netns exec bnm1pod iperf3 -c 10.245.1.10 -t "$seconds" -f m | awk '/receiver/ {print $(NF-2)}')
-    samples+=("$mbps")
+  for mode in $modes; do
+    samples=() cpus=() losses=()
+    for _ in $(seq "$runs"); do
+      read -r m c l < <(measure "$mode")
+      samples+=("$m") cpus+=("$c") losses+=("$l")
+    done
+    mbps[$impl.$mode]=$(printf '%s\n' "${samples[@]}" | sort -n | tr '\n' ' ')
+    cpu[$impl.$mode]=$(printf '%s\n' "${cpus[@]}" | median)
+    loss[$impl.$mode]=${losses[*]}
+    echo "$impl $mode: ${samples[*]} Mbit/s; CPU-s/GB ${cpus[*]}; loss ${losses[*]}" >&2
   done
-  result[$impl]=$(printf '%s\n' "${samples[@]}" | stats)
-  echo "$impl: ${samples[*]} Mbit/s" >&2
   "$lab" down --prefix bn >/dev/null 2>&1
 done
 
-printf '\niperf3 TCP, 1 stream, m1pod -> m2pod, %s s x %s runs (Mbit/s, receiver)\n' "$seconds" "$runs"
-printf '%-14s %8s %8s %8s %10s\n' implementation min median max meshd-ratio
-meshd_median=$(echo "${result[meshd]:-0 0 0}" | awk '{print $2}')
-for impl in $impls; do
-  read -r mn md mx <<<"${result[$impl]}"
-  ratio=$(awk -v a="$meshd_median" -v b="$md" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-  printf '%-14s %8s %8s %8s %10s\n' "$impl" "$mn" "$md" "$mx" "$ratio"
+for mode in $modes; do
+  printf '\n%s: iperf3 m1pod -> m2pod, %s s x %s runs (receiver Mbit/s)\n' "$mode" "$seconds" "$runs"
+  printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio CPU-s/GB loss
+  meshd_median=$(tr ' ' '\n' <<<"${mbps[meshd.$mode]:-0}" | grep . | median)
+  for impl in $impls; do
+    read -r -a s <<<"${mbps[$impl.$mode]}"
+    md=$(printf '%s\n' "${s[@]}" | median)
+    ratio=$(awk -v a="$meshd_median" -v b="$md" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+    printf '%-14s %8s %8s %8s %12s %10s %s\n' "$impl" "${s[0]}" "$md" "${s[-1]}" "$ratio" "${cpu[$impl.$mode]}" "${loss[$impl.$mode]}"
+  done
 done
