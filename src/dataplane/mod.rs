@@ -12,6 +12,7 @@
 //! [`Dataplane::apply`], which reconciles it with the running peers (sessions of unchanged peers
 //! survive) and swaps in a new immutable [`PeerTable`].
 
+pub mod mss;
 mod peer;
 pub mod routing;
 mod table;
@@ -356,8 +357,9 @@ impl Dataplane {
             let port = self.udp.load();
             let mut run = GsoRun::new(port.max_segments());
             let mut pos = 0;
-            for (buf, size) in bufs.iter().zip(&sizes).take(n) {
-                let packet = &buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
+            for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
+                let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
+                mss::clamp(packet, self.mtu);
                 match table.encapsulate(packet, &mut out[pos..]) {
                     Outbound::Send(datagram, to) => {
                         let len = datagram.len();
@@ -461,6 +463,7 @@ impl Dataplane {
         let slot = to_tun.next_slot();
         match table.decapsulate(datagram, src, &mut slot[VIRTIO_NET_HDR_LEN..]) {
             Inbound::ToTun(packet) => {
+                mss::clamp(packet, self.mtu);
                 let len = packet.len();
                 to_tun.commit(len);
             }

@@ -153,7 +153,7 @@ pub enum Outbound<'a> {
 /// What to do with a datagram read from the UDP port.
 pub enum Inbound<'a> {
     /// Write this packet to the TUN device.
-    ToTun(&'a [u8]),
+    ToTun(&'a mut [u8]),
     /// Send this reply (handshake response, cookie) back; then call
     /// [`PeerTable::flush_queued`] if `peer` is set, to send what waited for the handshake.
     Reply(&'a [u8], Option<Arc<Peer>>),
@@ -317,7 +317,12 @@ impl PeerTable {
         }
     }
 
-    fn check_source<'a>(&self, peer: &Arc<Peer>, inner: IpAddr, packet: &'a [u8]) -> Inbound<'a> {
+    fn check_source<'a>(
+        &self,
+        peer: &Arc<Peer>,
+        inner: IpAddr,
+        packet: &'a mut [u8],
+    ) -> Inbound<'a> {
         match self.router.lookup(inner) {
             Some(owner) if owner.index == peer.index => Inbound::ToTun(packet),
             _ => Inbound::Drop(DropReason::BadSource),

@@ -1,0 +1,222 @@
+//! TCP MSS clamping in the dataplane (no iptables): SYNs crossing the tunnel get their MSS option
+//! lowered so that neither end sends segments the tunnel MTU cannot carry.
+//!
+//! Pure functions over packet bytes; the dataplane calls [`clamp`] on every packet, which costs a
+//! few byte compares for anything that is not a TCP SYN.
+
+/// IPv4 + TCP header without options.
+const V4_OVERHEAD: u16 = 40;
+/// IPv6 + TCP header without options.
+const V6_OVERHEAD: u16 = 60;
+const TCP: u8 = 6;
+const SYN: u8 = 0x02;
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_MSS: u8 = 2;
+
+/// The MSS that fits a tunnel of `mtu` bytes, for IPv4 and IPv6 packets.
+pub fn limits(mtu: u16) -> (u16, u16) {
+    (
+        mtu.saturating_sub(V4_OVERHEAD),
+        mtu.saturating_sub(V6_OVERHEAD),
+    )
+}
+
+/// Lowers the MSS option of a TCP SYN to the limit for its IP version and fixes the TCP checksum.
+/// Returns whether the packet changed. Anything else (and any malformed packet) is left alone.
+pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
+    let (v4_limit, v6_limit) = limits(mtu);
+    let (tcp_start, limit) = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+            if packet[9] != TCP || ihl < 20 || fragment != 0 {
+                return false;
+            }
+            (ihl, v4_limit)
+        }
+        Some(6) if packet.len() >= 40 => {
+            if packet[6] != TCP {
+                return false;
+            }
+            (40, v6_limit)
+        }
+        _ => return false,
+    };
+    let Some(tcp) = packet.get(tcp_start..) else {
+        return false;
+    };
+    if tcp.len() < 20 || tcp[13] & SYN == 0 {
+        return false;
+    }
+    let header_len = usize::from(tcp[12] >> 4) * 4;
+    if header_len < 20 || header_len > tcp.len() {
+        return false;
+    }
+    let mut at = tcp_start + 20;
+    let end = tcp_start + header_len;
+    while at < end {
+        match packet[at] {
+            OPT_END => return false,
+            OPT_NOP => at += 1,
+            kind => {
+                let Some(&len) = packet.get(at + 1) else {
+                    return false;
+                };
+                let len = usize::from(len);
+                if len < 2 || at + len > end {
+                    return false;
+                }
+                if kind == OPT_MSS && len == 4 {
+                    let mss = u16::from_be_bytes([packet[at + 2], packet[at + 3]]);
+                    if mss <= limit {
+                        return false;
+                    }
+                    packet[at + 2..at + 4].copy_from_slice(&limit.to_be_bytes());
+                    fix_tcp_checksum(packet, tcp_start);
+                    return true;
+                }
+                at += len;
+            }
+        }
+    }
+    false
+}
+
+/// One's-complement sum of 16-bit big-endian words (odd trailing byte padded with zero).
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for pair in &mut chunks {
+        acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u32::from(*last) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// Recomputes the TCP checksum over the pseudo-header and the segment.
+fn fix_tcp_checksum(packet: &mut [u8], tcp_start: usize) {
+    let tcp_len = packet.len() - tcp_start;
+    let pseudo = if packet[0] >> 4 == 4 {
+        sum16(&packet[12..20], u32::from(TCP) + tcp_len as u32)
+    } else {
+        sum16(&packet[8..40], u32::from(TCP) + tcp_len as u32)
+    };
+    packet[tcp_start + 16..tcp_start + 18].copy_from_slice(&[0, 0]);
+    let checksum = fold(sum16(&packet[tcp_start..], pseudo));
+    packet[tcp_start + 16..tcp_start + 18].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// Whether a TCP segment's checksum is right (for tests and checks).
+pub fn tcp_checksum_ok(packet: &[u8]) -> bool {
+    let (tcp_start, pseudo_src) = if packet[0] >> 4 == 4 {
+        (usize::from(packet[0] & 0x0f) * 4, &packet[12..20])
+    } else {
+        (40, &packet[8..40])
+    };
+    let tcp_len = packet.len() - tcp_start;
+    let pseudo = sum16(pseudo_src, u32::from(TCP) + tcp_len as u32);
+    fold(sum16(&packet[tcp_start..], pseudo)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SYN with options: NOPs to push MSS to an odd offset if `odd`, then MSS, then WS.
+    fn syn(v6: bool, mss: u16, odd: bool, flags: u8) -> Vec<u8> {
+        let mut opts = Vec::new();
+        if odd {
+            opts.push(OPT_NOP);
+        }
+        opts.extend_from_slice(&[OPT_MSS, 4]);
+        opts.extend_from_slice(&mss.to_be_bytes());
+        opts.extend_from_slice(&[3, 3, 7]);
+        while opts.len() % 4 != 0 {
+            opts.push(OPT_NOP);
+        }
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[12] = (((20 + opts.len()) / 4) as u8) << 4;
+        tcp[13] = flags;
+        tcp.extend_from_slice(&opts);
+        tcp.extend_from_slice(b"xyz");
+        let mut packet = if v6 {
+            let mut ip = vec![0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&(tcp.len() as u16).to_be_bytes());
+            ip[6] = TCP;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&[0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            ip[24..40].copy_from_slice(&[0xfd, 0, 2, 0x45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            ip
+        } else {
+            let mut ip = vec![0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+            ip[8] = 64;
+            ip[9] = TCP;
+            ip[12..16].copy_from_slice(&[10, 244, 1, 10]);
+            ip[16..20].copy_from_slice(&[10, 245, 1, 10]);
+            ip
+        };
+        let tcp_start = packet.len();
+        packet.extend_from_slice(&tcp);
+        fix_tcp_checksum(&mut packet, tcp_start);
+        packet
+    }
+
+    fn mss_of(packet: &[u8], odd: bool) -> u16 {
+        let tcp = if packet[0] >> 4 == 4 { 20 } else { 40 };
+        let at = tcp + 20 + usize::from(odd);
+        u16::from_be_bytes([packet[at + 2], packet[at + 3]])
+    }
+
+    #[test]
+    fn clamps_v4_and_v6_syns_at_even_and_odd_offsets_with_valid_checksums() {
+        for v6 in [false, true] {
+            for odd in [false, true] {
+                let mut p = syn(v6, 1460, odd, SYN);
+                assert!(tcp_checksum_ok(&p));
+                assert!(clamp(&mut p, 1420), "v6={v6} odd={odd}");
+                assert_eq!(mss_of(&p, odd), if v6 { 1360 } else { 1380 });
+                assert!(tcp_checksum_ok(&p), "bad checksum v6={v6} odd={odd}");
+            }
+        }
+    }
+
+    #[test]
+    fn syn_ack_is_clamped_too() {
+        let mut p = syn(false, 1460, false, SYN | 0x10);
+        assert!(clamp(&mut p, 1420));
+        assert!(tcp_checksum_ok(&p));
+    }
+
+    #[test]
+    fn leaves_small_mss_non_syn_and_garbage_alone() {
+        let mut small = syn(false, 1200, false, SYN);
+        let before = small.clone();
+        assert!(!clamp(&mut small, 1420));
+        assert_eq!(small, before);
+        let mut ack = syn(false, 1460, false, 0x10);
+        assert!(!clamp(&mut ack, 1420));
+        for len in 0..60 {
+            let mut junk = vec![0x45u8; len];
+            clamp(&mut junk, 1420);
+            let mut junk6 = vec![0x60u8; len];
+            clamp(&mut junk6, 1420);
+        }
+        let mut truncated = syn(false, 1460, false, SYN);
+        truncated.truncate(30);
+        assert!(!clamp(&mut truncated, 1420));
+    }
+}

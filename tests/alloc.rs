@@ -1,0 +1,61 @@
+//! Zero heap allocations per packet in steady state: a counting global allocator watches the
+//! hot path (MSS check, encapsulate, decapsulate with routing and source check).
+
+#[path = "support/pair.rs"]
+mod pair;
+
+use meshd::dataplane::{mss, Inbound, Outbound};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: delegates every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steady_state_hot_path_allocates_nothing() {
+    let (a, b) = pair::connected_tables();
+    let mut pkt = pair::packet();
+    let (mut out_a, mut out_b) = (vec![0u8; pair::BUF], vec![0u8; pair::BUF]);
+    let src = pair::addr("192.0.2.1:51820");
+    let mut round = |count: usize| {
+        for _ in 0..count {
+            mss::clamp(&mut pkt, 1420);
+            let Outbound::Send(datagram, _) = a.encapsulate(&pkt, &mut out_a) else {
+                panic!("encapsulate failed");
+            };
+            match b.decapsulate(datagram, src, &mut out_b) {
+                Inbound::ToTun(p) => assert_eq!(p.len(), pair::PACKET),
+                _ => panic!("decapsulate failed"),
+            }
+        }
+    };
+    round(100);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    round(10_000);
+    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(allocated, 0, "{allocated} allocations in 10,000 packets");
+}
