@@ -51,7 +51,10 @@ fn block_scalar(path: &Path, key: &str) -> String {
 
 /// Loads an overlay's meshd.toml with a throwaway private key in place of the mounted Secret.
 fn load_overlay(overlay: &str) -> Config {
-    let path = deploy_dir().join("overlays").join(overlay).join("meshd-config.yaml");
+    let path = deploy_dir()
+        .join("overlays")
+        .join(overlay)
+        .join("meshd-config.yaml");
     let toml = block_scalar(&path, "meshd.toml");
     let mut file = ConfigFile::parse(&path, &toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert_eq!(
@@ -88,7 +91,10 @@ fn m1_overlay_config_loads() {
         m2.allowed_cidrs,
         cidrs(&["10.245.0.0/16", "10.97.0.0/16", "100.64.0.2/32"])
     );
-    assert_eq!(m2.endpoint, None, "M2 is behind NAT: M1 learns its endpoint");
+    assert_eq!(
+        m2.endpoint, None,
+        "M2 is behind NAT: M1 learns its endpoint"
+    );
     assert_eq!(m2.persistent_keepalive, None);
 }
 
