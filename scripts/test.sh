@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on Debian:
 # installs the packages it needs when missing, checks formatting and lints, smoke-runs the lab
-# throughput benchmark, then runs every test (unit, CLI, lab end-to-end, benchmark smoke runs).
+# throughput benchmark, validates the Kubernetes manifests offline (deploy/validate.sh), then runs
+# every test (unit, CLI, lab end-to-end, deploy configs, benchmark smoke runs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
@@ -24,6 +25,9 @@ if [ "$(id -u)" -eq 0 ]; then
   # A short run of the end-to-end benchmark (debug binaries; dependencies are optimised).
   MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
 fi
+
+# The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).
+deploy/validate.sh
 
 # One iteration of each criterion benchmark (a smoke run), then the unit, CLI and lab tests.
 cargo test --benches
