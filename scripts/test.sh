@@ -30,5 +30,5 @@ fi
 deploy/validate.sh
 
 # One iteration of each criterion benchmark (a smoke run), then the unit, CLI and lab tests.
-cargo test --benches
+cargo test --bench hot_path
 cargo test --lib --bins --tests
