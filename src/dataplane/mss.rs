@@ -195,6 +195,15 @@ mod tests {
     }
 
     #[test]
+    fn checksum_check_catches_corruption() {
+        let mut p = syn(true, 1460, false, SYN);
+        assert!(tcp_checksum_ok(&p));
+        let last = p.len() - 1;
+        p[last] ^= 0x40;
+        assert!(!tcp_checksum_ok(&p));
+    }
+
+    #[test]
     fn syn_ack_is_clamped_too() {
         let mut p = syn(false, 1460, false, SYN | 0x10);
         assert!(clamp(&mut p, 1420));
