@@ -29,6 +29,7 @@ use quinn_udp::RecvMeta;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -40,6 +41,9 @@ pub const MAX_PACKET: usize = 65536;
 const WG_ROOM: usize = 256;
 /// How often WireGuard's timers run.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Slots one TUN read may fill: the segments of a 64 KiB super-packet at the smallest MSS we
+/// expect (1280-byte MTU).
+const SEGMENTS_PER_READ: usize = 64;
 /// How long the receive thread sleeps in one poll (it checks for a replaced port in between).
 const RECV_WAKEUP: Duration = Duration::from_secs(1);
 
@@ -90,6 +94,8 @@ pub enum ApplyError {
     Bind(#[from] BindError),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, io::Error),
+    #[error("cannot put the TUN device in non-blocking mode: {0}")]
+    TunMode(io::Error),
 }
 
 /// What [`Dataplane::apply`] reconciles against.
@@ -162,6 +168,7 @@ impl Dataplane {
     /// Opens the UDP port, starts the threads over `tun` (whose MTU is `mtu`), and applies `spec`.
     pub fn start(tun: SyncDevice, mtu: u16, spec: DeviceSpec) -> Result<Arc<Self>, ApplyError> {
         let udp = UdpPort::bind(spec.listen_port)?;
+        tun.set_nonblocking(true).map_err(ApplyError::TunMode)?;
         let first_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00ff_ffff;
         let dataplane = Arc::new(Dataplane {
             tun,
@@ -326,23 +333,34 @@ impl Dataplane {
         }
     }
 
-    /// TUN → encrypt → UDP. With offload, one read yields a TCP super-packet that tun-rs splits
-    /// into MTU-sized segments; each is encrypted straight into a contiguous buffer, and runs of
-    /// equal-sized datagrams to the same endpoint leave in one `sendmsg` with UDP GSO.
-    fn tx_loop(&self) {
-        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET]; IDEAL_BATCH_SIZE];
-        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-        let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
-        loop {
-            let n = match self.tun.recv_multiple(
-                &mut original,
-                &mut bufs,
-                &mut sizes,
+    /// Reads from the (non-blocking) TUN device into `bufs`: waits for the first packet, then
+    /// takes what else is already queued while a whole super-packet's segments still fit.
+    /// Returns how many slots were filled.
+    fn read_tun_batch(
+        &self,
+        original: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> usize {
+        let mut filled = 0;
+        while bufs.len() - filled >= SEGMENTS_PER_READ {
+            match self.tun.recv_multiple(
+                original,
+                &mut bufs[filled..],
+                &mut sizes[filled..],
                 VIRTIO_NET_HDR_LEN,
             ) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if filled > 0 {
+                        break;
+                    }
+                    if let Err(e) = udp::poll_fd(self.tun.as_raw_fd(), libc::POLLIN, RECV_WAKEUP) {
+                        tracing::error!(error = %e, "waiting on the TUN device failed; the dataplane stops");
+                        std::process::exit(1);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                     tracing::error!(error = %e, "the TUN device is gone; the dataplane stops");
                     std::process::exit(1);
@@ -350,9 +368,23 @@ impl Dataplane {
                 Err(e) => {
                     self.drops.count(DropReason::Garbage);
                     tracing::debug!(error = %e, "unusable read from the TUN device");
-                    continue;
                 }
-            };
+            }
+        }
+        filled
+    }
+
+    /// TUN → encrypt → UDP. With offload, one read yields a TCP super-packet that tun-rs splits
+    /// into MTU-sized segments; a batch gathers what is queued, each packet is encrypted straight
+    /// into a contiguous buffer, and runs of equal-sized datagrams to the same endpoint leave in
+    /// one `sendmsg` with UDP GSO.
+    fn tx_loop(&self) {
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
+        loop {
+            let n = self.read_tun_batch(&mut original, &mut bufs, &mut sizes);
             let table = self.table.load();
             let port = self.udp.load();
             let mut run = GsoRun::new(port.max_segments());

@@ -60,7 +60,8 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn poll_fd(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
+/// Waits until `fd` has `events` (POLLIN, POLLOUT) or `timeout` passes; false on timeout or signal.
+pub(crate) fn poll_fd(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events,
