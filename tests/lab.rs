@@ -526,3 +526,45 @@ fn tcp_mss_is_clamped_to_the_tunnel() {
         "connection MSS {mss} exceeds the tunnel's 1380:\n{ss}"
     );
 }
+
+#[test]
+fn spoofed_inner_source_is_dropped_and_counted() {
+    if !root_or_skip("spoofed_inner_source_is_dropped_and_counted") {
+        return;
+    }
+    let lab = Lab::up("ts", "meshd", "meshd");
+    let bad_source = |lab: &Lab| {
+        let body = lab.http_get("m1gw", "127.0.0.1:9090", "/metrics");
+        metric(&body, "meshd_dropped_packets_total{reason=\"bad_source\"}").unwrap_or(0.0)
+    };
+    let before = bad_source(&lab);
+    // M2's gateway sends from an address outside what M1 allows for M2 (10.245.0.0/16 etc.).
+    lab.exec_ok("m2gw", &["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"]);
+    let out = lab.exec(
+        "m2gw",
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "10.99.0.1",
+            M1_POD,
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "spoofed pings were answered:\n{}",
+        text(&out)
+    );
+    let after = bad_source(&lab);
+    assert!(
+        after >= before + 3.0,
+        "bad_source went from {before} to {after}"
+    );
+    // Legitimate traffic still flows.
+    assert!(lab.ping("m2pod", M1_POD));
+}
