@@ -129,33 +129,7 @@ fn peer_restart_gets_traffic_flowing_within_5s() {
     }
     let lab = Lab::up("tr", "meshd", "meshd");
     assert!(lab.ping("m1pod", M2_POD));
-    let old = lab.pid(2);
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(old, libc::SIGKILL) };
-    let start = std::time::Instant::now();
-    // SAFETY: signal 0 only checks existence.
-    while unsafe { libc::kill(old, 0) } == 0 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !std::fs::read_to_string(format!("/proc/{old}/comm")).is_ok_and(|c| c.trim() == "meshd"),
-        "meshd {old} did not die"
-    );
-    let config = lab.state.join("m2.toml");
-    let log = std::fs::File::create(lab.state.join("m2.log")).unwrap();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns("m2gw")])
-        .arg(env!("CARGO_BIN_EXE_meshd"))
-        .args(["--config", config.to_str().unwrap()])
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    std::fs::write(lab.state.join("m2.pid"), child.id().to_string()).unwrap();
-    let socket = format!("/var/run/wireguard/{}.sock", lab.iface(2));
-    let start = std::time::Instant::now();
-    while !std::path::Path::new(&socket).exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = lab.restart_meshd(2, |config| config);
     // Traffic from the side that did not restart: it still holds the old session.
     let took = lab.ping_within("m1pod", M2_POD, Duration::from_secs(5));
     assert!(
@@ -186,28 +160,9 @@ fn peer_behind_nat_is_reached_and_followed_when_it_roams() {
     assert_eq!(lab.wg_dump(1)[1][2], format!("{M2_UNDERLAY}:51820"));
 
     // M2 moves to another port (a NAT rebinding): M1 follows its authenticated packets.
-    let old = lab.pid(2);
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(old, libc::SIGKILL) };
-    // SAFETY: signal 0 only checks existence.
-    while unsafe { libc::kill(old, 0) } == 0
-        && std::fs::read_to_string(format!("/proc/{old}/comm")).is_ok_and(|c| c.trim() == "meshd")
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let config = lab.state.join("m2.toml");
-    let moved = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("listen_port = 51820", "listen_port = 40000");
-    std::fs::write(&config, moved).unwrap();
-    let log = std::fs::File::create(lab.state.join("m2.log")).unwrap();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns("m2gw")])
-        .arg(env!("CARGO_BIN_EXE_meshd"))
-        .args(["--config", config.to_str().unwrap()])
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = lab.restart_meshd(2, |config| {
+        config.replace("listen_port = 51820", "listen_port = 40000")
+    });
     let reached = lab.ping_within("m1pod", M2_POD, Duration::from_secs(10));
     let endpoint = lab.wg_dump(1)[1][2].clone();
     child.kill().unwrap();

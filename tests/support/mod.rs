@@ -177,6 +177,46 @@ impl Lab {
         std::fs::read_to_string(self.state.join(format!("m{i}.log"))).unwrap_or_default()
     }
 
+    /// Kills gateway `i`'s meshd and waits until it is gone, rewrites its config with `edit`, and
+    /// starts a new meshd on it; returns once the new one serves its UAPI socket. The caller
+    /// owns (and must reap) the new process.
+    pub fn restart_meshd(&self, i: u8, edit: impl FnOnce(String) -> String) -> std::process::Child {
+        let old = self.pid(i);
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{old}/comm")).is_ok_and(|c| c.trim() == "meshd")
+        };
+        let start = Instant::now();
+        while alive() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(), "meshd {old} did not die");
+        let socket = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.iface(i)));
+        let _ = std::fs::remove_file(&socket);
+        let config = self.state.join(format!("m{i}.toml"));
+        std::fs::write(&config, edit(std::fs::read_to_string(&config).unwrap())).unwrap();
+        let log = std::fs::File::create(self.state.join(format!("m{i}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(&format!("m{i}gw"))])
+            .arg(env!("CARGO_BIN_EXE_meshd"))
+            .args(["--config", config.to_str().unwrap()])
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(self.state.join(format!("m{i}.pid")), child.id().to_string()).unwrap();
+        let start = Instant::now();
+        while !socket.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            socket.exists(),
+            "restarted meshd is not serving\n{}",
+            self.log(i)
+        );
+        child
+    }
+
     /// Opens a UDP socket bound inside namespace `ns` (the socket stays in it after we return).
     pub fn udp_socket_in(&self, ns: &str) -> UdpSocket {
         in_netns(&self.ns(ns), || UdpSocket::bind("0.0.0.0:0").unwrap())
