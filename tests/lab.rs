@@ -116,6 +116,19 @@ fn empty_meshd_configured_only_with_wg_set() {
         &["wg", "setconf", &lab.iface(1), path.to_str().unwrap()],
     );
     assert!(lab.ping("m1pod", M2_POD));
+    // A new listen port through wg set: meshd rebinds, and M2 follows M1's new source port.
+    lab.exec_ok(
+        "m1gw",
+        &["wg", "set", &lab.iface(1), "listen-port", "51900"],
+    );
+    assert_eq!(lab.wg_dump(1)[0][2], "51900");
+    assert!(
+        lab.ping_within("m1pod", M2_POD, Duration::from_secs(5))
+            .is_some(),
+        "no traffic after the listen port changed\n{}",
+        lab.log(1)
+    );
+    assert_eq!(lab.wg_dump(2)[1][2], format!("{M1_UNDERLAY}:51900"));
     // Bad input through wg set is refused and changes nothing.
     let out = lab.exec("m1gw", &["wg", "set", &lab.iface(1), "peer", "AAAA"]);
     assert!(!out.status.success());
