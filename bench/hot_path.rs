@@ -1,6 +1,7 @@
 //! The hot path in isolation: encapsulate + decapsulate of 1420-byte packets through meshd's
 //! PeerTable (cryptokey routing, peer lookup by index, source check, counters) next to a bare
-//! boringtun `Tunn` pair doing only the crypto. Run: `cargo bench --bench hot_path`.
+//! boringtun `Tunn` pair (WireGuard framing and crypto only) and the bare AEAD beneath it.
+//! Run: `cargo bench --bench hot_path`.
 
 #[path = "../tests/support/pair.rs"]
 mod pair;
@@ -79,6 +80,31 @@ fn hot_path(c: &mut Criterion) {
                 TunnResult::WriteToTunnelV4(p, _) => black_box(p.len()),
                 _ => panic!("decapsulate failed"),
             }
+        })
+    });
+
+    // The ceiling: ring's ChaCha20-Poly1305 (the AEAD boringtun uses) sealing and opening the
+    // same 1420 bytes in place, with no WireGuard framing at all.
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).unwrap());
+    let mut buf = pkt.clone();
+    let mut counter = 0u64;
+    group.bench_function("ring AEAD seal+open", |bench| {
+        bench.iter(|| {
+            counter += 1;
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&counter.to_le_bytes());
+            buf.truncate(PACKET);
+            key.seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut buf,
+            )
+            .unwrap();
+            let opened = key
+                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+                .unwrap();
+            black_box(opened.len())
         })
     });
     group.finish();
