@@ -2,6 +2,7 @@
 # The two-cluster lab on one machine: network namespaces stand in for the clusters.
 #
 #   m1pod (10.244.1.10) -- m1gw ══ underlay 192.0.2.0/24 ══ m2gw -- m2pod (10.245.1.10)
+#   (and IPv6: pods fd00:244::10 and fd00:245::10, underlay fd00:192::/64)
 #
 # Each gateway runs a WireGuard implementation (meshd by default) that routes the other cluster's
 # pod CIDR through the tunnel.
@@ -56,6 +57,10 @@ svc_cidr() { echo "10.9$((5 + $1)).0.0/16"; }
 pod_ip() { echo "10.24$((3 + $1)).1.10"; }
 gw_pod_ip() { echo "10.24$((3 + $1)).1.1"; }
 underlay_ip() { echo "192.0.2.$1"; }
+pod6_cidr() { echo "fd00:24$((3 + $1))::/64"; }
+pod6_ip() { echo "fd00:24$((3 + $1))::10"; }
+gw_pod6_ip() { echo "fd00:24$((3 + $1))::1"; }
+underlay6_ip() { echo "fd00:192::$1"; }
 tunnel_ip() { echo "100.64.0.$1"; }
 iface() { echo "${P}m$1wg"; }
 other() { echo $((3 - $1)); }
@@ -100,16 +105,21 @@ topology() {
     in_ns "m${i}pod" ip addr add "$(pod_ip "$i")/24" dev eth0
     in_ns "m${i}pod" ip link set eth0 up
     in_ns "m${i}pod" ip route add default via "$(gw_pod_ip "$i")"
+    in_ns "m${i}pod" ip -6 addr add "$(pod6_ip "$i")/64" dev eth0 nodad
+    in_ns "m${i}pod" ip -6 route add default via "$(gw_pod6_ip "$i")"
     in_ns "m${i}gw" ip link set "${P}m${i}g" name pod0
     in_ns "m${i}gw" ip addr add "$(gw_pod_ip "$i")/24" dev pod0
+    in_ns "m${i}gw" ip -6 addr add "$(gw_pod6_ip "$i")/64" dev pod0 nodad
     in_ns "m${i}gw" ip link set pod0 up
     in_ns "m${i}gw" sysctl -qw net.ipv4.ip_forward=1
+    in_ns "m${i}gw" sysctl -qw net.ipv6.conf.all.forwarding=1
   done
   # the underlay between the gateways
   ip link add "${P}ul1" netns "$(ns m1gw)" type veth peer name "${P}ul2" netns "$(ns m2gw)"
   for i in 1 2; do
     in_ns "m${i}gw" ip link set "${P}ul$i" name ul0
     in_ns "m${i}gw" ip addr add "$(underlay_ip "$i")/24" dev ul0
+    in_ns "m${i}gw" ip -6 addr add "$(underlay6_ip "$i")/64" dev ul0 nodad
     in_ns "m${i}gw" ip link set ul0 up
   done
 }
@@ -134,7 +144,7 @@ cluster = "m$i"
 interface = "$(iface "$i")"
 private_key_file = "$state/m$i.key"
 listen_port = $port
-local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")"]
+local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")", "$(pod6_cidr "$i")"]
 tunnel_address = "$(tunnel_ip "$i")/24"
 offload = $OFFLOAD
 
@@ -142,7 +152,7 @@ offload = $OFFLOAD
 name = "m$o"
 public_key = "$(cat "$state/m$o.pub")"
 $endpoint
-allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(tunnel_ip "$o")/32"]
+allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(pod6_cidr "$o")", "$(tunnel_ip "$o")/32"]
 $keepalive
 CFG
 }
@@ -171,12 +181,13 @@ start_userspace() {
   for _ in $(seq 50); do [ -S "/var/run/wireguard/$dev.sock" ] && break; sleep 0.1; done
   in_ns "m${i}gw" wg set "$dev" listen-port $port private-key "$state/m$i.key" \
     peer "$(cat "$state/m$o.pub")" endpoint "$(underlay_ip "$o"):$port" \
-    allowed-ips "$(pod_cidr "$o"),$(svc_cidr "$o"),$(tunnel_ip "$o")/32"
+    allowed-ips "$(pod_cidr "$o"),$(svc_cidr "$o"),$(pod6_cidr "$o"),$(tunnel_ip "$o")/32"
   in_ns "m${i}gw" ip addr add "$(tunnel_ip "$i")/24" dev "$dev"
   in_ns "m${i}gw" ip link set "$dev" mtu 1420 up
   # meshd installs these routes itself; the others need them from the operator.
   in_ns "m${i}gw" ip route replace "$(pod_cidr "$o")" dev "$dev"
   in_ns "m${i}gw" ip route replace "$(svc_cidr "$o")" dev "$dev"
+  in_ns "m${i}gw" ip -6 route replace "$(pod6_cidr "$o")" dev "$dev"
 }
 
 wait_for_tunnel() {
@@ -205,6 +216,8 @@ up() {
   if [ "$M1" = none ]; then
     in_ns m1gw ip route add "$(pod_cidr 2)" via "$(underlay_ip 2)"
     in_ns m2gw ip route add "$(pod_cidr 1)" via "$(underlay_ip 1)"
+    in_ns m1gw ip -6 route add "$(pod6_cidr 2)" via "$(underlay6_ip 2)"
+    in_ns m2gw ip -6 route add "$(pod6_cidr 1)" via "$(underlay6_ip 1)"
   else
     keys "$bin"
     for i in 1 2; do

@@ -92,6 +92,15 @@ fn interop_with_wireguard_go_both_ways() {
     );
     assert!(lab.iperf3("m1pod", "m2pod", M2_POD, &["-t", "2"]) > 0);
     assert!(lab.iperf3("m2pod", "m1pod", M1_POD, &["-t", "2"]) > 0);
+    assert!(
+        lab.ping_within("m1pod", "fd00:245::10", Duration::from_secs(5))
+            .is_some(),
+        "IPv6 meshd -> wireguard-go"
+    );
+    assert!(
+        lab.ping("m2pod", "fd00:244::10"),
+        "IPv6 wireguard-go -> meshd"
+    );
     assert_wg_peer_live(&lab, 1, 60);
     assert_wg_peer_live(&lab, 2, 60);
 }

@@ -54,12 +54,15 @@ fn traffic_mix(prefix: &str, extra: &[&str], offload: bool) {
         );
     }
 
-    // Byte-exact bulk transfers both ways (64 MiB each; a mismatch names the first bad offset).
-    for (server, addr, client, seed) in [
-        ("m2pod", "10.245.1.10:5001", "m1pod", 7),
-        ("m1pod", "10.244.1.10:5002", "m2pod", 11),
+    // Byte-exact bulk transfers both ways (a mismatch names the first bad offset).
+    // IPv4 and IPv6 (TCPv6 super-packets take their own segmentation path).
+    for (server, addr, client, seed, size) in [
+        ("m2pod", "10.245.1.10:5001", "m1pod", 7, 64 << 20),
+        ("m1pod", "10.244.1.10:5002", "m2pod", 11, 64 << 20),
+        ("m2pod", "[fd00:245::10]:5003", "m1pod", 13, 16 << 20),
+        ("m1pod", "[fd00:244::10]:5004", "m2pod", 17, 16 << 20),
     ] {
-        let sent = payload(64 << 20, seed);
+        let sent = payload(size, seed);
         let got = transfer(&lab, server, addr, client, sent.clone());
         assert_eq!(
             got.len(),
