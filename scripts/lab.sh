@@ -13,6 +13,7 @@
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
+#   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 #      BORINGTUN_THREADS  threads for boringtun-cli (default 1)
 set -euo pipefail
@@ -24,7 +25,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true
+M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --prefix) P=$2; shift 2 ;;
     --nat) NAT=1; shift ;;
     --no-offload) OFFLOAD=false; shift ;;
+    --ipv6-underlay) UNDERLAY6=1; shift ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -61,6 +63,8 @@ pod6_cidr() { echo "fd00:24$((3 + $1))::/64"; }
 pod6_ip() { echo "fd00:24$((3 + $1))::10"; }
 gw_pod6_ip() { echo "fd00:24$((3 + $1))::1"; }
 underlay6_ip() { echo "fd00:192::$1"; }
+# the address:port a gateway's peer reaches it at
+endpoint_of() { if [ "$UNDERLAY6" = 1 ]; then echo "[$(underlay6_ip "$1")]:$port"; else echo "$(underlay_ip "$1"):$port"; fi; }
 tunnel_ip() { echo "100.64.0.$1"; }
 iface() { echo "${P}m$1wg"; }
 other() { echo $((3 - $1)); }
@@ -134,7 +138,7 @@ keys() {
 
 meshd_config() {
   local i=$1 o endpoint keepalive=""; o=$(other "$1")
-  endpoint="endpoint = \"$(underlay_ip "$o"):$port\""
+  endpoint="endpoint = \"$(endpoint_of "$o")\""
   if [ "$NAT" = 1 ]; then
     # M1 cannot reach M2 first; M2 keeps the path open.
     if [ "$i" = 1 ]; then endpoint="# no endpoint: m2 is behind NAT"; else keepalive="persistent_keepalive = 2"; fi
@@ -180,7 +184,7 @@ start_userspace() {
   echo $! >"$state/m$i.pid"
   for _ in $(seq 50); do [ -S "/var/run/wireguard/$dev.sock" ] && break; sleep 0.1; done
   in_ns "m${i}gw" wg set "$dev" listen-port $port private-key "$state/m$i.key" \
-    peer "$(cat "$state/m$o.pub")" endpoint "$(underlay_ip "$o"):$port" \
+    peer "$(cat "$state/m$o.pub")" endpoint "$(endpoint_of "$o")" \
     allowed-ips "$(pod_cidr "$o"),$(svc_cidr "$o"),$(pod6_cidr "$o"),$(tunnel_ip "$o")/32"
   in_ns "m${i}gw" ip addr add "$(tunnel_ip "$i")/24" dev "$dev"
   in_ns "m${i}gw" ip link set "$dev" mtu 1420 up

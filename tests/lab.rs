@@ -545,3 +545,18 @@ fn spoofed_inner_source_is_dropped_and_counted() {
     // Legitimate traffic still flows.
     assert!(lab.ping("m2pod", M1_POD));
 }
+
+#[test]
+fn gateways_reach_each_other_over_an_ipv6_underlay() {
+    if !root_or_skip("gateways_reach_each_other_over_an_ipv6_underlay") {
+        return;
+    }
+    let lab = Lab::up_with("t6", "meshd", "wireguard-go", &["--ipv6-underlay"]);
+    assert!(lab.ping("m1pod", M2_POD));
+    assert!(lab.ping("m2pod", M1_POD));
+    assert!(lab
+        .ping_within("m1pod", "fd00:245::10", Duration::from_secs(5))
+        .is_some());
+    assert_eq!(lab.wg_dump(1)[1][2], "[fd00:192::2]:51820");
+    assert_eq!(lab.wg_dump(2)[1][2], "[fd00:192::1]:51820");
+}
