@@ -14,6 +14,7 @@
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
 #   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
+#   --tx-threads N   meshd's transmit threads (TUN queues), default 1
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 #      BORINGTUN_THREADS  threads for boringtun-cli (default 1)
 set -euo pipefail
@@ -25,7 +26,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0
+M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0 TX_THREADS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -34,6 +35,7 @@ while [ $# -gt 0 ]; do
     --nat) NAT=1; shift ;;
     --no-offload) OFFLOAD=false; shift ;;
     --ipv6-underlay) UNDERLAY6=1; shift ;;
+    --tx-threads) TX_THREADS=$2; shift 2 ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -151,6 +153,7 @@ listen_port = $port
 local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")", "$(pod6_cidr "$i")"]
 tunnel_address = "$(tunnel_ip "$i")/24"
 offload = $OFFLOAD
+tx_threads = $TX_THREADS
 
 [[peers]]
 name = "m$o"

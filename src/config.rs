@@ -20,6 +20,8 @@ pub const DEFAULT_INTERFACE: &str = "meshd0";
 pub const TUNNEL_OVERHEAD: u16 = 80;
 /// Default address of the Prometheus `/metrics` endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+/// The most transmit threads (TUN queues) we start.
+pub const MAX_TX_THREADS: usize = 64;
 /// The smallest tunnel MTU we accept: IPv4's minimum reassembly size.
 pub const MIN_MTU: u16 = 576;
 
@@ -37,6 +39,7 @@ pub struct ConfigFile {
     pub mtu: Option<u16>,
     pub metrics_listen: Option<String>,
     pub offload: Option<bool>,
+    pub tx_threads: Option<usize>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -83,6 +86,9 @@ pub struct ConfigArgs {
     /// TUN offload (TSO super-packets in, coalesced writes out) [default: true].
     #[arg(long, env = "MESHD_OFFLOAD")]
     pub offload: Option<bool>,
+    /// Threads encrypting TUN → UDP, each on its own TUN queue [default: 1].
+    #[arg(long, env = "MESHD_TX_THREADS")]
+    pub tx_threads: Option<usize>,
     /// Address for Prometheus `/metrics` [default: 0.0.0.0:9090]; "off" disables it.
     #[arg(long, env = "MESHD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -150,6 +156,7 @@ pub struct Config {
     /// `None`: metrics are off.
     pub metrics_listen: Option<SocketAddr>,
     pub offload: bool,
+    pub tx_threads: usize,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -365,6 +372,14 @@ impl Config {
             })?)
         };
 
+        let tx_threads = args.tx_threads.or(file.tx_threads).unwrap_or(1);
+        if !(1..=MAX_TX_THREADS).contains(&tx_threads) {
+            return Err(field(
+                "tx_threads",
+                format!("{tx_threads} is outside 1-{MAX_TX_THREADS}; one per core is the most that helps"),
+            ));
+        }
+
         let mut peer_files: Vec<(String, PeerFile)> = file
             .peers
             .into_iter()
@@ -450,6 +465,7 @@ impl Config {
             mtu,
             metrics_listen,
             offload: args.offload.or(file.offload).unwrap_or(true),
+            tx_threads,
             peers,
         })
     }
@@ -687,6 +703,11 @@ mod tests {
         assert!(text.starts_with("metrics_listen:"), "{text}");
         let cfg = load(&fx, "metrics_listen = \"off\"\n").unwrap();
         assert_eq!(cfg.metrics_listen, None);
+        for bad in ["tx_threads = 0\n", "tx_threads = 65\n"] {
+            let text = err_text(load(&fx, bad));
+            assert!(text.starts_with("tx_threads:"), "{text}");
+        }
+        assert_eq!(load(&fx, "tx_threads = 4\n").unwrap().tx_threads, 4);
     }
 
     #[test]

@@ -44,14 +44,18 @@ fn transfer(lab: &Lab, server_ns: &str, addr: &str, client_ns: &str, data: Vec<u
     got
 }
 
-fn traffic_mix(prefix: &str, extra: &[&str], offload: bool) {
+/// Runs the mix in a lab started with `extra` options, after checking that each meshd's start-up
+/// log line shows every setting in `expect` (e.g. "offload=true").
+fn traffic_mix(prefix: &str, extra: &[&str], expect: &[&str]) {
     let lab = Lab::up_with(prefix, "meshd", "meshd", extra);
     for i in [1, 2] {
-        assert!(
-            lab.log(i).contains(&format!("offload={offload}")),
-            "m{i} does not run with offload={offload}:\n{}",
-            lab.log(i)
-        );
+        for setting in expect {
+            assert!(
+                lab.log(i).contains(setting),
+                "m{i} does not run with {setting}:\n{}",
+                lab.log(i)
+            );
+        }
     }
 
     // Byte-exact bulk transfers both ways (a mismatch names the first bad offset).
@@ -132,7 +136,7 @@ fn traffic_mix_with_offload() {
     if !root_or_skip("traffic_mix_with_offload") {
         return;
     }
-    traffic_mix("to", &[], true);
+    traffic_mix("to", &[], &["offload=true", "tx_threads=1"]);
 }
 
 #[test]
@@ -140,5 +144,17 @@ fn traffic_mix_with_offload_forced_off() {
     if !root_or_skip("traffic_mix_with_offload_forced_off") {
         return;
     }
-    traffic_mix("tf", &["--no-offload"], false);
+    traffic_mix("tf", &["--no-offload"], &["offload=false"]);
+}
+
+#[test]
+fn traffic_mix_with_two_transmit_queues() {
+    if !root_or_skip("traffic_mix_with_two_transmit_queues") {
+        return;
+    }
+    traffic_mix(
+        "tq",
+        &["--tx-threads", "2"],
+        &["offload=true", "tx_threads=2"],
+    );
 }

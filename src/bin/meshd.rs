@@ -51,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
         mtu,
         address: config.tunnel_address,
         offload: config.offload,
+        multi_queue: config.tx_threads > 1,
     })
     .with_context(|| {
         format!(
@@ -62,13 +63,14 @@ fn run(cli: Cli) -> Result<()> {
         .if_index()
         .context("cannot read the TUN interface's index")?;
     let offload = tun.tcp_gso();
-    let dataplane = Dataplane::start(tun, mtu, spec_from_config(&config))?;
+    let dataplane = Dataplane::start(tun, config.tx_threads, mtu, spec_from_config(&config))?;
     tracing::info!(
         cluster = %config.cluster,
         interface = %config.interface,
         listen_port = dataplane.listen_port(),
         mtu,
         offload,
+        tx_threads = config.tx_threads,
         gso_segments = dataplane.max_segments(),
         peers = config.peers.len(),
         public_key = %config.private_key.as_ref().map(|k| k.public_key().to_string()).unwrap_or_else(|| "(none yet: set one with `wg set`)".into()),
@@ -152,9 +154,10 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) {
         || config.tunnel_address != running.tunnel_address
         || config.mtu != running.mtu
         || config.offload != running.offload
+        || config.tx_threads != running.tx_threads
     {
         tracing::warn!(
-            "SIGHUP: interface, tunnel_address, mtu and offload changes take effect only after a restart"
+            "SIGHUP: interface, tunnel_address, mtu, offload and tx_threads changes take effect only after a restart"
         );
     }
     match controller.apply(spec_from_config(&config)) {

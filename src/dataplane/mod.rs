@@ -94,7 +94,7 @@ pub enum ApplyError {
     Bind(#[from] BindError),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, io::Error),
-    #[error("cannot put the TUN device in non-blocking mode: {0}")]
+    #[error("cannot set up the TUN device's queues (non-blocking mode, extra queues): {0}")]
     TunMode(io::Error),
 }
 
@@ -140,6 +140,8 @@ pub struct TunSettings {
     pub address: Option<IpNet>,
     /// IFF_VNET_HDR with TSO: reads yield TCP super-packets, writes may be coalesced.
     pub offload: bool,
+    /// IFF_MULTI_QUEUE, for more than one transmit thread.
+    pub multi_queue: bool,
 }
 
 fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), ApplyError> {
@@ -155,7 +157,8 @@ pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&settings.name)
         .mtu(settings.mtu)
-        .offload(settings.offload);
+        .offload(settings.offload)
+        .multi_queue(settings.multi_queue);
     match settings.address {
         Some(IpNet::V4(net)) => builder = builder.ipv4(net.addr(), net.prefix_len(), None),
         Some(IpNet::V6(net)) => builder = builder.ipv6(net.addr(), net.prefix_len()),
@@ -166,9 +169,24 @@ pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
 
 impl Dataplane {
     /// Opens the UDP port, starts the threads over `tun` (whose MTU is `mtu`), and applies `spec`.
-    pub fn start(tun: SyncDevice, mtu: u16, spec: DeviceSpec) -> Result<Arc<Self>, ApplyError> {
+    /// With `queues` > 1 (the device must be multi-queue) each extra TUN queue gets its own
+    /// `meshd-tx` thread: the kernel spreads flows over the queues, so several flows (and several
+    /// peers) are encrypted in parallel.
+    pub fn start(
+        tun: SyncDevice,
+        queues: usize,
+        mtu: u16,
+        spec: DeviceSpec,
+    ) -> Result<Arc<Self>, ApplyError> {
         let udp = UdpPort::bind(spec.listen_port)?;
+        let mut tx_queues = Vec::with_capacity(queues.max(1) - 1);
+        for _ in 1..queues {
+            tx_queues.push(tun.try_clone().map_err(ApplyError::TunMode)?);
+        }
         tun.set_nonblocking(true).map_err(ApplyError::TunMode)?;
+        for queue in &tx_queues {
+            queue.set_nonblocking(true).map_err(ApplyError::TunMode)?;
+        }
         let first_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00ff_ffff;
         let dataplane = Arc::new(Dataplane {
             tun,
@@ -189,7 +207,11 @@ impl Dataplane {
             ..spec
         })?;
         let (tx, timers) = (dataplane.clone(), dataplane.clone());
-        spawn("meshd-tx", move || tx.tx_loop())?;
+        spawn("meshd-tx", move || tx.tx_loop(&tx.tun))?;
+        for queue in tx_queues {
+            let tx = dataplane.clone();
+            spawn("meshd-tx", move || tx.tx_loop(&queue))?;
+        }
         spawn("meshd-timers", move || timers.timer_loop())?;
         dataplane.spawn_rx(dataplane.udp.load_full())?;
         Ok(dataplane)
@@ -338,13 +360,14 @@ impl Dataplane {
     /// Returns how many slots were filled.
     fn read_tun_batch(
         &self,
+        queue: &SyncDevice,
         original: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
     ) -> usize {
         let mut filled = 0;
         while bufs.len() - filled >= SEGMENTS_PER_READ {
-            match self.tun.recv_multiple(
+            match queue.recv_multiple(
                 original,
                 &mut bufs[filled..],
                 &mut sizes[filled..],
@@ -355,7 +378,7 @@ impl Dataplane {
                     if filled > 0 {
                         break;
                     }
-                    if let Err(e) = udp::poll_fd(self.tun.as_raw_fd(), libc::POLLIN, RECV_WAKEUP) {
+                    if let Err(e) = udp::poll_fd(queue.as_raw_fd(), libc::POLLIN, RECV_WAKEUP) {
                         tracing::error!(error = %e, "waiting on the TUN device failed; the dataplane stops");
                         std::process::exit(1);
                     }
@@ -378,13 +401,13 @@ impl Dataplane {
     /// into MTU-sized segments; a batch gathers what is queued, each packet is encrypted straight
     /// into a contiguous buffer, and runs of equal-sized datagrams to the same endpoint leave in
     /// one `sendmsg` with UDP GSO.
-    fn tx_loop(&self) {
+    fn tx_loop(&self, queue: &SyncDevice) {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
         let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET]; IDEAL_BATCH_SIZE];
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
         loop {
-            let n = self.read_tun_batch(&mut original, &mut bufs, &mut sizes);
+            let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
             let table = self.table.load();
             let port = self.udp.load();
             let mut run = GsoRun::new(port.max_segments());
