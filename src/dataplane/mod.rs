@@ -41,6 +41,9 @@ pub const MAX_PACKET: usize = 65536;
 const WG_ROOM: usize = 256;
 /// How often WireGuard's timers run.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Packets the kernel may queue for us on the TUN device before it drops (its default, 500,
+/// overflows under UDP bursts; WireGuard's own interfaces use 1000).
+const TUN_TX_QUEUE_LEN: u32 = 1000;
 /// Slots one TUN read may fill: the segments of a 64 KiB super-packet at the smallest MSS we
 /// expect (1280-byte MTU).
 const SEGMENTS_PER_READ: usize = 64;
@@ -158,7 +161,8 @@ pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
         .name(&settings.name)
         .mtu(settings.mtu)
         .offload(settings.offload)
-        .multi_queue(settings.multi_queue);
+        .multi_queue(settings.multi_queue)
+        .tx_queue_len(TUN_TX_QUEUE_LEN);
     match settings.address {
         Some(IpNet::V4(net)) => builder = builder.ipv4(net.addr(), net.prefix_len(), None),
         Some(IpNet::V6(net)) => builder = builder.ipv6(net.addr(), net.prefix_len()),
