@@ -144,7 +144,11 @@ fn traffic_mix_with_offload_forced_off() {
     if !root_or_skip("traffic_mix_with_offload_forced_off") {
         return;
     }
-    traffic_mix("tf", &["--no-offload"], &["offload=false"]);
+    traffic_mix(
+        "tf",
+        &["--no-offload"],
+        &["offload=false", "gso_segments=1"],
+    );
 }
 
 #[test]

@@ -121,6 +121,8 @@ impl Running {
 pub struct Dataplane {
     tun: SyncDevice,
     mtu: u16,
+    /// Whether TUN offload is on; UDP GSO follows it (`offload = false` turns both off).
+    offload: bool,
     table: ArcSwap<PeerTable>,
     udp: ArcSwap<UdpPort>,
     running: Mutex<Running>,
@@ -192,9 +194,11 @@ impl Dataplane {
             queue.set_nonblocking(true).map_err(ApplyError::TunMode)?;
         }
         let first_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00ff_ffff;
+        let offload = tun.tcp_gso();
         let dataplane = Arc::new(Dataplane {
             tun,
             mtu,
+            offload,
             table: ArcSwap::from_pointee(PeerTable::default()),
             udp: ArcSwap::from_pointee(udp),
             running: Mutex::new(Running {
@@ -240,9 +244,14 @@ impl Dataplane {
         self.udp.load().port()
     }
 
-    /// Datagrams per UDP GSO send (1: no GSO on this kernel).
+    /// Datagrams per UDP GSO send (1: no GSO, because offload is off or the kernel lacks it;
+    /// datagrams then leave in `sendmmsg` batches).
     pub fn max_segments(&self) -> usize {
-        self.udp.load().max_segments()
+        if self.offload {
+            self.udp.load().max_segments()
+        } else {
+            1
+        }
     }
 
     /// Reconciles the running peers with `spec`. Peers whose key, preshared key and keepalive are
@@ -410,11 +419,15 @@ impl Dataplane {
         let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET]; IDEAL_BATCH_SIZE];
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
+        let mut runs: Vec<GsoRun> = Vec::with_capacity(IDEAL_BATCH_SIZE);
         loop {
             let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
             let table = self.table.load();
             let port = self.udp.load();
-            let mut run = GsoRun::new(port.max_segments());
+            let segments = self.max_segments();
+            let gso = segments > 1;
+            let mut run = GsoRun::new(segments);
+            runs.clear();
             let mut pos = 0;
             for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
                 let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
@@ -423,7 +436,7 @@ impl Dataplane {
                     Outbound::Send(datagram, to) => {
                         let len = datagram.len();
                         if !run.admits(len, to) {
-                            self.send_run(&port, &out, &run);
+                            runs.push(run);
                             run.restart(pos);
                         }
                         run.push(len, to);
@@ -433,7 +446,38 @@ impl Dataplane {
                     Outbound::Drop(reason) => self.drops.count(reason),
                 }
             }
-            self.send_run(&port, &out, &run);
+            if run.to.is_some() {
+                runs.push(run);
+            }
+            if gso {
+                for run in &runs {
+                    self.send_run(&port, &out, run);
+                }
+            } else {
+                self.send_singles(&port, &out, &runs);
+            }
+        }
+    }
+
+    /// Sends runs of one datagram each with `sendmmsg`, 64 at a time (no UDP GSO).
+    fn send_singles(&self, port: &UdpPort, out: &[u8], runs: &[GsoRun]) {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut chunk: [(&[u8], SocketAddr); udp::SEND_BATCH] =
+            [(&[], unspecified); udp::SEND_BATCH];
+        for group in runs.chunks(udp::SEND_BATCH) {
+            for (slot, run) in chunk.iter_mut().zip(group) {
+                *slot = (
+                    &out[run.start..run.start + run.bytes],
+                    run.to.unwrap_or(unspecified),
+                );
+            }
+            let (sent, result) = port.send_many(&chunk[..group.len()]);
+            if let Err(e) = result {
+                for _ in sent..group.len() {
+                    self.drops.count(DropReason::SendFailed);
+                }
+                tracing::trace!(error = %e, "sendmmsg failed");
+            }
         }
     }
 
@@ -576,6 +620,7 @@ impl Dataplane {
 
 /// A run of encrypted datagrams in the output buffer that can leave in one GSO `sendmsg`:
 /// same destination, same size (the last may be shorter), within the kernel's limits.
+#[derive(Clone, Copy)]
 struct GsoRun {
     max_segments: usize,
     start: usize,
