@@ -5,7 +5,8 @@
 #   (and IPv6: pods fd00:244::10 and fd00:245::10, underlay fd00:192::/64)
 #
 # Each gateway runs a WireGuard implementation (meshd by default) that routes the other cluster's
-# pod CIDR through the tunnel.
+# pod CIDR through the tunnel. meshd also answers clusterset.local DNS on the gateway's pod-side
+# address (10.24x.1.1:53) for the services in its exports file (web and headless db, see below).
 #
 # usage: scripts/lab.sh up|down|demo|status [--m1 IMPL] [--m2 IMPL] [--prefix P]
 #   IMPL: meshd (default) | meshd-wg (meshd started empty, configured only with wg set)
@@ -138,8 +139,31 @@ keys() {
   done
 }
 
+# Cluster i exports web (ClusterSetIP 10.9x.0.10, port http/TCP/80) and the headless db (pg/TCP/5432,
+# endpoint hostname db-0), both backed by its pod.
+exports_file() {
+  local i=$1
+  cat >"$state/m$i.exports.toml" <<EXPORTS
+[[services]]
+namespace = "demo"
+name = "web"
+type = "ClusterSetIP"
+ips = ["10.9$((5 + i)).0.10"]
+ports = [{ name = "http", protocol = "TCP", port = 80 }]
+endpoints = [{ ip = "$(pod_ip "$i")" }]
+
+[[services]]
+namespace = "demo"
+name = "db"
+type = "Headless"
+ports = [{ name = "pg", protocol = "TCP", port = 5432 }]
+endpoints = [{ ip = "$(pod_ip "$i")", hostname = "db-0" }]
+EXPORTS
+}
+
 meshd_config() {
   local i=$1 o endpoint keepalive=""; o=$(other "$1")
+  exports_file "$i"
   endpoint="endpoint = \"$(endpoint_of "$o")\""
   if [ "$NAT" = 1 ]; then
     # M1 cannot reach M2 first; M2 keeps the path open.
@@ -154,6 +178,8 @@ local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")", "$(pod6_cidr "$i")"]
 tunnel_address = "$(tunnel_ip "$i")/24"
 offload = $OFFLOAD
 tx_threads = $TX_THREADS
+exports_file = "$state/m$i.exports.toml"
+dns_listen = "$(gw_pod_ip "$i"):53"
 
 [[peers]]
 name = "m$o"

@@ -24,6 +24,10 @@ pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 pub const MAX_TX_THREADS: usize = 64;
 /// The smallest tunnel MTU we accept: IPv4's minimum reassembly size.
 pub const MIN_MTU: u16 = 576;
+/// Default address of the `clusterset.local` DNS responder (UDP and TCP).
+pub const DEFAULT_DNS_LISTEN: &str = "0.0.0.0:53";
+/// The longest DNS TTL we accept, in seconds: answers must follow failovers quickly.
+pub const MAX_DNS_TTL: u32 = 3600;
 
 /// The TOML file, as written by a user. See docs/configuration.md.
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +44,9 @@ pub struct ConfigFile {
     pub metrics_listen: Option<String>,
     pub offload: Option<bool>,
     pub tx_threads: Option<usize>,
+    pub exports_file: Option<PathBuf>,
+    pub dns_listen: Option<String>,
+    pub dns_ttl: Option<u32>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -92,6 +99,15 @@ pub struct ConfigArgs {
     /// Address for Prometheus `/metrics` [default: 0.0.0.0:9090]; "off" disables it.
     #[arg(long, env = "MESHD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// TOML file of the services this cluster exports (re-read on SIGHUP); see docs/dns.md.
+    #[arg(long, env = "MESHD_EXPORTS_FILE")]
+    pub exports_file: Option<PathBuf>,
+    /// Address for the clusterset.local DNS responder, UDP and TCP [default: 0.0.0.0:53]; "off" disables it.
+    #[arg(long, env = "MESHD_DNS_LISTEN")]
+    pub dns_listen: Option<String>,
+    /// TTL of DNS answers in seconds [default: 5].
+    #[arg(long, env = "MESHD_DNS_TTL")]
+    pub dns_ttl: Option<u32>,
     /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS].
     /// Repeat for several peers (space-separated in the environment).
     #[arg(long = "peer", env = "MESHD_PEERS", value_delimiter = ' ')]
@@ -157,6 +173,11 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub offload: bool,
     pub tx_threads: usize,
+    /// `None`: this cluster exports nothing (until the ServiceExport watcher exists).
+    pub exports_file: Option<PathBuf>,
+    /// `None`: the DNS responder is off.
+    pub dns_listen: Option<SocketAddr>,
+    pub dns_ttl: u32,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -380,6 +401,32 @@ impl Config {
             ));
         }
 
+        let dns_text = args
+            .dns_listen
+            .clone()
+            .or(file.dns_listen)
+            .unwrap_or_else(|| DEFAULT_DNS_LISTEN.to_string());
+        let dns_listen = if dns_text == "off" {
+            None
+        } else {
+            Some(dns_text.parse::<SocketAddr>().map_err(|_| {
+                field(
+                    "dns_listen",
+                    format!("'{dns_text}' is not an address:port such as 0.0.0.0:53 (or \"off\")"),
+                )
+            })?)
+        };
+        let dns_ttl = args
+            .dns_ttl
+            .or(file.dns_ttl)
+            .unwrap_or(crate::dns::DEFAULT_TTL);
+        if dns_ttl > MAX_DNS_TTL {
+            return Err(field(
+                "dns_ttl",
+                format!("{dns_ttl} s is above the maximum of {MAX_DNS_TTL} s; keep it short (default {}) so answers follow failovers", crate::dns::DEFAULT_TTL),
+            ));
+        }
+
         let mut peer_files: Vec<(String, PeerFile)> = file
             .peers
             .into_iter()
@@ -466,6 +513,9 @@ impl Config {
             metrics_listen,
             offload: args.offload.or(file.offload).unwrap_or(true),
             tx_threads,
+            exports_file: args.exports_file.clone().or(file.exports_file),
+            dns_listen,
+            dns_ttl,
             peers,
         })
     }
@@ -708,6 +758,30 @@ mod tests {
             assert!(text.starts_with("tx_threads:"), "{text}");
         }
         assert_eq!(load(&fx, "tx_threads = 4\n").unwrap().tx_threads, 4);
+    }
+
+    #[test]
+    fn dns_fields_have_defaults_and_are_checked() {
+        let fx = fixture();
+        let cfg = load(&fx, "").unwrap();
+        assert_eq!(cfg.dns_listen, Some("0.0.0.0:53".parse().unwrap()));
+        assert_eq!(cfg.dns_ttl, 5);
+        assert_eq!(cfg.exports_file, None);
+        let cfg = load(
+            &fx,
+            "dns_listen = \"off\"\ndns_ttl = 30\nexports_file = \"/etc/meshd/exports.toml\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.dns_listen, None);
+        assert_eq!(cfg.dns_ttl, 30);
+        assert_eq!(
+            cfg.exports_file.as_deref(),
+            Some(Path::new("/etc/meshd/exports.toml"))
+        );
+        let text = err_text(load(&fx, "dns_listen = \"53\"\n"));
+        assert!(text.starts_with("dns_listen: '53' is not"), "{text}");
+        let text = err_text(load(&fx, "dns_ttl = 86400\n"));
+        assert!(text.starts_with("dns_ttl: 86400 s is above"), "{text}");
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! meshd: a userspace WireGuard dataplane that joins the pod networks of Kubernetes clusters.
 //!
 //! Two halves share a few handles: the [`dataplane`] (synchronous threads, packets) and the
-//! [`control`] plane (tokio: configuration, routes, the WireGuard UAPI). See docs/architecture.md.
+//! [`control`] plane (tokio: configuration, routes, the WireGuard UAPI). Beside them, [`discovery`]
+//! (the exported-services catalog) and [`dns`] (the `clusterset.local` responder). See
+//! docs/architecture.md and docs/dns.md.
 
 pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod discovery;
+pub mod dns;
 pub mod keys;

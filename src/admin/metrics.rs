@@ -2,9 +2,11 @@
 //!
 //! The dataplane counts with relaxed atomics and never formats anything; a [`DataplaneCollector`]
 //! turns those counters into `meshd_*` metric families when `/metrics` is scraped, so a scrape
-//! costs the hot path nothing.
+//! costs the hot path nothing. The DNS responder's [`QueryCounters`] are read the same way by a
+//! [`DnsCollector`].
 
 use crate::dataplane::{Dataplane, DropReason};
+use crate::dns::{QueryCounters, QueryRcode, QueryType};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -111,10 +113,39 @@ impl Collector for DataplaneCollector {
     }
 }
 
+/// Encodes the DNS responder's query counters on every scrape.
+#[derive(Debug)]
+pub struct DnsCollector {
+    counters: Arc<QueryCounters>,
+}
+
+impl Collector for DnsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "meshd_dns_queries",
+            "clusterset.local DNS queries answered, by query type and response code.",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for qtype in QueryType::ALL {
+            for rcode in QueryRcode::ALL {
+                let count = self.counters.get(qtype, rcode);
+                if count == 0 {
+                    continue;
+                }
+                let labels = [("qtype", qtype.as_str()), ("rcode", rcode.as_str())];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A registry with meshd's collectors.
-pub fn registry(dataplane: Arc<Dataplane>) -> Registry {
+pub fn registry(dataplane: Arc<Dataplane>, dns: Arc<QueryCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(DataplaneCollector { dataplane }));
+    registry.register_collector(Box::new(DnsCollector { counters: dns }));
     registry
 }
 

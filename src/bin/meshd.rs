@@ -1,13 +1,18 @@
 //! The meshd daemon: loads the configuration, opens the TUN device and the WireGuard port, starts
-//! the dataplane threads, then runs the control plane (routes, UAPI, SIGHUP reload) on tokio.
+//! the dataplane threads, then runs the control plane (routes, UAPI, the clusterset.local DNS
+//! responder, SIGHUP reload) on tokio.
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use clap::Parser;
 use meshd::admin::metrics;
 use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
 use meshd::control::routes::{underlay_mtu, RouteTable};
 use meshd::control::{spec_from_config, uapi, Controller};
 use meshd::dataplane::{open_tun, Dataplane, TunSettings};
+use meshd::discovery::{exports, ClustersetView, ExportCatalog};
+use meshd::dns;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -23,7 +28,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // hickory-server logs every query at info: counted instead (meshd_dns_queries_total).
+                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -37,6 +43,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
+    let catalog = exports::load(config.exports_file.as_deref(), &config.cluster, 1)?;
     let mtu = match config.mtu {
         Some(mtu) => mtu,
         None => {
@@ -81,15 +88,34 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control plane runtime")?;
-    runtime.block_on(control_plane(cli.config, config, dataplane, ifindex))
+    runtime.block_on(control_plane(
+        cli.config, config, catalog, dataplane, ifindex,
+    ))
+}
+
+/// The clusterset view the DNS responder reads. Without catalog sync it holds the local catalog
+/// only; remote catalogs will enter through the same [`ClustersetView::build`].
+fn view_of(local: ExportCatalog) -> ClustersetView {
+    ClustersetView::build(local, &BTreeMap::new())
 }
 
 async fn control_plane(
     args: ConfigArgs,
     config: Config,
+    catalog: ExportCatalog,
     dataplane: Arc<Dataplane>,
     ifindex: u32,
 ) -> Result<()> {
+    tracing::info!(
+        cluster = %config.cluster,
+        services = catalog.services.len(),
+        exports_file = ?config.exports_file,
+        "local exports loaded"
+    );
+    let view = Arc::new(ArcSwap::from_pointee(view_of(catalog)));
+    let mut generation = 1;
+    let dns_counters = Arc::new(dns::QueryCounters::default());
+
     let (controller, mut wanted) = Controller::new(dataplane);
     let mut routes = RouteTable::new(&config.interface, ifindex)
         .context("cannot open a netlink socket for routes")?;
@@ -107,13 +133,23 @@ async fn control_plane(
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
         })?;
-        let registry = metrics::registry(controller.dataplane().clone());
+        let registry = metrics::registry(controller.dataplane().clone(), dns_counters.clone());
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(listener, registry).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
     }
+
+    let mut dns_task = match config.dns_listen {
+        Some(addr) => {
+            let (mut server, local) =
+                dns::serve(addr, view.clone(), config.dns_ttl, dns_counters.clone()).await?;
+            tracing::info!(listen = %local, ttl = config.dns_ttl, "clusterset.local DNS responder is up");
+            tokio::spawn(async move { server.block_until_done().await })
+        }
+        None => tokio::spawn(futures::future::pending()),
+    };
 
     let socket = uapi::socket_path(&config.interface);
     let mut uapi_task = tokio::spawn(uapi::serve(socket.clone(), controller.clone()));
@@ -123,7 +159,12 @@ async fn control_plane(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let result = loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&args, &config, &controller),
+            _ = hangup.recv() => {
+                if let Some(new) = reload(&args, &config, &controller) {
+                    generation += 1;
+                    reload_exports(&new, generation, &view);
+                }
+            }
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             r = &mut uapi_task => {
@@ -133,21 +174,30 @@ async fn control_plane(
                     Err(e) => Err(anyhow::anyhow!("UAPI task panicked: {e}")),
                 };
             }
+            r = &mut dns_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the DNS responder stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the DNS responder failed")),
+                    Err(e) => Err(anyhow::anyhow!("DNS task panicked: {e}")),
+                };
+            }
         }
     };
     route_task.abort();
+    dns_task.abort();
     let _ = std::fs::remove_file(&socket);
     tracing::info!("meshd stopped");
     result
 }
 
-/// Re-reads the configuration on SIGHUP and applies what can change at runtime.
-fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) {
+/// Re-reads the configuration on SIGHUP and applies what can change at runtime; returns the
+/// new configuration when it was accepted.
+fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) -> Option<Config> {
     let config = match Config::load(args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
-            return;
+            return None;
         }
     };
     if config.interface != running.interface
@@ -155,15 +205,39 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) {
         || config.mtu != running.mtu
         || config.offload != running.offload
         || config.tx_threads != running.tx_threads
+        || config.dns_listen != running.dns_listen
+        || config.dns_ttl != running.dns_ttl
     {
         tracing::warn!(
-            "SIGHUP: interface, tunnel_address, mtu, offload and tx_threads changes take effect only after a restart"
+            "SIGHUP: interface, tunnel_address, mtu, offload, tx_threads, dns_listen and dns_ttl changes take effect only after a restart"
         );
     }
     match controller.apply(spec_from_config(&config)) {
-        Ok(()) => tracing::info!(peers = config.peers.len(), "SIGHUP: configuration reloaded"),
+        Ok(()) => {
+            tracing::info!(peers = config.peers.len(), "SIGHUP: configuration reloaded");
+            Some(config)
+        }
         Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one")
+            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
+            None
+        }
+    }
+}
+
+/// Re-reads the exports file named by the reloaded configuration and publishes the new view;
+/// a refused file keeps the running view.
+fn reload_exports(config: &Config, generation: u64, view: &ArcSwap<ClustersetView>) {
+    match exports::load(config.exports_file.as_deref(), &config.cluster, generation) {
+        Ok(catalog) => {
+            tracing::info!(
+                services = catalog.services.len(),
+                generation,
+                "SIGHUP: exports reloaded"
+            );
+            view.store(Arc::new(view_of(catalog)));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: exports file refused; DNS keeps answering from the running catalog")
         }
     }
 }

@@ -1,0 +1,274 @@
+//! The catalog model: what one cluster exports ([`ExportCatalog`]) and what the whole clusterset
+//! exports as this gateway sees it ([`ClustersetView`]).
+//!
+//! These are plain data with serde (JSON) so that the catalog sync between peers can send them as
+//! they are. They know nothing of Kubernetes or of DNS: a catalog enters from the static exports
+//! file ([`super::exports`]) or, later, from the ServiceExport watcher and from peers;
+//! [`ClustersetView::build`] merges the local catalog with the remote ones into the snapshot the
+//! DNS responder answers from.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// One cluster's exported services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportCatalog {
+    /// The exporting cluster's name (`cluster` in its configuration).
+    pub cluster: String,
+    /// Grows with every change of this catalog, so a receiver can tell newer from older.
+    pub generation: u64,
+    pub services: Vec<ExportedService>,
+}
+
+/// How a service is reached: through its service IPs or directly at its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    /// Answers carry the service IPs (the MCS API's `ClusterSetIP`).
+    ClusterSetIP,
+    /// Answers carry the ready endpoints' IPs.
+    Headless,
+}
+
+/// A port's transport protocol, spelled as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PortProtocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl PortProtocol {
+    /// The SRV label's protocol part, without the underscore: `tcp`, `udp` or `sctp`.
+    pub fn srv_label(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+            PortProtocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PortProtocol::Tcp => "TCP",
+            PortProtocol::Udp => "UDP",
+            PortProtocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// One exported service of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedService {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub service_type: ServiceType,
+    /// The service IPs (ClusterSetIP); empty for headless services.
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ExportedService {
+    /// The endpoints that may receive traffic.
+    pub fn ready_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.ready)
+    }
+
+    /// True when at least one endpoint is ready.
+    pub fn has_ready_endpoints(&self) -> bool {
+        self.ready_endpoints().next().is_some()
+    }
+}
+
+/// One port of a service. Only named ports get SRV records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: PortProtocol,
+    pub port: u16,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// The pod's hostname (StatefulSet pods have one); names the endpoint in DNS.
+    pub hostname: Option<String>,
+    pub ready: bool,
+}
+
+impl Endpoint {
+    /// The endpoint's DNS label: its hostname, or its IP with dots and colons as dashes.
+    pub fn dns_label(&self) -> String {
+        match &self.hostname {
+            Some(h) => h.clone(),
+            None => self.ip.to_string().replace(['.', ':'], "-"),
+        }
+    }
+}
+
+/// One cluster's catalog in the view, with whether its tunnel is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterEntry {
+    pub up: bool,
+    pub catalog: ExportCatalog,
+}
+
+/// Every cluster's catalog as this gateway sees it: the snapshot the DNS responder answers from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClustersetView {
+    /// False until the local catalog has been read once: the responder answers SERVFAIL until
+    /// then rather than denying names it may soon know.
+    pub loaded: bool,
+    /// The local cluster first, then the remote clusters by name.
+    pub clusters: Vec<ClusterEntry>,
+}
+
+impl ClustersetView {
+    /// The view before any catalog is known.
+    pub fn unloaded() -> Self {
+        ClustersetView {
+            loaded: false,
+            clusters: Vec::new(),
+        }
+    }
+
+    /// Merges the local catalog (always up) with the remote ones (keyed by cluster name, each
+    /// with its tunnel state). A remote entry named like the local cluster is ignored: the local
+    /// catalog is the truth about the local cluster.
+    pub fn build(local: ExportCatalog, remotes: &BTreeMap<String, ClusterEntry>) -> Self {
+        let local_name = local.cluster.clone();
+        let mut clusters = Vec::with_capacity(1 + remotes.len());
+        clusters.push(ClusterEntry {
+            up: true,
+            catalog: local,
+        });
+        clusters.extend(
+            remotes
+                .iter()
+                .filter(|(name, _)| **name != local_name)
+                .map(|(_, entry)| entry.clone()),
+        );
+        ClustersetView {
+            loaded: true,
+            clusters,
+        }
+    }
+
+    /// The SOA serial: the sum of the catalogs' generations, so it grows with every change.
+    pub fn serial(&self) -> u32 {
+        self.clusters
+            .iter()
+            .fold(0u32, |s, c| s.wrapping_add(c.catalog.generation as u32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(cluster: &str, generation: u64) -> ExportCatalog {
+        ExportCatalog {
+            cluster: cluster.into(),
+            generation,
+            services: vec![ExportedService {
+                namespace: "demo".into(),
+                name: "web".into(),
+                service_type: ServiceType::ClusterSetIP,
+                ips: vec!["10.97.0.10".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: Some("http".into()),
+                    protocol: PortProtocol::Tcp,
+                    port: 80,
+                }],
+                endpoints: vec![Endpoint {
+                    ip: "10.245.1.10".parse().unwrap(),
+                    hostname: None,
+                    ready: true,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn view_lists_local_first_then_remotes_by_name() {
+        let remotes: BTreeMap<String, ClusterEntry> = [("m3", false), ("m2", true), ("m1", true)]
+            .into_iter()
+            .map(|(n, up)| {
+                (
+                    n.to_string(),
+                    ClusterEntry {
+                        up,
+                        catalog: catalog(n, 7),
+                    },
+                )
+            })
+            .collect();
+        let view = ClustersetView::build(catalog("m9", 1), &remotes);
+        assert!(view.loaded);
+        let names: Vec<(&str, bool)> = view
+            .clusters
+            .iter()
+            .map(|c| (c.catalog.cluster.as_str(), c.up))
+            .collect();
+        assert_eq!(
+            names,
+            [("m9", true), ("m1", true), ("m2", true), ("m3", false)]
+        );
+        assert_eq!(view.serial(), 22);
+        assert!(!ClustersetView::unloaded().loaded);
+    }
+
+    #[test]
+    fn a_remote_named_like_the_local_cluster_is_ignored() {
+        let remotes = BTreeMap::from([(
+            "m1".to_string(),
+            ClusterEntry {
+                up: false,
+                catalog: catalog("m1", 99),
+            },
+        )]);
+        let view = ClustersetView::build(catalog("m1", 1), &remotes);
+        assert_eq!(view.clusters.len(), 1);
+        assert!(view.clusters[0].up);
+        assert_eq!(view.clusters[0].catalog.generation, 1);
+    }
+
+    #[test]
+    fn catalogs_and_views_round_trip_through_json() {
+        let view = ClustersetView::build(catalog("m1", 3), &BTreeMap::new());
+        let json = serde_json::to_string(&view).unwrap();
+        assert!(json.contains("\"type\":\"ClusterSetIP\""), "{json}");
+        assert!(json.contains("\"protocol\":\"TCP\""), "{json}");
+        let back: ClustersetView = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, view);
+    }
+
+    #[test]
+    fn endpoint_labels_fall_back_to_the_dashed_ip() {
+        let mut e = Endpoint {
+            ip: "10.245.1.10".parse().unwrap(),
+            hostname: None,
+            ready: true,
+        };
+        assert_eq!(e.dns_label(), "10-245-1-10");
+        e.ip = "fd00::1".parse().unwrap();
+        assert_eq!(e.dns_label(), "fd00--1");
+        e.hostname = Some("web-0".into());
+        assert_eq!(e.dns_label(), "web-0");
+    }
+}

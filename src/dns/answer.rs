@@ -1,0 +1,651 @@
+//! The answer logic: a pure function from (clusterset view, query name, query type) to an
+//! [`Answer`] that says which response code, which records and whether the zone's SOA goes in
+//! the authority section. No sockets, no wire format, no TTLs: the handler
+//! ([`super::handler`]) turns an [`Answer`] into a DNS message.
+//!
+//! Names answered (all under `clusterset.local.`, matched case-insensitively):
+//!
+//! | name | answer |
+//! |---|---|
+//! | `<svc>.<ns>.svc` | A/AAAA: ClusterSetIP → service IPs of each exporting cluster that is up and has a ready endpoint, local cluster first; Headless → every ready endpoint IP of those clusters |
+//! | `<cluster>.<svc>.<ns>.svc` | the same from that cluster only |
+//! | `<hostname>.<cluster>.<svc>.<ns>.svc` | A/AAAA of one ready headless endpoint (hostname, or its IP with dots/colons as dashes) |
+//! | `_<port>._<proto>.<svc>.<ns>.svc` | SRV for a named port, de-duplicated; headless targets are the per-endpoint names |
+//! | `dns-version` | TXT `1.0.0` |
+//!
+//! A name that exists with no data of the asked type is NODATA (NOERROR, no answer, SOA); a
+//! service exported only by clusters that are down or have no ready endpoint exists and is
+//! NODATA, so resolvers do not cache a denial during a short outage. Unknown names in the zone
+//! are NXDOMAIN with SOA, names outside it REFUSED, and everything in the zone SERVFAIL until the
+//! first catalog is loaded.
+
+use crate::discovery::catalog::{ClusterEntry, ExportedService, ServiceType};
+use crate::discovery::ClustersetView;
+use hickory_proto::rr::{Name, RecordType};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The zone we are authoritative for.
+pub const ZONE: &str = "clusterset.local.";
+/// The MCS DNS specification version answered at `dns-version.clusterset.local` TXT.
+pub const DNS_VERSION: &str = "1.0.0";
+
+/// The response codes the answer logic gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rcode {
+    NoError,
+    NxDomain,
+    Refused,
+    ServFail,
+}
+
+/// One answer record's data; the owner is the query name, except for [`RecordData::Soa`] (the
+/// zone apex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordData {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    Srv {
+        priority: u16,
+        weight: u16,
+        port: u16,
+        /// A fully qualified name, ending in `clusterset.local.`.
+        target: String,
+    },
+    Txt(String),
+    Soa,
+}
+
+/// What to reply to one question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub rcode: Rcode,
+    pub records: Vec<RecordData>,
+    /// The zone's SOA in the authority section (negative answers).
+    pub soa: bool,
+}
+
+impl Answer {
+    fn records(records: Vec<RecordData>) -> Self {
+        if records.is_empty() {
+            return Self::no_data();
+        }
+        Answer {
+            rcode: Rcode::NoError,
+            records,
+            soa: false,
+        }
+    }
+
+    /// The name exists but has no record of the asked type.
+    pub fn no_data() -> Self {
+        Answer {
+            rcode: Rcode::NoError,
+            records: Vec::new(),
+            soa: true,
+        }
+    }
+
+    pub fn nx_domain() -> Self {
+        Answer {
+            rcode: Rcode::NxDomain,
+            records: Vec::new(),
+            soa: true,
+        }
+    }
+
+    fn bare(rcode: Rcode) -> Self {
+        Answer {
+            rcode,
+            records: Vec::new(),
+            soa: false,
+        }
+    }
+}
+
+/// Which record types of an address or SRV name the question asks for.
+fn wants(qtype: RecordType, t: RecordType) -> bool {
+    qtype == t || qtype == RecordType::ANY
+}
+
+/// Answers one question from the view.
+pub fn answer(view: &ClustersetView, name: &Name, qtype: RecordType) -> Answer {
+    let labels: Vec<&[u8]> = name.iter().collect();
+    let n = labels.len();
+    let in_zone = n >= 2
+        && labels[n - 2].eq_ignore_ascii_case(b"clusterset")
+        && labels[n - 1].eq_ignore_ascii_case(b"local");
+    if !in_zone {
+        return Answer::bare(Rcode::Refused);
+    }
+    if !view.loaded {
+        return Answer::bare(Rcode::ServFail);
+    }
+    // Inside the zone, from the right: svc, ns, service, ...
+    let mut rel = Vec::with_capacity(n - 2);
+    for label in labels[..n - 2].iter().rev() {
+        match std::str::from_utf8(label) {
+            Ok(text) => rel.push(text),
+            Err(_) => return Answer::nx_domain(),
+        }
+    }
+    let is = |label: &str, text: &str| label.eq_ignore_ascii_case(text);
+    match rel.as_slice() {
+        [] => match qtype {
+            RecordType::SOA | RecordType::ANY => Answer::records(vec![RecordData::Soa]),
+            _ => Answer::no_data(),
+        },
+        [v] if is(v, "dns-version") => {
+            if wants(qtype, RecordType::TXT) {
+                Answer::records(vec![RecordData::Txt(DNS_VERSION.to_string())])
+            } else {
+                Answer::no_data()
+            }
+        }
+        [s] if is(s, "svc") => Answer::no_data(),
+        [s, ns] if is(s, "svc") => {
+            if services(view, ns, None).next().is_some() {
+                Answer::no_data()
+            } else {
+                Answer::nx_domain()
+            }
+        }
+        [s, ns, svc] if is(s, "svc") => service_addresses(view, ns, svc, None, qtype),
+        [s, ns, svc, proto] if is(s, "svc") && proto.starts_with('_') => {
+            let exists = services(view, ns, Some(svc)).any(|(_, service)| {
+                service
+                    .ports
+                    .iter()
+                    .any(|p| p.name.is_some() && is(&proto[1..], p.protocol.srv_label()))
+            });
+            if exists {
+                Answer::no_data()
+            } else {
+                Answer::nx_domain()
+            }
+        }
+        [s, ns, svc, cluster] if is(s, "svc") => {
+            service_addresses(view, ns, svc, Some(cluster), qtype)
+        }
+        [s, ns, svc, proto, port]
+            if is(s, "svc") && proto.starts_with('_') && port.starts_with('_') =>
+        {
+            srv(view, ns, svc, &proto[1..], &port[1..], qtype)
+        }
+        [s, ns, svc, cluster, host] if is(s, "svc") => {
+            endpoint_address(view, ns, svc, cluster, host, qtype)
+        }
+        _ => Answer::nx_domain(),
+    }
+}
+
+/// The clusters exporting `ns`/`svc` (or any service of `ns`), in view order.
+fn services<'v>(
+    view: &'v ClustersetView,
+    ns: &'v str,
+    svc: Option<&'v str>,
+) -> impl Iterator<Item = (&'v ClusterEntry, &'v ExportedService)> + 'v {
+    view.clusters.iter().flat_map(move |cluster| {
+        cluster
+            .catalog
+            .services
+            .iter()
+            .filter(move |s| {
+                s.namespace.eq_ignore_ascii_case(ns)
+                    && svc.is_none_or(|name| s.name.eq_ignore_ascii_case(name))
+            })
+            .map(move |s| (cluster, s))
+    })
+}
+
+/// The addresses one cluster's export of a service contributes.
+fn addresses<'s>(
+    cluster: &ClusterEntry,
+    service: &'s ExportedService,
+) -> Box<dyn Iterator<Item = IpAddr> + 's> {
+    if !cluster.up || !service.has_ready_endpoints() {
+        return Box::new(std::iter::empty());
+    }
+    match service.service_type {
+        ServiceType::ClusterSetIP => Box::new(service.ips.iter().copied()),
+        ServiceType::Headless => Box::new(service.ready_endpoints().map(|e| e.ip)),
+    }
+}
+
+/// A/AAAA records for `ips` that the question asks for, without duplicates.
+fn address_records(ips: impl Iterator<Item = IpAddr>, qtype: RecordType) -> Answer {
+    let mut records = Vec::new();
+    for ip in ips {
+        let record = match ip {
+            IpAddr::V4(v4) if wants(qtype, RecordType::A) => RecordData::A(v4),
+            IpAddr::V6(v6) if wants(qtype, RecordType::AAAA) => RecordData::Aaaa(v6),
+            _ => continue,
+        };
+        if !records.contains(&record) {
+            records.push(record);
+        }
+    }
+    Answer::records(records)
+}
+
+fn service_addresses(
+    view: &ClustersetView,
+    ns: &str,
+    svc: &str,
+    only_cluster: Option<&str>,
+    qtype: RecordType,
+) -> Answer {
+    let exporters: Vec<_> = services(view, ns, Some(svc))
+        .filter(|(c, _)| {
+            only_cluster.is_none_or(|name| c.catalog.cluster.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if exporters.is_empty() {
+        return Answer::nx_domain();
+    }
+    address_records(
+        exporters.into_iter().flat_map(|(c, s)| addresses(c, s)),
+        qtype,
+    )
+}
+
+fn endpoint_address(
+    view: &ClustersetView,
+    ns: &str,
+    svc: &str,
+    cluster: &str,
+    host: &str,
+    qtype: RecordType,
+) -> Answer {
+    let found = services(view, ns, Some(svc))
+        .filter(|(c, s)| {
+            s.service_type == ServiceType::Headless
+                && c.catalog.cluster.eq_ignore_ascii_case(cluster)
+        })
+        .find_map(|(c, s)| {
+            s.ready_endpoints()
+                .find(|e| e.dns_label().eq_ignore_ascii_case(host))
+                .map(|e| (c.up, e.ip))
+        });
+    match found {
+        None => Answer::nx_domain(),
+        Some((false, _)) => Answer::no_data(),
+        Some((true, ip)) => address_records(std::iter::once(ip), qtype),
+    }
+}
+
+fn srv(
+    view: &ClustersetView,
+    ns: &str,
+    svc: &str,
+    proto: &str,
+    port_name: &str,
+    qtype: RecordType,
+) -> Answer {
+    let mut exists = false;
+    // (port, target) pairs, in view order, without duplicates.
+    let mut found: Vec<(u16, String)> = Vec::new();
+    for (cluster, service) in services(view, ns, Some(svc)) {
+        for port in service.ports.iter().filter(|p| {
+            p.protocol.srv_label().eq_ignore_ascii_case(proto)
+                && p.name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(port_name))
+        }) {
+            exists = true;
+            if !cluster.up || !service.has_ready_endpoints() {
+                continue;
+            }
+            let base = format!("{}.{}.svc.{ZONE}", service.name, service.namespace);
+            let targets: Vec<String> = match service.service_type {
+                ServiceType::ClusterSetIP => vec![base],
+                ServiceType::Headless => service
+                    .ready_endpoints()
+                    .map(|e| format!("{}.{}.{base}", e.dns_label(), cluster.catalog.cluster))
+                    .collect(),
+            };
+            for target in targets {
+                if !found.iter().any(|(p, t)| *p == port.port && *t == target) {
+                    found.push((port.port, target));
+                }
+            }
+        }
+    }
+    if !exists {
+        return Answer::nx_domain();
+    }
+    if !wants(qtype, RecordType::SRV) {
+        return Answer::no_data();
+    }
+    let weight = u16::try_from(100 / found.len().max(1)).unwrap_or(1).max(1);
+    Answer::records(
+        found
+            .into_iter()
+            .map(|(port, target)| RecordData::Srv {
+                priority: 0,
+                weight,
+                port,
+                target,
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::catalog::{
+        Endpoint, ExportCatalog, ExportedService, PortProtocol, ServicePort,
+    };
+    use crate::discovery::ClusterEntry;
+    use std::collections::BTreeMap;
+
+    fn port(name: Option<&str>, protocol: PortProtocol, port: u16) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_string),
+            protocol,
+            port,
+        }
+    }
+
+    fn ep(ip: &str, hostname: Option<&str>, ready: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            hostname: hostname.map(str::to_string),
+            ready,
+        }
+    }
+
+    fn clusterset_ip(
+        name: &str,
+        ips: &[&str],
+        ports: Vec<ServicePort>,
+        ready: bool,
+    ) -> ExportedService {
+        ExportedService {
+            namespace: "demo".into(),
+            name: name.into(),
+            service_type: ServiceType::ClusterSetIP,
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            ports,
+            endpoints: vec![ep("10.0.0.1", None, ready)],
+        }
+    }
+
+    fn headless(name: &str, ports: Vec<ServicePort>, endpoints: Vec<Endpoint>) -> ExportedService {
+        ExportedService {
+            namespace: "demo".into(),
+            name: name.into(),
+            service_type: ServiceType::Headless,
+            ips: Vec::new(),
+            ports,
+            endpoints,
+        }
+    }
+
+    /// m1 (local), m2 (up), m3 (down).
+    fn view() -> ClustersetView {
+        let http = || port(Some("http"), PortProtocol::Tcp, 80);
+        let local = ExportCatalog {
+            cluster: "m1".into(),
+            generation: 1,
+            services: vec![
+                clusterset_ip("web", &["10.96.0.10", "fd00:96::10"], vec![http()], true),
+                clusterset_ip("idle", &["10.96.0.20"], vec![http()], false),
+                headless(
+                    "db",
+                    vec![port(Some("pg"), PortProtocol::Tcp, 5432)],
+                    vec![
+                        ep("10.244.1.20", Some("db-0"), true),
+                        ep("10.244.1.21", None, true),
+                        ep("10.244.1.22", Some("db-2"), false),
+                    ],
+                ),
+            ],
+        };
+        let remote = |cluster: &str, up, services| {
+            (
+                cluster.to_string(),
+                ClusterEntry {
+                    up,
+                    catalog: ExportCatalog {
+                        cluster: cluster.into(),
+                        generation: 1,
+                        services,
+                    },
+                },
+            )
+        };
+        let remotes = BTreeMap::from([
+            remote(
+                "m2",
+                true,
+                vec![
+                    clusterset_ip(
+                        "web",
+                        &["10.97.0.10"],
+                        vec![
+                            http(),
+                            port(Some("dns"), PortProtocol::Udp, 53),
+                            port(None, PortProtocol::Tcp, 8080),
+                        ],
+                        true,
+                    ),
+                    headless(
+                        "db",
+                        vec![port(Some("pg"), PortProtocol::Tcp, 5432)],
+                        vec![ep("fd00:245::20", None, true)],
+                    ),
+                ],
+            ),
+            remote(
+                "m3",
+                false,
+                vec![
+                    clusterset_ip("web", &["10.98.0.10"], vec![http()], true),
+                    clusterset_ip("only3", &["10.98.0.30"], vec![], true),
+                ],
+            ),
+        ]);
+        ClustersetView::build(local, &remotes)
+    }
+
+    fn a(ip: &str) -> RecordData {
+        RecordData::A(ip.parse().unwrap())
+    }
+
+    fn aaaa(ip: &str) -> RecordData {
+        RecordData::Aaaa(ip.parse().unwrap())
+    }
+
+    fn srv(weight: u16, port: u16, target: &str) -> RecordData {
+        RecordData::Srv {
+            priority: 0,
+            weight,
+            port,
+            target: target.into(),
+        }
+    }
+
+    fn ok(records: Vec<RecordData>) -> Answer {
+        Answer {
+            rcode: Rcode::NoError,
+            records,
+            soa: false,
+        }
+    }
+
+    fn ask(view: &ClustersetView, name: &str, qtype: RecordType) -> Answer {
+        answer(view, &Name::from_ascii(name).unwrap(), qtype)
+    }
+
+    #[test]
+    fn every_name_form_and_negative_answer() {
+        use RecordType::*;
+        let view = view();
+        let nodata = Answer::no_data();
+        let nx = Answer::nx_domain();
+        let refused = Answer::bare(Rcode::Refused);
+        let cases: Vec<(&str, RecordType, Answer)> = vec![
+            // ClusterSetIP: local first, then up remotes; m3 is down.
+            (
+                "web.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.96.0.10"), a("10.97.0.10")]),
+            ),
+            (
+                "web.demo.svc.clusterset.local.",
+                AAAA,
+                ok(vec![aaaa("fd00:96::10")]),
+            ),
+            (
+                "web.demo.svc.clusterset.local.",
+                ANY,
+                ok(vec![a("10.96.0.10"), aaaa("fd00:96::10"), a("10.97.0.10")]),
+            ),
+            (
+                "WEB.Demo.SVC.ClusterSet.Local.",
+                A,
+                ok(vec![a("10.96.0.10"), a("10.97.0.10")]),
+            ),
+            ("web.demo.svc.clusterset.local.", TXT, nodata.clone()),
+            ("web.demo.svc.clusterset.local.", MX, nodata.clone()),
+            // No ready endpoint, or exported only by a cluster that is down: exists, no data.
+            ("idle.demo.svc.clusterset.local.", A, nodata.clone()),
+            ("only3.demo.svc.clusterset.local.", A, nodata.clone()),
+            ("nope.demo.svc.clusterset.local.", A, nx.clone()),
+            // Per cluster.
+            (
+                "m2.web.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.97.0.10")]),
+            ),
+            (
+                "m1.web.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.96.0.10")]),
+            ),
+            ("m3.web.demo.svc.clusterset.local.", A, nodata.clone()),
+            ("m9.web.demo.svc.clusterset.local.", A, nx.clone()),
+            // Headless: every ready endpoint of every up cluster.
+            (
+                "db.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.244.1.20"), a("10.244.1.21")]),
+            ),
+            (
+                "db.demo.svc.clusterset.local.",
+                AAAA,
+                ok(vec![aaaa("fd00:245::20")]),
+            ),
+            ("m2.db.demo.svc.clusterset.local.", A, nodata.clone()),
+            (
+                "m2.db.demo.svc.clusterset.local.",
+                AAAA,
+                ok(vec![aaaa("fd00:245::20")]),
+            ),
+            // One headless endpoint: hostname, or the IP with dashes.
+            (
+                "db-0.m1.db.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.244.1.20")]),
+            ),
+            (
+                "10-244-1-21.m1.db.demo.svc.clusterset.local.",
+                A,
+                ok(vec![a("10.244.1.21")]),
+            ),
+            (
+                "fd00-245--20.m2.db.demo.svc.clusterset.local.",
+                AAAA,
+                ok(vec![aaaa("fd00:245::20")]),
+            ),
+            (
+                "fd00-245--20.m2.db.demo.svc.clusterset.local.",
+                A,
+                nodata.clone(),
+            ),
+            ("db-2.m1.db.demo.svc.clusterset.local.", A, nx.clone()),
+            ("db-0.m2.db.demo.svc.clusterset.local.", A, nx.clone()),
+            ("x.m1.web.demo.svc.clusterset.local.", A, nx.clone()),
+            // SRV for named ports; ClusterSetIP targets the service name once (de-duplicated).
+            (
+                "_http._tcp.web.demo.svc.clusterset.local.",
+                SRV,
+                ok(vec![srv(100, 80, "web.demo.svc.clusterset.local.")]),
+            ),
+            (
+                "_dns._udp.web.demo.svc.clusterset.local.",
+                SRV,
+                ok(vec![srv(100, 53, "web.demo.svc.clusterset.local.")]),
+            ),
+            (
+                "_http._tcp.web.demo.svc.clusterset.local.",
+                A,
+                nodata.clone(),
+            ),
+            ("_dns._tcp.web.demo.svc.clusterset.local.", SRV, nx.clone()),
+            ("_ftp._tcp.web.demo.svc.clusterset.local.", SRV, nx.clone()),
+            ("_tcp.web.demo.svc.clusterset.local.", SRV, nodata.clone()),
+            ("_sctp.web.demo.svc.clusterset.local.", SRV, nx.clone()),
+            // Headless SRV targets the per-endpoint names.
+            (
+                "_pg._tcp.db.demo.svc.clusterset.local.",
+                SRV,
+                ok(vec![
+                    srv(33, 5432, "db-0.m1.db.demo.svc.clusterset.local."),
+                    srv(33, 5432, "10-244-1-21.m1.db.demo.svc.clusterset.local."),
+                    srv(33, 5432, "fd00-245--20.m2.db.demo.svc.clusterset.local."),
+                ]),
+            ),
+            // The zone's own names.
+            (
+                "dns-version.clusterset.local.",
+                TXT,
+                ok(vec![RecordData::Txt("1.0.0".into())]),
+            ),
+            ("dns-version.clusterset.local.", A, nodata.clone()),
+            ("clusterset.local.", SOA, ok(vec![RecordData::Soa])),
+            ("clusterset.local.", A, nodata.clone()),
+            ("svc.clusterset.local.", A, nodata.clone()),
+            ("demo.svc.clusterset.local.", A, nodata.clone()),
+            ("other.svc.clusterset.local.", A, nx.clone()),
+            ("web.demo.clusterset.local.", A, nx.clone()),
+            ("a.b.c.d.e.f.g.clusterset.local.", A, nx.clone()),
+            // Outside the zone: never an open resolver.
+            ("example.com.", A, refused.clone()),
+            ("local.", A, refused.clone()),
+            (".", NS, refused.clone()),
+            ("clusterset.local.evil.com.", A, refused.clone()),
+            ("web.demo.svc.cluster.local.", A, refused.clone()),
+        ];
+        for (name, qtype, expected) in cases {
+            assert_eq!(ask(&view, name, qtype), expected, "{name} {qtype}");
+        }
+    }
+
+    #[test]
+    fn servfail_until_the_first_catalog_is_loaded_but_refused_stays_refused() {
+        let view = ClustersetView::unloaded();
+        assert_eq!(
+            ask(&view, "web.demo.svc.clusterset.local.", RecordType::A).rcode,
+            Rcode::ServFail
+        );
+        assert_eq!(
+            ask(&view, "example.com.", RecordType::A).rcode,
+            Rcode::Refused
+        );
+    }
+
+    #[test]
+    fn binary_labels_are_unknown_names() {
+        let name = Name::from_labels(vec![
+            &b"\xff\xfe"[..],
+            b"demo",
+            b"svc",
+            b"clusterset",
+            b"local",
+        ])
+        .unwrap();
+        assert_eq!(answer(&view(), &name, RecordType::A), Answer::nx_domain());
+    }
+}

@@ -1,0 +1,205 @@
+//! End-to-end tests of the clusterset.local DNS responder in the two-cluster lab: meshd in each
+//! gateway serves its own exports file (scripts/lab.sh writes one per cluster) on the gateway's
+//! pod-side address, and the real `dig` asks it from the pods. Cross-cluster answers need the
+//! catalog sync between peers, which is not built yet: each cluster's own responder is asked.
+//! They need root and skip with a message otherwise.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+
+/// M2's gateway, pod side: where M2's CoreDNS would forward clusterset.local.
+const M2_DNS: &str = "10.245.1.1";
+const M1_DNS: &str = "10.244.1.1";
+
+fn dig(lab: &Lab, ns: &str, server: &str, args: &[&str]) -> String {
+    let at = format!("@{server}");
+    let mut cmd = vec!["dig", &at, "+time=2", "+tries=1"];
+    cmd.extend_from_slice(args);
+    lab.exec_ok(ns, &cmd)
+}
+
+fn short(lab: &Lab, ns: &str, server: &str, name: &str, qtype: &str) -> String {
+    dig(lab, ns, server, &[name, qtype, "+short"])
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn meshd_answers_clusterset_local_for_its_exports() {
+    if !root_or_skip("meshd_answers_clusterset_local_for_its_exports") {
+        return;
+    }
+    let lab = Lab::up("td", "meshd", "meshd");
+    let web = "web.demo.svc.clusterset.local";
+
+    // ClusterSetIP, from a pod of the same cluster, over UDP and TCP.
+    assert_eq!(short(&lab, "m2pod", M2_DNS, web, "A"), "10.97.0.10");
+    assert_eq!(
+        dig(&lab, "m2pod", M2_DNS, &[web, "A", "+tcp", "+short"]).trim(),
+        "10.97.0.10"
+    );
+    // The same through the tunnel, from the other cluster's pod.
+    assert_eq!(short(&lab, "m1pod", M2_DNS, web, "A"), "10.97.0.10");
+    // Per cluster, and the other cluster's name (no catalog sync yet): unknown.
+    assert_eq!(
+        short(&lab, "m2pod", M2_DNS, &format!("m2.{web}"), "A"),
+        "10.97.0.10"
+    );
+    let full = dig(&lab, "m2pod", M2_DNS, &[&format!("m1.{web}"), "A"]);
+    assert!(full.contains("status: NXDOMAIN"), "{full}");
+
+    // Headless: the ready endpoints, and one endpoint by hostname.
+    assert_eq!(
+        short(&lab, "m1pod", M1_DNS, "db.demo.svc.clusterset.local", "A"),
+        M1_POD
+    );
+    assert_eq!(
+        short(
+            &lab,
+            "m1pod",
+            M1_DNS,
+            "db-0.m1.db.demo.svc.clusterset.local",
+            "A"
+        ),
+        M1_POD
+    );
+
+    // SRV for named ports.
+    assert_eq!(
+        short(&lab, "m2pod", M2_DNS, &format!("_http._tcp.{web}"), "SRV"),
+        "0 100 80 web.demo.svc.clusterset.local."
+    );
+    assert_eq!(
+        short(
+            &lab,
+            "m1pod",
+            M1_DNS,
+            "_pg._tcp.db.demo.svc.clusterset.local",
+            "SRV"
+        ),
+        "0 100 5432 db-0.m1.db.demo.svc.clusterset.local."
+    );
+
+    // The version TXT record.
+    assert_eq!(
+        short(&lab, "m2pod", M2_DNS, "dns-version.clusterset.local", "TXT"),
+        "\"1.0.0\""
+    );
+
+    // Negative answers: NXDOMAIN with SOA, NODATA with SOA, REFUSED outside the zone.
+    let nx = dig(
+        &lab,
+        "m2pod",
+        M2_DNS,
+        &["nope.demo.svc.clusterset.local", "A"],
+    );
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(nx.contains("flags: qr aa"), "{nx}");
+    assert!(nx.contains("AUTHORITY: 1"), "{nx}");
+    assert!(nx.contains("IN\tSOA\tns.clusterset.local."), "{nx}");
+    let nodata = dig(&lab, "m2pod", M2_DNS, &[web, "TXT"]);
+    assert!(nodata.contains("status: NOERROR"), "{nodata}");
+    assert!(nodata.contains("ANSWER: 0, AUTHORITY: 1"), "{nodata}");
+    let refused = dig(&lab, "m2pod", M2_DNS, &["example.com", "A"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert!(refused.contains("ANSWER: 0"), "{refused}");
+
+    // Every query is counted.
+    let body = lab.http_get("m2gw", "127.0.0.1:9090", "/metrics");
+    let answered = metric(
+        &body,
+        "meshd_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(answered >= 4.0, "A/NOERROR counted {answered}:\n{body}");
+    let refused = metric(
+        &body,
+        "meshd_dns_queries_total{qtype=\"A\",rcode=\"REFUSED\"}",
+    )
+    .unwrap_or(0.0);
+    assert_eq!(refused, 1.0, "{body}");
+}
+
+#[test]
+fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
+    if !root_or_skip("exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog") {
+        return;
+    }
+    let lab = Lab::up("tr", "meshd", "meshd");
+    let exports = lab.state.join("m2.exports.toml");
+    let api = "api.demo.svc.clusterset.local";
+    assert!(dig(&lab, "m2pod", M2_DNS, &[api, "A"]).contains("status: NXDOMAIN"));
+
+    let mut text = std::fs::read_to_string(&exports).unwrap();
+    text.push_str(
+        "\n[[services]]\nnamespace = \"demo\"\nname = \"api\"\nips = [\"10.97.0.20\"]\nendpoints = [{ ip = \"10.245.1.10\" }]\n",
+    );
+    std::fs::write(&exports, &text).unwrap();
+    let hup = || {
+        // SAFETY: kill(2) with a pid read from the lab's own pid file.
+        assert_eq!(unsafe { libc::kill(lab.pid(2), libc::SIGHUP) }, 0);
+    };
+    hup();
+    let start = Instant::now();
+    while short(&lab, "m2pod", M2_DNS, api, "A") != "10.97.0.20" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "api never appeared after SIGHUP; log:\n{}",
+            lab.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A refused file on reload: logged, and DNS keeps answering from the running catalog.
+    std::fs::write(&exports, text.replace("10.97.0.20", "10.97.0.300")).unwrap();
+    hup();
+    let start = Instant::now();
+    while !lab.log(2).contains("exports file refused") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no refusal logged:\n{}",
+            lab.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        lab.log(2).contains("services[2] (demo/api).ips[0]"),
+        "{}",
+        lab.log(2)
+    );
+    assert_eq!(short(&lab, "m2pod", M2_DNS, api, "A"), "10.97.0.20");
+}
+
+/// The exports-file example in docs/dns.md is read by meshd's own parser, so it cannot drift.
+#[test]
+fn dns_doc_exports_example_parses() {
+    let doc = repo_root().join("docs/dns.md");
+    let text = std::fs::read_to_string(&doc).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        blocks.len(),
+        1,
+        "one toml example expected in {}",
+        doc.display()
+    );
+    let catalog = meshd::discovery::exports::parse(&doc, &blocks[0], "m2", 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(catalog.services.len(), 2);
+}
