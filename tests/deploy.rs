@@ -84,6 +84,7 @@ fn m1_overlay_config_loads() {
     assert_eq!(m1.local_cidrs, cidrs(&["10.244.0.0/16", "10.96.0.0/16"]));
     assert_eq!(m1.tunnel_address, Some("100.64.0.1/24".parse().unwrap()));
     assert_eq!(m1.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+    assert_eq!(m1.dns_listen, Some("0.0.0.0:5353".parse().unwrap()));
     assert_eq!(m1.peers.len(), 1);
     let m2 = &m1.peers[0];
     assert_eq!(m2.name, "m2");
@@ -107,6 +108,7 @@ fn m2_overlay_config_loads() {
     assert_eq!(m2.local_cidrs, cidrs(&["10.245.0.0/16", "10.97.0.0/16"]));
     assert_eq!(m2.tunnel_address, Some("100.64.0.2/24".parse().unwrap()));
     assert_eq!(m2.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+    assert_eq!(m2.dns_listen, Some("0.0.0.0:5353".parse().unwrap()));
     assert_eq!(m2.peers.len(), 1);
     let m1 = &m2.peers[0];
     assert_eq!(m1.name, "m1");
@@ -151,6 +153,7 @@ fn daemonset_mounts_what_the_config_names() {
         "path: private.key",
         "containerPort: 51820",
         "containerPort: 9090",
+        "containerPort: 5353",
     ] {
         assert!(
             text.contains(needle),
