@@ -171,35 +171,3 @@ fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
     );
     assert_eq!(short(&lab, "m2pod", M2_DNS, api, "A"), "10.97.0.20");
 }
-
-/// The exports-file example in docs/dns.md is read by meshd's own parser, so it cannot drift.
-#[test]
-fn dns_doc_exports_example_parses() {
-    let doc = repo_root().join("docs/dns.md");
-    let text = std::fs::read_to_string(&doc).unwrap();
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        match (&mut current, line.trim_start()) {
-            (None, "```toml") => current = Some(String::new()),
-            (Some(block), "```") => {
-                blocks.push(std::mem::take(block));
-                current = None;
-            }
-            (Some(block), _) => {
-                block.push_str(line);
-                block.push('\n');
-            }
-            _ => {}
-        }
-    }
-    assert_eq!(
-        blocks.len(),
-        1,
-        "one toml example expected in {}",
-        doc.display()
-    );
-    let catalog = meshd::discovery::exports::parse(&doc, &blocks[0], "m2", 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(catalog.services.len(), 2);
-}

@@ -1,4 +1,4 @@
-//! The documentation's examples are checked by meshd's own config loader, so they cannot drift.
+//! The documentation's examples are checked by meshd's own loaders, so they cannot drift.
 
 use meshd::config::{Config, ConfigArgs, ConfigFile};
 use meshd::keys::PrivateKey;
@@ -46,4 +46,20 @@ fn configuration_reference_example_loads() {
         assert_eq!(config.cluster, "m1");
         assert_eq!(config.peers[0].allowed_cidrs.len(), 3);
     }
+}
+
+/// The exports-file example in docs/dns.md is read by meshd's own parser.
+#[test]
+fn dns_doc_exports_example_parses() {
+    let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/dns.md");
+    let blocks = toml_blocks(&doc);
+    assert_eq!(
+        blocks.len(),
+        1,
+        "one toml example expected in {}",
+        doc.display()
+    );
+    let catalog = meshd::discovery::exports::parse(&doc, &blocks[0], "m2", 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(catalog.services.len(), 2);
 }
