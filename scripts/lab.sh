@@ -180,6 +180,7 @@ offload = $OFFLOAD
 tx_threads = $TX_THREADS
 exports_file = "$state/m$i.exports.toml"
 dns_listen = "$(gw_pod_ip "$i"):53"
+admin_socket = "$state/m$i.admin.sock"
 
 [[peers]]
 name = "m$o"

@@ -20,6 +20,8 @@ pub const DEFAULT_INTERFACE: &str = "meshd0";
 pub const TUNNEL_OVERHEAD: u16 = 80;
 /// Default address of the Prometheus `/metrics` endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+/// Default address of the liveness/readiness probes (`/healthz`, `/readyz`).
+pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:9091";
 /// The most transmit threads (TUN queues) we start.
 pub const MAX_TX_THREADS: usize = 64;
 /// The smallest tunnel MTU we accept: IPv4's minimum reassembly size.
@@ -42,6 +44,8 @@ pub struct ConfigFile {
     pub tunnel_address: Option<String>,
     pub mtu: Option<u16>,
     pub metrics_listen: Option<String>,
+    pub admin_socket: Option<PathBuf>,
+    pub health_listen: Option<String>,
     pub offload: Option<bool>,
     pub tx_threads: Option<usize>,
     pub exports_file: Option<PathBuf>,
@@ -99,6 +103,12 @@ pub struct ConfigArgs {
     /// Address for Prometheus `/metrics` [default: 0.0.0.0:9090]; "off" disables it.
     #[arg(long, env = "MESHD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Unix socket of the admin API that `meshctl peers` reads (mode 0600) [default: /run/meshd/meshd.sock].
+    #[arg(long, env = "MESHD_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Address for the `/healthz` and `/readyz` probes [default: 0.0.0.0:9091]; "off" disables them.
+    #[arg(long, env = "MESHD_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
     /// TOML file of the services this cluster exports (re-read on SIGHUP); see docs/dns.md.
     #[arg(long, env = "MESHD_EXPORTS_FILE")]
     pub exports_file: Option<PathBuf>,
@@ -171,6 +181,9 @@ pub struct Config {
     pub mtu: Option<u16>,
     /// `None`: metrics are off.
     pub metrics_listen: Option<SocketAddr>,
+    pub admin_socket: PathBuf,
+    /// `None`: the probes are off.
+    pub health_listen: Option<SocketAddr>,
     pub offload: bool,
     pub tx_threads: usize,
     /// `None`: this cluster exports nothing (until the ServiceExport watcher exists).
@@ -393,6 +406,40 @@ impl Config {
             })?)
         };
 
+        let health_text = args
+            .health_listen
+            .clone()
+            .or(file.health_listen)
+            .unwrap_or_else(|| DEFAULT_HEALTH_LISTEN.to_string());
+        let health_listen = if health_text == "off" {
+            None
+        } else {
+            Some(health_text.parse::<SocketAddr>().map_err(|_| {
+                field(
+                    "health_listen",
+                    format!(
+                        "'{health_text}' is not an address:port such as 0.0.0.0:9091 (or \"off\")"
+                    ),
+                )
+            })?)
+        };
+
+        let admin_socket = args
+            .admin_socket
+            .clone()
+            .or(file.admin_socket)
+            .unwrap_or_else(|| PathBuf::from(crate::admin::api::DEFAULT_ADMIN_SOCKET));
+        if admin_socket.as_os_str().is_empty() || admin_socket.is_dir() {
+            return Err(field(
+                "admin_socket",
+                format!(
+                    "'{}' is not a socket path; write a file path such as {}",
+                    admin_socket.display(),
+                    crate::admin::api::DEFAULT_ADMIN_SOCKET
+                ),
+            ));
+        }
+
         let tx_threads = args.tx_threads.or(file.tx_threads).unwrap_or(1);
         if !(1..=MAX_TX_THREADS).contains(&tx_threads) {
             return Err(field(
@@ -511,6 +558,8 @@ impl Config {
             tunnel_address,
             mtu,
             metrics_listen,
+            admin_socket,
+            health_listen,
             offload: args.offload.or(file.offload).unwrap_or(true),
             tx_threads,
             exports_file: args.exports_file.clone().or(file.exports_file),
@@ -753,6 +802,20 @@ mod tests {
         assert!(text.starts_with("metrics_listen:"), "{text}");
         let cfg = load(&fx, "metrics_listen = \"off\"\n").unwrap();
         assert_eq!(cfg.metrics_listen, None);
+        let text = err_text(load(&fx, "health_listen = \"9091\"\n"));
+        assert!(text.starts_with("health_listen:"), "{text}");
+        let text = err_text(load(&fx, "admin_socket = \"\"\n"));
+        assert!(text.starts_with("admin_socket:"), "{text}");
+        let cfg = load(&fx, "").unwrap();
+        assert_eq!(cfg.admin_socket, Path::new("/run/meshd/meshd.sock"));
+        assert_eq!(cfg.health_listen, Some("0.0.0.0:9091".parse().unwrap()));
+        let cfg = load(
+            &fx,
+            "health_listen = \"off\"\nadmin_socket = \"/tmp/m.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.health_listen, None);
+        assert_eq!(cfg.admin_socket, Path::new("/tmp/m.sock"));
         for bad in ["tx_threads = 0\n", "tx_threads = 65\n"] {
             let text = err_text(load(&fx, bad));
             assert!(text.starts_with("tx_threads:"), "{text}");

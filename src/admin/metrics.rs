@@ -3,8 +3,12 @@
 //! The dataplane counts with relaxed atomics and never formats anything; a [`DataplaneCollector`]
 //! turns those counters into `meshd_*` metric families when `/metrics` is scraped, so a scrape
 //! costs the hot path nothing. The DNS responder's [`QueryCounters`] are read the same way by a
-//! [`DnsCollector`].
+//! [`DnsCollector`]. A [`StatusCollector`] adds each peer's up/down state (the status rule of
+//! [`super::api::classify`], via the [`PeerMonitor`]) and the build info. docs/metrics.md lists
+//! every metric.
 
+use super::api::PeerState;
+use super::monitor::PeerMonitor;
 use crate::dataplane::{Dataplane, DropReason};
 use crate::dns::{QueryCounters, QueryRcode, QueryType};
 use prometheus_client::collector::Collector;
@@ -141,11 +145,47 @@ impl Collector for DnsCollector {
     }
 }
 
+/// Encodes each peer's state and the build info on every scrape.
+#[derive(Debug)]
+pub struct StatusCollector {
+    monitor: Arc<PeerMonitor>,
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "meshd_peer_up",
+            "1 when the peer is up (recent handshake, traffic answered), else 0; see docs/meshctl.md.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for peer in self.monitor.peers() {
+            let labels = [("peer", peer.name)];
+            let up = i64::from(peer.status == PeerState::Up);
+            ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "meshd_build_info",
+            "Always 1; the version label is meshd's.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        let labels = [("version", env!("CARGO_PKG_VERSION"))];
+        ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        Ok(())
+    }
+}
+
 /// A registry with meshd's collectors.
-pub fn registry(dataplane: Arc<Dataplane>, dns: Arc<QueryCounters>) -> Registry {
+pub fn registry(
+    dataplane: Arc<Dataplane>,
+    dns: Arc<QueryCounters>,
+    monitor: Arc<PeerMonitor>,
+) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(DataplaneCollector { dataplane }));
     registry.register_collector(Box::new(DnsCollector { counters: dns }));
+    registry.register_collector(Box::new(StatusCollector { monitor }));
     registry
 }
 

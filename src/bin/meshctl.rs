@@ -1,9 +1,22 @@
-//! meshctl: the command line for meshd (keys today; peers, exports and diagnostics to come).
+//! meshctl: the command line for meshd: keys, and the peers a running meshd serves on its admin
+//! socket (`meshctl peers`; docs/meshctl.md).
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use meshd::admin::api::{PeerState, PeerView, DEFAULT_ADMIN_SOCKET};
+use meshd::admin::client::AdminClient;
 use meshd::keys::PrivateKey;
 use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often `meshctl peers --watch` refreshes.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// Exit code: some peer is not up.
+const EXIT_NOT_UP: u8 = 1;
+/// Exit code: meshd could not be asked.
+const EXIT_UNREACHABLE: u8 = 2;
 
 /// Command-line tool for meshd.
 #[derive(Debug, Parser)]
@@ -19,17 +32,46 @@ enum Command {
     Genkey,
     /// Read a private key on standard input and print its public key (as `wg pubkey`).
     Pubkey,
+    /// Show meshd's peers: endpoint, status, last handshake, traffic, allowed CIDRs.
+    /// Exits 0 when every peer is up, 1 when any is not, 2 when meshd cannot be reached.
+    Peers(PeersArgs),
 }
 
-fn main() {
+#[derive(Debug, clap::Args)]
+struct PeersArgs {
+    /// meshd's admin socket (its admin_socket setting).
+    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Refresh every 2 s until interrupted.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// One row per peer.
+    Table,
+    /// The table plus public key and MTU.
+    Wide,
+    /// The admin API's JSON (schema in docs/meshctl.md).
+    Json,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("meshctl: error: {e:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match cli.command {
         Command::Genkey => {
@@ -44,6 +86,227 @@ fn run(cli: Cli) -> Result<()> {
             let key = PrivateKey::from_base64("the private key on standard input", &text)?;
             writeln!(stdout, "{}", key.public_key())?;
         }
+        Command::Peers(args) => return peers(&args, &mut stdout),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let client = AdminClient::new(&args.socket);
+    loop {
+        let answer = client.peers();
+        if args.watch {
+            // Clear the screen and home the cursor, then redraw.
+            write!(out, "\x1b[H\x1b[2J")?;
+        }
+        let code = match answer {
+            Ok(response) => {
+                match args.output {
+                    Output::Json => {
+                        serde_json::to_writer_pretty(&mut *out, &response)?;
+                        writeln!(out)?;
+                    }
+                    Output::Table | Output::Wide => {
+                        let wide = args.output == Output::Wide;
+                        write!(out, "{}", render_table(&response.peers, wide, unix_now()))?;
+                    }
+                }
+                let all_up = response.peers.iter().all(|p| p.status == PeerState::Up);
+                if all_up {
+                    0
+                } else {
+                    EXIT_NOT_UP
+                }
+            }
+            Err(e) if args.watch => {
+                writeln!(out, "meshctl: error: {e}")?;
+                EXIT_UNREACHABLE
+            }
+            Err(e) => {
+                eprintln!("meshctl: error: {e}");
+                return Ok(ExitCode::from(EXIT_UNREACHABLE));
+            }
+        };
+        out.flush()?;
+        if !args.watch {
+            return Ok(ExitCode::from(code));
+        }
+        std::thread::sleep(WATCH_EVERY);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `n` bytes in binary units, as `wg show` writes them: "0 B", "512 B", "1.50 KiB", "188.74 MiB".
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+/// How long ago `then` was: "12s ago", "5m3s ago", "2h1m ago", or "never".
+fn ago(then: Option<u64>, now: u64) -> String {
+    let Some(then) = then else {
+        return "never".into();
+    };
+    let s = now.saturating_sub(then);
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m{}s ago", s / 60, s % 60),
+        _ => format!("{}h{}m ago", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The peers as an aligned table with a header row; `wide` adds the public key and MTU.
+fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
+    let mut header = vec![
+        "NAME",
+        "ENDPOINT",
+        "STATUS",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+        "RATE",
+        "ALLOWED CIDRS",
+    ];
+    if wide {
+        header.extend(["PUBLIC KEY", "MTU"]);
+    }
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for p in peers {
+        let endpoint = match (&p.endpoint, p.endpoint_learned) {
+            (None, _) => "(none)".to_string(),
+            (Some(e), true) => format!("{e} (learned)"),
+            (Some(e), false) => e.clone(),
+        };
+        let cidrs: Vec<String> = p.allowed_cidrs.iter().map(|c| c.to_string()).collect();
+        let mut row = vec![
+            p.name.clone(),
+            endpoint,
+            p.status.as_str().to_string(),
+            ago(p.last_handshake, now),
+            human_bytes(p.rx_bytes),
+            human_bytes(p.tx_bytes),
+            format!(
+                "{}/s in, {}/s out",
+                human_bytes(p.rx_rate),
+                human_bytes(p.tx_rate)
+            ),
+            cidrs.join(","),
+        ];
+        if wide {
+            row.extend([p.public_key.clone(), p.mtu.to_string()]);
+        }
+        rows.push(row);
+    }
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == columns {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m2() -> PeerView {
+        PeerView {
+            name: "m2".into(),
+            public_key: "n0PlabeYSPRAaj+L3VYH9mHjsEIfgmTPmaCqEzcpd2U=".into(),
+            endpoint: Some("192.0.2.2:51820".into()),
+            configured_endpoint: Some("192.0.2.2:51820".into()),
+            endpoint_learned: false,
+            status: PeerState::Up,
+            reason: "handshake 12s ago, last packet received 1s ago".into(),
+            last_handshake: Some(1_000_000 - 12),
+            rx_bytes: 197_904_588,
+            tx_bytes: 213_836_120,
+            rx_rate: 1_572_864,
+            tx_rate: 900,
+            handshake_rtt_ms: Some(1),
+            allowed_cidrs: vec![
+                "10.245.0.0/16".parse().unwrap(),
+                "10.97.0.0/16".parse().unwrap(),
+            ],
+            mtu: 1420,
+        }
+    }
+
+    fn m3() -> PeerView {
+        PeerView {
+            name: "m3".into(),
+            public_key: "xOvwhlzd6n0CSZbGl+jFXDTUBFeLD4XMf37QrkswW3U=".into(),
+            endpoint: Some("198.51.100.7:40000".into()),
+            configured_endpoint: None,
+            endpoint_learned: true,
+            status: PeerState::Down,
+            reason: "no handshake for 200s".into(),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 148,
+            rx_rate: 0,
+            tx_rate: 0,
+            handshake_rtt_ms: None,
+            allowed_cidrs: vec!["10.246.0.0/16".parse().unwrap()],
+            mtu: 1420,
+        }
+    }
+
+    #[test]
+    fn the_table_has_one_aligned_row_per_peer() {
+        let text = render_table(&[m2(), m3()], false, 1_000_000);
+        let expected = "\
+NAME  ENDPOINT                      STATUS  HANDSHAKE  RX          TX          RATE                        ALLOWED CIDRS
+m2    192.0.2.2:51820               up      12s ago    188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16
+m3    198.51.100.7:40000 (learned)  down    never      0 B         148 B       0 B/s in, 0 B/s out         10.246.0.0/16
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn the_wide_table_adds_key_and_mtu() {
+        let text = render_table(&[m2()], true, 1_000_000);
+        let expected = "\
+NAME  ENDPOINT         STATUS  HANDSHAKE  RX          TX          RATE                        ALLOWED CIDRS               PUBLIC KEY                                    MTU
+m2    192.0.2.2:51820  up      12s ago    188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16  n0PlabeYSPRAaj+L3VYH9mHjsEIfgmTPmaCqEzcpd2U=  1420
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn ages_and_sizes_read_like_wg() {
+        assert_eq!(ago(None, 100), "never");
+        assert_eq!(ago(Some(88), 100), "12s ago");
+        assert_eq!(ago(Some(0), 303), "5m3s ago");
+        assert_eq!(ago(Some(0), 7260), "2h1m ago");
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+    }
 }

@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use clap::Parser;
 use meshd::admin::metrics;
+use meshd::admin::monitor::PeerMonitor;
+use meshd::admin::server::{self as admin, Health};
 use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
 use meshd::control::routes::{underlay_mtu, RouteTable};
 use meshd::control::{spec_from_config, uapi, Controller};
@@ -70,6 +72,8 @@ fn run(cli: Cli) -> Result<()> {
         .if_index()
         .context("cannot read the TUN interface's index")?;
     let offload = tun.tcp_gso();
+    let health = Health::new();
+    health.watch_dataplane_threads();
     let dataplane = Dataplane::start(tun, config.tx_threads, mtu, spec_from_config(&config))?;
     tracing::info!(
         cluster = %config.cluster,
@@ -89,7 +93,7 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the control plane runtime")?;
     runtime.block_on(control_plane(
-        cli.config, config, catalog, dataplane, ifindex,
+        cli.config, config, catalog, dataplane, ifindex, mtu, health,
     ))
 }
 
@@ -105,6 +109,8 @@ async fn control_plane(
     catalog: ExportCatalog,
     dataplane: Arc<Dataplane>,
     ifindex: u32,
+    mtu: u16,
+    health: Arc<Health>,
 ) -> Result<()> {
     tracing::info!(
         cluster = %config.cluster,
@@ -116,10 +122,25 @@ async fn control_plane(
     let mut generation = 1;
     let dns_counters = Arc::new(dns::QueryCounters::default());
 
+    if let Some(addr) = config.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
+        })?;
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve_health(listener, health).await {
+                tracing::error!(error = %e, "health probe server stopped; /healthz and /readyz will not answer");
+            }
+        });
+    }
+
+    let monitor = PeerMonitor::new(dataplane.clone(), mtu);
+    let sampler_task = tokio::spawn(monitor.clone().run_sampler());
     let (controller, mut wanted) = Controller::new(dataplane);
     let mut routes = RouteTable::new(&config.interface, ifindex)
         .context("cannot open a netlink socket for routes")?;
     routes.sync(&wanted.borrow_and_update()).await?;
+    health.routes_programmed();
     let route_task = tokio::spawn(async move {
         while wanted.changed().await.is_ok() {
             let prefixes = wanted.borrow_and_update().clone();
@@ -133,7 +154,11 @@ async fn control_plane(
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
         })?;
-        let registry = metrics::registry(controller.dataplane().clone(), dns_counters.clone());
+        let registry = metrics::registry(
+            controller.dataplane().clone(),
+            dns_counters.clone(),
+            monitor.clone(),
+        );
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(listener, registry).await {
                 tracing::error!(error = %e, "metrics server stopped");
@@ -150,6 +175,18 @@ async fn control_plane(
         }
         None => tokio::spawn(futures::future::pending()),
     };
+
+    let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
+    let admin_router = admin::admin_router(
+        monitor,
+        health,
+        admin::Identity {
+            cluster: config.cluster.clone(),
+            interface: config.interface.clone(),
+        },
+    );
+    let mut admin_task = tokio::spawn(admin::serve_admin(admin_listener, admin_router));
+    tracing::info!(socket = %config.admin_socket.display(), "admin API is up");
 
     let socket = uapi::socket_path(&config.interface);
     let mut uapi_task = tokio::spawn(uapi::serve(socket.clone(), controller.clone()));
@@ -174,6 +211,13 @@ async fn control_plane(
                     Err(e) => Err(anyhow::anyhow!("UAPI task panicked: {e}")),
                 };
             }
+            r = &mut admin_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the admin API on {} stopped", config.admin_socket.display())),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("admin socket {} failed", config.admin_socket.display()))),
+                    Err(e) => Err(anyhow::anyhow!("admin API task panicked: {e}")),
+                };
+            }
             r = &mut dns_task => {
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("the DNS responder stopped")),
@@ -185,7 +229,10 @@ async fn control_plane(
     };
     route_task.abort();
     dns_task.abort();
+    admin_task.abort();
+    sampler_task.abort();
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&config.admin_socket);
     tracing::info!("meshd stopped");
     result
 }
