@@ -122,17 +122,15 @@ async fn control_plane(
     let mut generation = 1;
     let dns_counters = Arc::new(dns::QueryCounters::default());
 
-    if let Some(addr) = config.health_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
-        })?;
-        let health = health.clone();
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve_health(listener, health).await {
-                tracing::error!(error = %e, "health probe server stopped; /healthz and /readyz will not answer");
-            }
-        });
-    }
+    let mut health_task = match config.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
+            })?;
+            tokio::spawn(admin::serve_health(listener, health.clone()))
+        }
+        None => tokio::spawn(futures::future::pending()),
+    };
 
     let monitor = PeerMonitor::new(dataplane.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
@@ -150,21 +148,20 @@ async fn control_plane(
         }
     });
 
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
-        })?;
-        let registry = metrics::registry(
-            controller.dataplane().clone(),
-            dns_counters.clone(),
-            monitor.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, registry).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
-    }
+    let mut metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
+            })?;
+            let registry = metrics::registry(
+                controller.dataplane().clone(),
+                dns_counters.clone(),
+                monitor.clone(),
+            );
+            tokio::spawn(metrics::serve(listener, registry))
+        }
+        None => tokio::spawn(futures::future::pending()),
+    };
 
     let mut dns_task = match config.dns_listen {
         Some(addr) => {
@@ -218,6 +215,20 @@ async fn control_plane(
                     Err(e) => Err(anyhow::anyhow!("admin API task panicked: {e}")),
                 };
             }
+            r = &mut metrics_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the metrics server failed")),
+                    Err(e) => Err(anyhow::anyhow!("metrics task panicked: {e}")),
+                };
+            }
+            r = &mut health_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the health probe server stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the health probe server failed")),
+                    Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
+                };
+            }
             r = &mut dns_task => {
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("the DNS responder stopped")),
@@ -228,6 +239,8 @@ async fn control_plane(
         }
     };
     route_task.abort();
+    metrics_task.abort();
+    health_task.abort();
     dns_task.abort();
     admin_task.abort();
     sampler_task.abort();
