@@ -221,6 +221,24 @@ fn parse_cidrs(what: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> 
         .collect()
 }
 
+/// A listen address setting: `address:port`, or "off" for `None`; `default` when unset.
+fn listen_address(
+    what: &str,
+    text: Option<String>,
+    default: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.unwrap_or_else(|| default.to_string());
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        field(
+            what,
+            format!("'{text}' is not an address:port such as {default} (or \"off\")"),
+        )
+    })
+}
+
 /// Resolves `host:port` (a name or an address); the first address wins.
 pub fn resolve_endpoint(what: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     let mut addrs = text.to_socket_addrs().map_err(|e| {
@@ -388,41 +406,17 @@ impl Config {
             }
         }
 
-        let metrics_text = args
-            .metrics_listen
-            .clone()
-            .or(file.metrics_listen)
-            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
-        let metrics_listen = if metrics_text == "off" {
-            None
-        } else {
-            Some(metrics_text.parse::<SocketAddr>().map_err(|_| {
-                field(
-                    "metrics_listen",
-                    format!(
-                        "'{metrics_text}' is not an address:port such as 0.0.0.0:9090 (or \"off\")"
-                    ),
-                )
-            })?)
-        };
+        let metrics_listen = listen_address(
+            "metrics_listen",
+            args.metrics_listen.clone().or(file.metrics_listen),
+            DEFAULT_METRICS_LISTEN,
+        )?;
 
-        let health_text = args
-            .health_listen
-            .clone()
-            .or(file.health_listen)
-            .unwrap_or_else(|| DEFAULT_HEALTH_LISTEN.to_string());
-        let health_listen = if health_text == "off" {
-            None
-        } else {
-            Some(health_text.parse::<SocketAddr>().map_err(|_| {
-                field(
-                    "health_listen",
-                    format!(
-                        "'{health_text}' is not an address:port such as 0.0.0.0:9091 (or \"off\")"
-                    ),
-                )
-            })?)
-        };
+        let health_listen = listen_address(
+            "health_listen",
+            args.health_listen.clone().or(file.health_listen),
+            DEFAULT_HEALTH_LISTEN,
+        )?;
 
         let admin_socket = args
             .admin_socket
@@ -448,21 +442,11 @@ impl Config {
             ));
         }
 
-        let dns_text = args
-            .dns_listen
-            .clone()
-            .or(file.dns_listen)
-            .unwrap_or_else(|| DEFAULT_DNS_LISTEN.to_string());
-        let dns_listen = if dns_text == "off" {
-            None
-        } else {
-            Some(dns_text.parse::<SocketAddr>().map_err(|_| {
-                field(
-                    "dns_listen",
-                    format!("'{dns_text}' is not an address:port such as 0.0.0.0:53 (or \"off\")"),
-                )
-            })?)
-        };
+        let dns_listen = listen_address(
+            "dns_listen",
+            args.dns_listen.clone().or(file.dns_listen),
+            DEFAULT_DNS_LISTEN,
+        )?;
         let dns_ttl = args
             .dns_ttl
             .or(file.dns_ttl)
