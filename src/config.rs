@@ -9,7 +9,7 @@ use crate::keys::{KeyError, PrivateKey, PublicKey};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 /// Default UDP port, as for every WireGuard implementation.
@@ -28,6 +28,8 @@ pub const MAX_TX_THREADS: usize = 64;
 pub const MIN_MTU: u16 = 576;
 /// Default address of the `clusterset.local` DNS responder (UDP and TCP).
 pub const DEFAULT_DNS_LISTEN: &str = "0.0.0.0:53";
+/// Port on the tunnel address for the catalog sync (TCP) and the health probe (UDP).
+pub const DEFAULT_DISCOVERY_PORT: u16 = 51821;
 /// The longest DNS TTL we accept, in seconds: answers must follow failovers quickly.
 pub const MAX_DNS_TTL: u32 = 3600;
 
@@ -51,6 +53,7 @@ pub struct ConfigFile {
     pub exports_file: Option<PathBuf>,
     pub dns_listen: Option<String>,
     pub dns_ttl: Option<u32>,
+    pub discovery_port: Option<u16>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -65,6 +68,7 @@ pub struct PeerFile {
     #[serde(default)]
     pub allowed_cidrs: Vec<String>,
     pub persistent_keepalive: Option<u16>,
+    pub tunnel_address: Option<String>,
 }
 
 /// Flags and environment variables; each overrides the file's field of the same name.
@@ -118,7 +122,10 @@ pub struct ConfigArgs {
     /// TTL of DNS answers in seconds [default: 5].
     #[arg(long, env = "MESHD_DNS_TTL")]
     pub dns_ttl: Option<u32>,
-    /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS].
+    /// Port on the tunnel address for the catalog sync (TCP) and the health probe (UDP) [default: 51821].
+    #[arg(long, env = "MESHD_DISCOVERY_PORT")]
+    pub discovery_port: Option<u16>,
+    /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP].
     /// Repeat for several peers (space-separated in the environment).
     #[arg(long = "peer", env = "MESHD_PEERS", value_delimiter = ' ')]
     pub peers: Vec<String>,
@@ -165,6 +172,9 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
     pub allowed_cidrs: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The peer gateway's own address inside the tunnel: meshd syncs catalogs with it and probes
+    /// it. `None`: a plain WireGuard peer (no catalog, no probe).
+    pub tunnel_address: Option<IpAddr>,
 }
 
 /// The checked configuration the daemon runs with.
@@ -191,6 +201,7 @@ pub struct Config {
     /// `None`: the DNS responder is off.
     pub dns_listen: Option<SocketAddr>,
     pub dns_ttl: u32,
+    pub discovery_port: u16,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -252,6 +263,29 @@ pub fn resolve_endpoint(what: &str, text: &str) -> Result<SocketAddr, ConfigErro
         .ok_or_else(|| field(what, format!("'{text}' resolves to no address")))
 }
 
+/// Parses a peer's `tunnel_address`: one address (no prefix) inside the peer's allowed CIDRs, so
+/// that the catalog sync and the probe to it enter the tunnel to that peer.
+fn parse_peer_tunnel_address(
+    label: &str,
+    text: &str,
+    allowed: &[IpNet],
+) -> Result<IpAddr, ConfigError> {
+    let what = format!("{label}.tunnel_address");
+    let addr: IpAddr = text.trim().parse().map_err(|_| {
+        field(
+            &what,
+            format!("'{text}' is not an IP address; write the peer gateway's tunnel address without a prefix, e.g. 100.64.0.2"),
+        )
+    })?;
+    if !allowed.iter().any(|net| net.contains(&addr)) {
+        return Err(field(
+            &what,
+            format!("{addr} is not inside the peer's allowed_cidrs; add {addr}/32 (or its tunnel subnet) to them"),
+        ));
+    }
+    Ok(addr)
+}
+
 /// Parses a `--peer` value: comma-separated key=value pairs.
 pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
     let what = format!("--peer '{text}'");
@@ -260,15 +294,17 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
     let mut endpoint = None;
     let mut allowed = Vec::new();
     let mut keepalive = None;
+    let mut tunnel_address = None;
     for part in text.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part.split_once('=').ok_or_else(|| {
-            field(&what, format!("'{part}' is not key=value; keys are name, public-key, endpoint, allowed, keepalive"))
+            field(&what, format!("'{part}' is not key=value; keys are name, public-key, endpoint, allowed, keepalive, tunnel-address"))
         })?;
         match key {
             "name" => name = Some(value.to_string()),
             "public-key" => public_key = Some(value.to_string()),
             "endpoint" => endpoint = Some(value.to_string()),
             "allowed" => allowed.push(value.to_string()),
+            "tunnel-address" => tunnel_address = Some(value.to_string()),
             "keepalive" => {
                 keepalive = Some(value.parse().map_err(|_| {
                     field(&what, format!("keepalive '{value}' is not a number of seconds (0-65535)"))
@@ -277,7 +313,7 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
             other => {
                 return Err(field(
                     &what,
-                    format!("unknown key '{other}'; keys are name, public-key, endpoint, allowed, keepalive"),
+                    format!("unknown key '{other}'; keys are name, public-key, endpoint, allowed, keepalive, tunnel-address"),
                 ))
             }
         }
@@ -288,6 +324,7 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
         endpoint,
         allowed_cidrs: allowed,
         persistent_keepalive: keepalive,
+        tunnel_address,
     })
 }
 
@@ -511,6 +548,11 @@ impl Config {
                 .transpose()?;
             let allowed_cidrs =
                 parse_cidrs(&format!("{label}.allowed_cidrs"), &peer.allowed_cidrs)?;
+            let tunnel_address = peer
+                .tunnel_address
+                .as_deref()
+                .map(|text| parse_peer_tunnel_address(&label, text, &allowed_cidrs))
+                .transpose()?;
             owned.extend(
                 allowed_cidrs
                     .iter()
@@ -522,6 +564,7 @@ impl Config {
                 endpoint,
                 allowed_cidrs,
                 persistent_keepalive: peer.persistent_keepalive.filter(|k| *k > 0),
+                tunnel_address,
             });
         }
         check_overlaps(&owned)?;
@@ -549,6 +592,10 @@ impl Config {
             exports_file: args.exports_file.clone().or(file.exports_file),
             dns_listen,
             dns_ttl,
+            discovery_port: args
+                .discovery_port
+                .or(file.discovery_port)
+                .unwrap_or(DEFAULT_DISCOVERY_PORT),
             peers,
         })
     }
