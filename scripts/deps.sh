@@ -12,6 +12,8 @@ declare -A MESHD_PACKAGES=(
   [wg]=wireguard-tools
   [wireguard-go]=wireguard-go
   [ethtool]=ethtool
+  [curl]=curl
+  [python3]=python3
 )
 
 ensure_packages() {

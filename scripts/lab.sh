@@ -6,7 +6,10 @@
 #
 # Each gateway runs a WireGuard implementation (meshd by default) that routes the other cluster's
 # pod CIDR through the tunnel. meshd also answers clusterset.local DNS on the gateway's pod-side
-# address (10.24x.1.1:53) for the services in its exports file (web and headless db, see below).
+# address (10.24x.1.1:53) for the services in its exports file (web and headless db, see below)
+# and those its peer exports (synced through the tunnel; M2 alone exports hello). Each pod serves
+# HTTP on port 80, also at its cluster's service IPs (10.9x.0.10, M2's hello 10.97.0.20: the
+# lab's stand-in for kube-proxy), and resolves names through its gateway's meshd.
 #
 # usage: scripts/lab.sh up|down|demo|status [--m1 IMPL] [--m2 IMPL] [--prefix P]
 #   IMPL: meshd (default) | meshd-wg (meshd started empty, configured only with wg set)
@@ -69,6 +72,9 @@ underlay6_ip() { echo "fd00:192::$1"; }
 # the address:port a gateway's peer reaches it at
 endpoint_of() { if [ "$UNDERLAY6" = 1 ]; then echo "[$(underlay6_ip "$1")]:$port"; else echo "$(underlay_ip "$1"):$port"; fi; }
 tunnel_ip() { echo "100.64.0.$1"; }
+web_ip() { echo "10.9$((5 + $1)).0.10"; }
+hello_ip() { echo "10.97.0.20"; }
+svc_ips() { web_ip "$1"; [ "$1" = 2 ] && hello_ip; return 0; }
 iface() { echo "${P}m$1wg"; }
 other() { echo $((3 - $1)); }
 impl_of() { if [ "$1" = 1 ]; then echo "$M1"; else echo "$M2"; fi; }
@@ -96,6 +102,7 @@ down() {
       fi
     done
     rm -f "/var/run/wireguard/$(iface "$i").sock"
+    rm -rf "/etc/netns/$(ns "m${i}pod")"
   done
   rm -rf "$state"
 }
@@ -118,6 +125,12 @@ topology() {
     in_ns "m${i}gw" ip addr add "$(gw_pod_ip "$i")/24" dev pod0
     in_ns "m${i}gw" ip -6 addr add "$(gw_pod6_ip "$i")/64" dev pod0 nodad
     in_ns "m${i}gw" ip link set pod0 up
+    # the cluster's service IPs live on its pod (as kube-proxy would send them there)
+    for svc in $(svc_ips "$i"); do in_ns "m${i}pod" ip addr add "$svc/32" dev lo; done
+    in_ns "m${i}gw" ip route add "$(svc_cidr "$i")" via "$(pod_ip "$i")"
+    # the pod's resolver is its gateway's meshd (ip netns exec bind-mounts this file)
+    mkdir -p "/etc/netns/$(ns "m${i}pod")"
+    echo "nameserver $(gw_pod_ip "$i")" >"/etc/netns/$(ns "m${i}pod")/resolv.conf"
     in_ns "m${i}gw" sysctl -qw net.ipv4.ip_forward=1
     in_ns "m${i}gw" sysctl -qw net.ipv6.conf.all.forwarding=1
   done
@@ -148,7 +161,7 @@ exports_file() {
 namespace = "demo"
 name = "web"
 type = "ClusterSetIP"
-ips = ["10.9$((5 + i)).0.10"]
+ips = ["$(web_ip "$i")"]
 ports = [{ name = "http", protocol = "TCP", port = 80 }]
 endpoints = [{ ip = "$(pod_ip "$i")" }]
 
@@ -159,6 +172,26 @@ type = "Headless"
 ports = [{ name = "pg", protocol = "TCP", port = 5432 }]
 endpoints = [{ ip = "$(pod_ip "$i")", hostname = "db-0" }]
 EXPORTS
+  if [ "$i" = 2 ]; then
+    cat >>"$state/m$i.exports.toml" <<EXPORTS
+
+[[services]]
+namespace = "demo"
+name = "hello"
+ips = ["$(hello_ip)"]
+ports = [{ name = "http", protocol = "TCP", port = 80 }]
+endpoints = [{ ip = "$(pod_ip "$i")" }]
+EXPORTS
+  fi
+}
+
+# Each pod serves "hello from mI" over HTTP on port 80 (all its addresses).
+web_servers() {
+  for i in 1 2; do
+    mkdir -p "$state/www$i"
+    echo "hello from m$i" >"$state/www$i/index.html"
+    in_ns "m${i}pod" python3 -m http.server 80 --bind 0.0.0.0 --directory "$state/www$i" >"$state/www$i.log" 2>&1 &
+  done
 }
 
 meshd_config() {
@@ -187,6 +220,7 @@ name = "m$o"
 public_key = "$(cat "$state/m$o.pub")"
 $endpoint
 allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(pod6_cidr "$o")", "$(tunnel_ip "$o")/32"]
+tunnel_address = "$(tunnel_ip "$o")"
 $keepalive
 CFG
 }
@@ -250,6 +284,8 @@ up() {
   if [ "$M1" = none ]; then
     in_ns m1gw ip route add "$(pod_cidr 2)" via "$(underlay_ip 2)"
     in_ns m2gw ip route add "$(pod_cidr 1)" via "$(underlay_ip 1)"
+    in_ns m1gw ip route add "$(svc_cidr 2)" via "$(underlay_ip 2)"
+    in_ns m2gw ip route add "$(svc_cidr 1)" via "$(underlay_ip 1)"
     in_ns m1gw ip -6 route add "$(pod6_cidr 2)" via "$(underlay6_ip 2)"
     in_ns m2gw ip -6 route add "$(pod6_cidr 1)" via "$(underlay6_ip 1)"
   else
@@ -261,6 +297,7 @@ up() {
       esac
     done
   fi
+  web_servers
   wait_for_tunnel
   log "lab up: m1 ($M1) <-> m2 ($M2); state in $state"
 }
@@ -292,6 +329,23 @@ demo() {
   echo
   echo "== wg show (standard WireGuard tooling against meshd)"
   status
+  if [ "$M1" = meshd ] && [ "$M2" = meshd ]; then
+    local name=hello.demo.svc.clusterset.local answer=""
+    echo
+    echo "== clusterset.local DNS: m1pod asks M1's meshd for $name (exported by M2 only)"
+    for _ in $(seq 100); do
+      answer=$(in_ns m1pod dig +short +time=1 +tries=1 @"$(gw_pod_ip 1)" "$name" A) && [ -n "$answer" ] && break
+      sleep 0.2
+    done
+    [ -n "$answer" ] || { log "M1's meshd never learned $name from M2; logs:"; cat "$state"/m*.log >&2; exit 1; }
+    in_ns m1pod dig +noall +answer @"$(gw_pod_ip 1)" "$name" A
+    echo
+    echo "== curl http://$name/ from m1pod (its resolver is M1's meshd)"
+    in_ns m1pod curl -sS --max-time 5 "http://$name/"
+    echo
+    echo "== meshctl peers on M1"
+    "$(meshd_bin)/meshctl" peers --socket "$state/m1.admin.sock"
+  fi
   echo
   echo "lab demo passed: pods in 10.244.0.0/16 and 10.245.0.0/16 reach each other through meshd"
 }

@@ -100,7 +100,7 @@ impl AdminClient {
 }
 
 /// The status code and body of a complete HTTP/1.x response.
-fn split_response(raw: &[u8]) -> Option<(u16, &[u8])> {
+pub(crate) fn split_response(raw: &[u8]) -> Option<(u16, &[u8])> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..end]).ok()?;
     let status_line = head.lines().next()?;

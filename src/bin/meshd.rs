@@ -3,7 +3,6 @@
 //! responder, SIGHUP reload) on tokio.
 
 use anyhow::{Context, Result};
-use arc_swap::ArcSwap;
 use clap::Parser;
 use meshd::admin::metrics;
 use meshd::admin::monitor::PeerMonitor;
@@ -12,9 +11,12 @@ use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
 use meshd::control::routes::{underlay_mtu, RouteTable};
 use meshd::control::{spec_from_config, uapi, Controller};
 use meshd::dataplane::{open_tun, Dataplane, TunSettings};
-use meshd::discovery::{exports, ClustersetView, ExportCatalog};
+use meshd::discovery::clusterset::Clusterset;
+use meshd::discovery::probe::Prober;
+use meshd::discovery::sync::{self as catalog_sync, Followers, SyncErrors};
+use meshd::discovery::{discovery_peers, exports, ExportCatalog};
 use meshd::dns;
-use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -97,10 +99,33 @@ fn run(cli: Cli) -> Result<()> {
     ))
 }
 
-/// The clusterset view the DNS responder reads. Without catalog sync it holds the local catalog
-/// only; remote catalogs will enter through the same [`ClustersetView::build`].
-fn view_of(local: ExportCatalog) -> ClustersetView {
-    ClustersetView::build(local, &BTreeMap::new())
+/// Binds the discovery port on our tunnel address: UDP for the health probe, TCP for the catalog
+/// sync. The address may still be settling on the new TUN interface, hence a few tries.
+async fn bind_discovery(
+    addr: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    let mut tries = 0;
+    loop {
+        let bound = async {
+            Ok::<_, std::io::Error>((
+                tokio::net::UdpSocket::bind(addr).await?,
+                tokio::net::TcpListener::bind(addr).await?,
+            ))
+        }
+        .await;
+        match bound {
+            Ok(b) => return Ok(b),
+            Err(e) if tries < 20 && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot bind the discovery port {addr} (catalog sync TCP, health probe UDP): choose a free discovery_port (or --discovery-port)")
+                })
+            }
+        }
+    }
 }
 
 async fn control_plane(
@@ -118,9 +143,48 @@ async fn control_plane(
         exports_file = ?config.exports_file,
         "local exports loaded"
     );
-    let view = Arc::new(ArcSwap::from_pointee(view_of(catalog)));
+    let (probe_targets, sync_peers) = discovery_peers(&config);
+    let prober = Prober::new(config.discovery_port, Vec::new());
+    let clusterset = Clusterset::new(&config.cluster, prober.clone());
+    clusterset.local_sender().send_replace(catalog);
+    let view = clusterset.snapshot();
+    let clusterset_task = tokio::spawn(clusterset.clone().run());
     let mut generation = 1;
     let dns_counters = Arc::new(dns::QueryCounters::default());
+    let sync_errors = SyncErrors::default();
+    let (mut discovery_task, mut followers) = match config.tunnel_address {
+        Some(net) => {
+            let addr = SocketAddr::new(net.addr(), config.discovery_port);
+            let (udp, tcp) = bind_discovery(addr).await?;
+            tracing::info!(listen = %addr, peers = sync_peers.len(), "catalog sync and health probe are up");
+            clusterset.set_peers(&probe_targets);
+            prober.set_targets(probe_targets);
+            let mut followers = Followers::new(
+                clusterset.clone(),
+                prober.clone(),
+                sync_errors.clone(),
+                net.addr(),
+                config.discovery_port,
+            );
+            followers.set_peers(sync_peers);
+            let probe = prober.clone();
+            let catalog = clusterset.local_catalog();
+            let sync_prober = prober.clone();
+            let task = tokio::spawn(async move {
+                tokio::select! {
+                    r = probe.run(udp) => r,
+                    r = catalog_sync::serve(tcp, catalog, sync_prober) => r,
+                }
+            });
+            (task, Some(followers))
+        }
+        None => {
+            if !sync_peers.is_empty() {
+                tracing::warn!("peers have a tunnel_address but this gateway has none: no catalog sync and no health probe; set tunnel_address");
+            }
+            (tokio::spawn(futures::future::pending()), None)
+        }
+    };
 
     let mut health_task = match config.health_listen {
         Some(addr) => {
@@ -153,11 +217,13 @@ async fn control_plane(
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen for metrics on {addr}: set metrics_listen (or --metrics-listen) to a free address, or \"off\"")
             })?;
-            let registry = metrics::registry(
+            let mut registry = metrics::registry(
                 controller.dataplane().clone(),
                 dns_counters.clone(),
                 monitor.clone(),
             );
+            prober.register_metrics(&mut registry);
+            sync_errors.register(&mut registry);
             tokio::spawn(metrics::serve(listener, registry))
         }
         None => tokio::spawn(futures::future::pending()),
@@ -196,7 +262,13 @@ async fn control_plane(
             _ = hangup.recv() => {
                 if let Some(new) = reload(&args, &config, &controller) {
                     generation += 1;
-                    reload_exports(&new, generation, &view);
+                    reload_exports(&new, generation, &clusterset);
+                    if let Some(followers) = followers.as_mut() {
+                        let (targets, peers) = discovery_peers(&new);
+                        clusterset.set_peers(&targets);
+                        prober.set_targets(targets);
+                        followers.set_peers(peers);
+                    }
                 }
             }
             _ = terminate.recv() => break Ok(()),
@@ -229,6 +301,13 @@ async fn control_plane(
                     Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
                 };
             }
+            r = &mut discovery_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the catalog sync server stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the catalog sync or health probe failed")),
+                    Err(e) => Err(anyhow::anyhow!("discovery task panicked: {e}")),
+                };
+            }
             r = &mut dns_task => {
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("the DNS responder stopped")),
@@ -238,6 +317,9 @@ async fn control_plane(
             }
         }
     };
+    drop(followers);
+    discovery_task.abort();
+    clusterset_task.abort();
     route_task.abort();
     metrics_task.abort();
     health_task.abort();
@@ -284,9 +366,9 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) -> Optio
     }
 }
 
-/// Re-reads the exports file named by the reloaded configuration and publishes the new view;
-/// a refused file keeps the running view.
-fn reload_exports(config: &Config, generation: u64, view: &ArcSwap<ClustersetView>) {
+/// Re-reads the exports file named by the reloaded configuration and publishes the new local
+/// catalog; a refused file keeps the running one.
+fn reload_exports(config: &Config, generation: u64, clusterset: &Clusterset) {
     match exports::load(config.exports_file.as_deref(), &config.cluster, generation) {
         Ok(catalog) => {
             tracing::info!(
@@ -294,7 +376,7 @@ fn reload_exports(config: &Config, generation: u64, view: &ArcSwap<ClustersetVie
                 generation,
                 "SIGHUP: exports reloaded"
             );
-            view.store(Arc::new(view_of(catalog)));
+            clusterset.local_sender().send_replace(catalog);
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: exports file refused; DNS keeps answering from the running catalog")

@@ -119,6 +119,75 @@ impl Endpoint {
     }
 }
 
+/// A Kubernetes DNS-1123 label: what namespaces, service names and hostnames must be so that
+/// they can appear in a DNS name.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+impl ExportCatalog {
+    /// Checks what the types cannot: names that fit in DNS, each service once, service IPs
+    /// exactly for ClusterSetIP services, ports above 0. Says what is wrong and where. Catalogs
+    /// from peers pass through here before they can reach the view.
+    pub fn check(&self) -> Result<(), String> {
+        if !is_dns_label(&self.cluster) {
+            return Err(format!("cluster '{}' is not a DNS label", self.cluster));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.services {
+            let at = format!("service {}/{}", s.namespace, s.name);
+            if !is_dns_label(&s.namespace) || !is_dns_label(&s.name) {
+                return Err(format!("{at}: namespace and name must be DNS labels"));
+            }
+            if !seen.insert((&s.namespace, &s.name)) {
+                return Err(format!("{at}: listed twice"));
+            }
+            match s.service_type {
+                ServiceType::ClusterSetIP if s.ips.is_empty() => {
+                    return Err(format!("{at}: a ClusterSetIP service without service IPs"))
+                }
+                ServiceType::Headless if !s.ips.is_empty() => {
+                    return Err(format!("{at}: a Headless service with service IPs"))
+                }
+                _ => {}
+            }
+            for p in &s.ports {
+                if p.port == 0 || p.name.as_deref().is_some_and(|n| !is_dns_label(n)) {
+                    return Err(format!(
+                        "{at}: port {:?} {} has a bad number or name",
+                        p.name, p.port
+                    ));
+                }
+            }
+            for e in &s.endpoints {
+                if e.hostname.as_deref().is_some_and(|h| !is_dns_label(h)) {
+                    return Err(format!(
+                        "{at}: endpoint {} has a hostname that is not a DNS label",
+                        e.ip
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every address the catalog hands out: service IPs and endpoint IPs.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.services.iter().flat_map(|s| {
+            s.ips
+                .iter()
+                .copied()
+                .chain(s.endpoints.iter().map(|e| e.ip))
+        })
+    }
+}
+
 /// One cluster's catalog in the view, with whether its tunnel is up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

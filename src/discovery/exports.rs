@@ -17,7 +17,7 @@
 //! ```
 
 use super::catalog::{
-    Endpoint, ExportCatalog, ExportedService, PortProtocol, ServicePort, ServiceType,
+    is_dns_label, Endpoint, ExportCatalog, ExportedService, PortProtocol, ServicePort, ServiceType,
 };
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -81,18 +81,6 @@ struct EndpointFile {
     ip: String,
     hostname: Option<String>,
     ready: Option<bool>,
-}
-
-/// A Kubernetes DNS-1123 label: what namespaces, service names and hostnames must be so that
-/// they can appear in a DNS name.
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
 }
 
 /// The local cluster's catalog: the exports file's when there is one, else an empty catalog.

@@ -1,0 +1,539 @@
+//! Catalog sync between gateways, with no broker: each meshd serves its local catalog on its
+//! tunnel address and long-polls every peer's.
+//!
+//! `GET /v1/catalog?after=G` on `tunnel_address:discovery_port` (TCP, HTTP/1) answers at once
+//! with the local catalog as JSON when its generation is not `G`, else holds the request until the
+//! catalog changes or [`HOLD`] passes and answers `304 Not Modified`: an unchanged catalog costs
+//! one small exchange every 20 s. Only a configured peer's `tunnel_address` may ask (403 for
+//! anyone else); since the request arrives through WireGuard, whose cryptokey routing only lets
+//! a peer send from its allowed CIDRs, the address proves which peer is asking.
+//!
+//! The client side ([`follow_peer`]) connects from our own tunnel address. A catalog is taken
+//! only when it is at most [`MAX_CATALOG_BYTES`], parses, passes [`ExportCatalog::check`], names
+//! the peer's cluster, and hands out only addresses inside the peer's allowed CIDRs (anything
+//! else would route nowhere, or into another cluster). A refused catalog is logged, counted in
+//! `meshd_catalog_sync_errors_total{peer,reason}`, and the last good one stays.
+
+use super::catalog::ExportCatalog;
+use super::clusterset::Clusterset;
+use super::probe::Prober;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ipnet::IpNet;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// How long the server holds a request for an unchanged catalog.
+pub const HOLD: Duration = Duration::from_secs(20);
+/// How long the client waits for an answer (the hold plus slack for a slow peer).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The largest catalog accepted from a peer: room for tens of thousands of services.
+pub const MAX_CATALOG_BYTES: usize = 8 << 20;
+/// Pause before asking again after a failure or a refused catalog.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(5);
+
+/// Why a sync attempt failed; the label of `meshd_catalog_sync_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncFailure {
+    /// No connection or no complete answer (the peer is down, or its meshd is not listening).
+    Unreachable,
+    /// The peer answered with an HTTP error (e.g. 403: it does not list us as a peer).
+    Refused,
+    Oversized,
+    Malformed,
+    Inconsistent,
+}
+
+impl SyncFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncFailure::Unreachable => "unreachable",
+            SyncFailure::Refused => "refused",
+            SyncFailure::Oversized => "oversized",
+            SyncFailure::Malformed => "malformed",
+            SyncFailure::Inconsistent => "inconsistent",
+        }
+    }
+}
+
+/// A failed attempt: the kind and the whole story.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SyncError {
+    pub kind: SyncFailure,
+    pub message: String,
+}
+
+fn fail(kind: SyncFailure, message: impl Into<String>) -> SyncError {
+    SyncError {
+        kind,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    peer: String,
+    reason: String,
+}
+
+/// `meshd_catalog_sync_errors_total{peer,reason}`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncErrors(Family<ErrorLabels, Counter>);
+
+impl SyncErrors {
+    pub fn count(&self, peer: &str, kind: SyncFailure) {
+        self.0
+            .get_or_create(&ErrorLabels {
+                peer: peer.to_string(),
+                reason: kind.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "meshd_catalog_sync_errors",
+            "Failed catalog syncs with a peer, by reason.",
+            self.0.clone(),
+        );
+    }
+}
+
+/// One peer the catalog is synced with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPeer {
+    /// The peer's name, which is its cluster's name.
+    pub name: String,
+    pub tunnel_address: IpAddr,
+    pub allowed_cidrs: Vec<IpNet>,
+}
+
+/// Parses and checks a peer's answer body.
+pub fn accept_catalog(peer: &SyncPeer, body: &[u8]) -> Result<ExportCatalog, SyncError> {
+    if body.len() > MAX_CATALOG_BYTES {
+        return Err(fail(
+            SyncFailure::Oversized,
+            format!(
+                "catalog of {} bytes is over the {MAX_CATALOG_BYTES}-byte limit",
+                body.len()
+            ),
+        ));
+    }
+    let catalog: ExportCatalog = serde_json::from_slice(body)
+        .map_err(|e| fail(SyncFailure::Malformed, format!("catalog is not valid: {e}")))?;
+    let inconsistent = |m: String| fail(SyncFailure::Inconsistent, m);
+    if catalog.cluster != peer.name {
+        return Err(inconsistent(format!(
+            "catalog is for cluster '{}' but this peer is '{}' (a peer's name must be its cluster name)",
+            catalog.cluster, peer.name
+        )));
+    }
+    if catalog.generation == 0 {
+        return Err(inconsistent("catalog has generation 0".into()));
+    }
+    catalog.check().map_err(inconsistent)?;
+    if let Some(stray) = catalog
+        .addresses()
+        .find(|ip| !peer.allowed_cidrs.iter().any(|net| net.contains(ip)))
+    {
+        return Err(inconsistent(format!(
+            "catalog hands out {stray}, which is outside the peer's allowed_cidrs; add the peer's service CIDR to its allowed_cidrs"
+        )));
+    }
+    Ok(catalog)
+}
+
+/// What one request to a peer brought back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Changed(ExportCatalog),
+    Unchanged,
+}
+
+/// Asks `peer` once for a catalog newer than `after`, from `local` (our tunnel address).
+pub async fn fetch(
+    local: IpAddr,
+    peer: &SyncPeer,
+    port: u16,
+    after: u64,
+) -> Result<Answer, SyncError> {
+    let to = SocketAddr::new(peer.tunnel_address, port);
+    let unreachable = |e: std::io::Error| {
+        fail(
+            SyncFailure::Unreachable,
+            format!("cannot reach {to} through the tunnel: {e}"),
+        )
+    };
+    let socket = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(unreachable)?;
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .map_err(unreachable)?;
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
+        .await
+        .map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })?
+        .map_err(unreachable)?;
+    let exchange = async {
+        stream
+            .write_all(
+                format!("GET /v1/catalog?after={after} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let mut raw = Vec::new();
+        (&mut stream)
+            .take(MAX_CATALOG_BYTES as u64 + 4096)
+            .read_to_end(&mut raw)
+            .await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ))
+        })?
+        .map_err(unreachable)?;
+    let (status, body) = crate::admin::client::split_response(&raw).ok_or_else(|| {
+        fail(
+            SyncFailure::Malformed,
+            format!("{to} did not answer HTTP (is something else on discovery_port?)"),
+        )
+    })?;
+    match status {
+        200 => accept_catalog(peer, body).map(Answer::Changed),
+        304 => Ok(Answer::Unchanged),
+        other => Err(fail(
+            SyncFailure::Refused,
+            format!(
+                "{to} answered {other}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
+            ),
+        )),
+    }
+}
+
+/// Keeps `peer`'s catalog in `hub` up to date, until the task is dropped. A new request starts
+/// at once whenever the probe sees a peer come or go, so a restarted peer's catalog is fetched
+/// as soon as it answers rather than after a stale request times out.
+pub async fn follow_peer(
+    hub: Arc<Clusterset>,
+    prober: Arc<Prober>,
+    errors: SyncErrors,
+    local: IpAddr,
+    port: u16,
+    peer: SyncPeer,
+) {
+    let mut after = 0;
+    let mut probes = prober.changes();
+    loop {
+        let outcome = tokio::select! {
+            r = fetch(local, &peer, port, after) => r,
+            _ = probes.changed() => continue,
+        };
+        let pause = match outcome {
+            Ok(Answer::Changed(catalog)) => {
+                tracing::info!(peer = %peer.name, generation = catalog.generation, services = catalog.services.len(), "catalog received");
+                after = catalog.generation;
+                hub.remote_answered(&peer.name, Some(catalog));
+                continue;
+            }
+            Ok(Answer::Unchanged) => {
+                hub.remote_answered(&peer.name, None);
+                continue;
+            }
+            Err(e) => {
+                errors.count(&peer.name, e.kind);
+                if e.kind == SyncFailure::Unreachable {
+                    tracing::debug!(peer = %peer.name, error = %e, "catalog sync failed");
+                    hub.remote_failed(&peer.name, e.message);
+                    RETRY_AFTER
+                } else {
+                    tracing::warn!(peer = %peer.name, reason = e.kind.as_str(), error = %e, "catalog from peer refused; keeping its last good catalog");
+                    hub.remote_failed(&peer.name, e.message);
+                    RETRY_AFTER_REFUSAL
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = probes.changed() => {}
+        }
+    }
+}
+
+/// One [`follow_peer`] task per syncing peer, reconciled when the configuration changes.
+pub struct Followers {
+    hub: Arc<Clusterset>,
+    prober: Arc<Prober>,
+    errors: SyncErrors,
+    local: IpAddr,
+    port: u16,
+    running: Vec<(SyncPeer, tokio::task::JoinHandle<()>)>,
+}
+
+impl Followers {
+    /// Followers that ask from `local` (our tunnel address) to `port` on each peer.
+    pub fn new(
+        hub: Arc<Clusterset>,
+        prober: Arc<Prober>,
+        errors: SyncErrors,
+        local: IpAddr,
+        port: u16,
+    ) -> Self {
+        Followers {
+            hub,
+            prober,
+            errors,
+            local,
+            port,
+            running: Vec::new(),
+        }
+    }
+
+    /// Stops the tasks of peers that went or changed and starts the new ones.
+    pub fn set_peers(&mut self, peers: Vec<SyncPeer>) {
+        self.running.retain(|(peer, task)| {
+            let keep = peers.contains(peer);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for peer in peers {
+            if self.running.iter().any(|(p, _)| *p == peer) {
+                continue;
+            }
+            let task = tokio::spawn(follow_peer(
+                self.hub.clone(),
+                self.prober.clone(),
+                self.errors.clone(),
+                self.local,
+                self.port,
+                peer.clone(),
+            ));
+            self.running.push((peer, task));
+        }
+    }
+}
+
+impl Drop for Followers {
+    fn drop(&mut self) {
+        for (_, task) in &self.running {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ServeState {
+    catalog: watch::Receiver<ExportCatalog>,
+    prober: Arc<Prober>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CatalogQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn serve_catalog(
+    State(state): State<ServeState>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    Query(query): Query<CatalogQuery>,
+) -> Response {
+    if !state.prober.is_peer_address(from.ip()) {
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} is not the tunnel_address of any of this gateway's peers",
+                from.ip()
+            ),
+        )
+            .into_response();
+    }
+    let mut rx = state.catalog.clone();
+    let generation = rx.borrow_and_update().generation;
+    if generation == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the local catalog is not read yet",
+        )
+            .into_response();
+    }
+    if generation == query.after {
+        if let Ok(Ok(())) = tokio::time::timeout(HOLD, rx.changed()).await {
+        } else {
+            return StatusCode::NOT_MODIFIED.into_response();
+        }
+    }
+    let catalog = rx.borrow().clone();
+    axum::Json(catalog).into_response()
+}
+
+/// Serves the local catalog to peers on `listener` (bound to our tunnel address).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    catalog: watch::Receiver<ExportCatalog>,
+    prober: Arc<Prober>,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/v1/catalog", axum::routing::get(serve_catalog))
+        .with_state(ServeState { catalog, prober });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::catalog::{Endpoint, ExportedService, ServiceType};
+
+    fn peer() -> SyncPeer {
+        SyncPeer {
+            name: "m2".into(),
+            tunnel_address: "127.0.0.2".parse().unwrap(),
+            allowed_cidrs: vec![
+                "10.245.0.0/16".parse().unwrap(),
+                "10.97.0.0/16".parse().unwrap(),
+            ],
+        }
+    }
+
+    fn catalog() -> ExportCatalog {
+        ExportCatalog {
+            cluster: "m2".into(),
+            generation: 3,
+            services: vec![ExportedService {
+                namespace: "demo".into(),
+                name: "web".into(),
+                service_type: ServiceType::ClusterSetIP,
+                ips: vec!["10.97.0.10".parse().unwrap()],
+                ports: vec![],
+                endpoints: vec![Endpoint {
+                    ip: "10.245.1.10".parse().unwrap(),
+                    hostname: None,
+                    ready: true,
+                }],
+            }],
+        }
+    }
+
+    fn refused(c: &ExportCatalog) -> SyncError {
+        accept_catalog(&peer(), &serde_json::to_vec(c).unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_catalog_is_taken() {
+        let c = catalog();
+        let body = serde_json::to_vec(&c).unwrap();
+        assert_eq!(accept_catalog(&peer(), &body), Ok(c));
+    }
+
+    #[test]
+    fn bad_catalogs_are_refused_with_the_reason() {
+        let e = accept_catalog(&peer(), b"{\"cluster\":").unwrap_err();
+        assert_eq!(e.kind, SyncFailure::Malformed);
+        let e = accept_catalog(&peer(), &vec![b' '; MAX_CATALOG_BYTES + 1]).unwrap_err();
+        assert_eq!(e.kind, SyncFailure::Oversized);
+
+        let mut c = catalog();
+        c.cluster = "m3".into();
+        let e = refused(&c);
+        assert_eq!(e.kind, SyncFailure::Inconsistent);
+        assert!(e.message.contains("'m3' but this peer is 'm2'"), "{e}");
+
+        let mut c = catalog();
+        c.services[0].endpoints[0].ip = "10.244.1.10".parse().unwrap();
+        let e = refused(&c);
+        assert!(e.message.contains("10.244.1.10, which is outside"), "{e}");
+
+        let mut c = catalog();
+        c.services.push(c.services[0].clone());
+        assert!(refused(&c).message.contains("listed twice"));
+
+        let mut c = catalog();
+        c.services[0].name = "Web".into();
+        assert_eq!(refused(&c).kind, SyncFailure::Inconsistent);
+
+        let mut c = catalog();
+        c.services[0].ips.clear();
+        assert!(refused(&c).message.contains("without service IPs"));
+
+        let mut c = catalog();
+        c.generation = 0;
+        assert_eq!(refused(&c).kind, SyncFailure::Inconsistent);
+    }
+
+    /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
+    /// is held and answered as soon as it changes, and a stranger is refused.
+    #[tokio::test]
+    async fn long_poll_over_loopback() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let prober = Prober::new(
+            port,
+            vec![crate::discovery::probe::ProbeTarget {
+                name: "m1".into(),
+                key: crate::keys::PrivateKey::generate().public_key(),
+                addr: "127.0.0.3".parse().unwrap(),
+            }],
+        );
+        let (tx, rx) = watch::channel(catalog());
+        tokio::spawn(serve(listener, rx, prober));
+        // The client is "m1" at 127.0.0.3 asking the server, which plays m2.
+        let m2 = SyncPeer {
+            tunnel_address: "127.0.0.1".parse().unwrap(),
+            ..peer()
+        };
+        let me: IpAddr = "127.0.0.3".parse().unwrap();
+        let first = fetch(me, &m2, port, 0).await.unwrap();
+        assert_eq!(first, Answer::Changed(catalog()));
+
+        let held = tokio::spawn(async move { fetch(me, &m2, port, 3).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!held.is_finished(), "an unchanged catalog was not held");
+        let mut newer = catalog();
+        newer.generation = 4;
+        tx.send_replace(newer.clone());
+        assert_eq!(held.await.unwrap().unwrap(), Answer::Changed(newer));
+
+        let stranger: IpAddr = "127.0.0.4".parse().unwrap();
+        let e = fetch(
+            stranger,
+            &SyncPeer {
+                tunnel_address: "127.0.0.1".parse().unwrap(),
+                ..peer()
+            },
+            port,
+            0,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind, SyncFailure::Refused);
+        assert!(e.message.contains("403"), "{e}");
+    }
+}
