@@ -192,6 +192,13 @@ web_servers() {
     echo "hello from m$i" >"$state/www$i/index.html"
     in_ns "m${i}pod" python3 -m http.server 80 --bind 0.0.0.0 --directory "$state/www$i" >"$state/www$i.log" 2>&1 &
   done
+  for i in 1 2; do
+    for _ in $(seq 100); do
+      [ -n "$(in_ns "m${i}pod" ss -Hltn 'sport = :80')" ] && continue 2
+      sleep 0.1
+    done
+    log "the web server in m${i}pod did not start; its log:"; cat "$state/www$i.log" >&2; return 1
+  done
 }
 
 meshd_config() {

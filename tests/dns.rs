@@ -1,7 +1,7 @@
 //! End-to-end tests of the clusterset.local DNS responder in the two-cluster lab: meshd in each
-//! gateway serves its own exports file (scripts/lab.sh writes one per cluster) on the gateway's
-//! pod-side address, and the real `dig` asks it from the pods. Cross-cluster answers need the
-//! catalog sync between peers, which is not built yet: each cluster's own responder is asked.
+//! gateway serves its own exports file (scripts/lab.sh writes one per cluster) and its peer's
+//! (synced through the tunnel) on the gateway's pod-side address, and the real `dig` and `curl`
+//! ask it from the pods. Both clusters export web and db; M2 alone exports hello.
 //! They need root and skip with a message otherwise.
 
 mod support;
@@ -26,6 +26,103 @@ fn short(lab: &Lab, ns: &str, server: &str, name: &str, qtype: &str) -> String {
         .to_string()
 }
 
+/// Asks until `name` answers `want` (the first catalog sync takes a moment after the lab is up).
+fn wait_for_answer(lab: &Lab, ns: &str, server: &str, name: &str, want: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = short(lab, ns, server, name, "A");
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{name} from {server} answers {got:?}, not {want:?}; logs:\n{}\n{}",
+            lab.log(1),
+            lab.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The proof: M2 exports hello, backed by a real HTTP server in m2pod. From m1pod, M1's
+/// responder answers its address and curl (resolving through M1's meshd) fetches the page
+/// through the tunnel. M2's gateway dies: within 10 s M1 stops answering the name (its services
+/// are withdrawn, NODATA so no denial is cached). M2 comes back: so does the name.
+#[test]
+fn services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down() {
+    if !root_or_skip("services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down") {
+        return;
+    }
+    let lab = Lab::up("tx", "meshd", "meshd");
+    let hello = "hello.demo.svc.clusterset.local";
+    wait_for_answer(&lab, "m1pod", M1_DNS, hello, "10.97.0.20");
+    let page = lab.exec_ok(
+        "m1pod",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{hello}/"),
+        ],
+    );
+    assert_eq!(page.trim(), "hello from m2");
+    // Both sides keep a catalog of the other: M2's responder knows M1's web too.
+    assert_eq!(
+        short(
+            &lab,
+            "m2pod",
+            M2_DNS,
+            "m1.web.demo.svc.clusterset.local",
+            "A"
+        ),
+        "10.96.0.10"
+    );
+
+    lab.kill_meshd(2);
+    let start = Instant::now();
+    let gone = loop {
+        let out = dig(&lab, "m1pod", M1_DNS, &[hello, "A"]);
+        if out.contains("ANSWER: 0") {
+            break out;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "M1 still answers {hello} {:?} after M2 died:\n{out}\n{}",
+            start.elapsed(),
+            lab.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("withdrawn {:?} after M2's meshd died", start.elapsed());
+    assert!(
+        gone.contains("status: NOERROR") || gone.contains("status: NXDOMAIN"),
+        "{gone}"
+    );
+    // M1's own services still answer.
+    assert_eq!(
+        short(&lab, "m1pod", M1_DNS, "web.demo.svc.clusterset.local", "A"),
+        "10.96.0.10"
+    );
+
+    let mut m2 = lab.start_meshd(2, |config| config);
+    let back = wait_for_answer(&lab, "m1pod", M1_DNS, hello, "10.97.0.20");
+    eprintln!("restored {back:?} after M2's meshd restarted");
+    let page = lab.exec_ok(
+        "m1pod",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{hello}/"),
+        ],
+    );
+    assert_eq!(page.trim(), "hello from m2");
+    let _ = m2.kill();
+    let _ = m2.wait();
+}
+
 #[test]
 fn meshd_answers_clusterset_local_for_its_exports() {
     if !root_or_skip("meshd_answers_clusterset_local_for_its_exports") {
@@ -33,27 +130,38 @@ fn meshd_answers_clusterset_local_for_its_exports() {
     }
     let lab = Lab::up("td", "meshd", "meshd");
     let web = "web.demo.svc.clusterset.local";
+    wait_for_answer(&lab, "m2pod", M2_DNS, &format!("m1.{web}"), "10.96.0.10");
 
-    // ClusterSetIP, from a pod of the same cluster, over UDP and TCP.
-    assert_eq!(short(&lab, "m2pod", M2_DNS, web, "A"), "10.97.0.10");
+    // ClusterSetIP, from a pod of the same cluster, over UDP and TCP: the local cluster first.
+    assert_eq!(
+        short(&lab, "m2pod", M2_DNS, web, "A"),
+        "10.97.0.10\n10.96.0.10"
+    );
     assert_eq!(
         dig(&lab, "m2pod", M2_DNS, &[web, "A", "+tcp", "+short"]).trim(),
-        "10.97.0.10"
+        "10.97.0.10\n10.96.0.10"
     );
     // The same through the tunnel, from the other cluster's pod.
-    assert_eq!(short(&lab, "m1pod", M2_DNS, web, "A"), "10.97.0.10");
-    // Per cluster, and the other cluster's name (no catalog sync yet): unknown.
+    assert_eq!(
+        short(&lab, "m1pod", M2_DNS, web, "A"),
+        "10.97.0.10\n10.96.0.10"
+    );
+    // Per cluster.
     assert_eq!(
         short(&lab, "m2pod", M2_DNS, &format!("m2.{web}"), "A"),
         "10.97.0.10"
     );
-    let full = dig(&lab, "m2pod", M2_DNS, &[&format!("m1.{web}"), "A"]);
+    assert_eq!(
+        short(&lab, "m2pod", M2_DNS, &format!("m1.{web}"), "A"),
+        "10.96.0.10"
+    );
+    let full = dig(&lab, "m2pod", M2_DNS, &[&format!("m3.{web}"), "A"]);
     assert!(full.contains("status: NXDOMAIN"), "{full}");
 
-    // Headless: the ready endpoints, and one endpoint by hostname.
+    // Headless: the ready endpoints of every cluster, and one endpoint by hostname.
     assert_eq!(
         short(&lab, "m1pod", M1_DNS, "db.demo.svc.clusterset.local", "A"),
-        M1_POD
+        format!("{M1_POD}\n{M2_POD}")
     );
     assert_eq!(
         short(
@@ -79,7 +187,7 @@ fn meshd_answers_clusterset_local_for_its_exports() {
             "_pg._tcp.db.demo.svc.clusterset.local",
             "SRV"
         ),
-        "0 100 5432 db-0.m1.db.demo.svc.clusterset.local."
+        "0 50 5432 db-0.m1.db.demo.svc.clusterset.local.\n0 50 5432 db-0.m2.db.demo.svc.clusterset.local."
     );
 
     // The version TXT record.
@@ -134,7 +242,7 @@ fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
 
     let mut text = std::fs::read_to_string(&exports).unwrap();
     text.push_str(
-        "\n[[services]]\nnamespace = \"demo\"\nname = \"api\"\nips = [\"10.97.0.20\"]\nendpoints = [{ ip = \"10.245.1.10\" }]\n",
+        "\n[[services]]\nnamespace = \"demo\"\nname = \"api\"\nips = [\"10.97.0.30\"]\nendpoints = [{ ip = \"10.245.1.10\" }]\n",
     );
     std::fs::write(&exports, &text).unwrap();
     let hup = || {
@@ -143,7 +251,7 @@ fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
     };
     hup();
     let start = Instant::now();
-    while short(&lab, "m2pod", M2_DNS, api, "A") != "10.97.0.20" {
+    while short(&lab, "m2pod", M2_DNS, api, "A") != "10.97.0.30" {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "api never appeared after SIGHUP; log:\n{}",
@@ -151,9 +259,11 @@ fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The new generation reaches M1 through its held catalog request.
+    wait_for_answer(&lab, "m1pod", M1_DNS, api, "10.97.0.30");
 
     // A refused file on reload: logged, and DNS keeps answering from the running catalog.
-    std::fs::write(&exports, text.replace("10.97.0.20", "10.97.0.300")).unwrap();
+    std::fs::write(&exports, text.replace("10.97.0.30", "10.97.0.300")).unwrap();
     hup();
     let start = Instant::now();
     while !lab.log(2).contains("exports file refused") {
@@ -165,9 +275,9 @@ fn exports_are_reread_on_sighup_and_a_bad_file_keeps_the_running_catalog() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        lab.log(2).contains("services[2] (demo/api).ips[0]"),
+        lab.log(2).contains("services[3] (demo/api).ips[0]"),
         "{}",
         lab.log(2)
     );
-    assert_eq!(short(&lab, "m2pod", M2_DNS, api, "A"), "10.97.0.20");
+    assert_eq!(short(&lab, "m2pod", M2_DNS, api, "A"), "10.97.0.30");
 }

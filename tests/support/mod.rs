@@ -181,6 +181,12 @@ impl Lab {
     /// starts a new meshd on it; returns once the new one serves its UAPI socket. The caller
     /// owns (and must reap) the new process.
     pub fn restart_meshd(&self, i: u8, edit: impl FnOnce(String) -> String) -> std::process::Child {
+        self.kill_meshd(i);
+        self.start_meshd(i, edit)
+    }
+
+    /// Kills gateway `i`'s meshd (SIGKILL: no goodbye to its peer) and waits until it is gone.
+    pub fn kill_meshd(&self, i: u8) {
         let old = self.pid(i);
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(old, libc::SIGKILL) };
@@ -192,6 +198,11 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(!alive(), "meshd {old} did not die");
+    }
+
+    /// Starts meshd in gateway `i` (after [`Lab::kill_meshd`]) with its config rewritten by
+    /// `edit`; returns once it serves its UAPI socket. The caller owns (and must reap) it.
+    pub fn start_meshd(&self, i: u8, edit: impl FnOnce(String) -> String) -> std::process::Child {
         let socket = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.iface(i)));
         let _ = std::fs::remove_file(&socket);
         let config = self.state.join(format!("m{i}.toml"));
