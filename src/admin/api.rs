@@ -24,6 +24,10 @@ pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// timer tick; the rest is slack for the once-a-second sampler that observes the counters.
 pub const NO_REPLY_AFTER: Duration = Duration::from_secs(12);
 
+/// A probed peer that leaves the health probe unanswered this long is down (the probe goes out
+/// every second; see `crate::discovery::probe`).
+pub const PROBE_DOWN_AFTER: Duration = crate::discovery::probe::DOWN_AFTER;
+
 /// Whether a peer carries traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +64,9 @@ pub struct Observation {
     /// How long traffic we sent (other than keepalives) has waited for any reply; `None`: nothing
     /// is waiting.
     pub unanswered_for: Option<Duration>,
+    /// For a probed peer (one with a `tunnel_address`): how long it has left the health probe
+    /// unanswered (since its last reply, or since probing began). `None`: not probed.
+    pub probe_silence: Option<Duration>,
 }
 
 /// The status rule: up, handshaking or down, with the reason in words.
@@ -76,6 +83,15 @@ pub fn classify(o: &Observation) -> (PeerState, String) {
             "no handshake completed yet; is the peer running and reachable over UDP?".into(),
         );
     };
+    if let Some(silence) = o.probe_silence.filter(|s| *s > PROBE_DOWN_AFTER) {
+        return (
+            PeerState::Down,
+            format!(
+                "no answer to the health probe through the tunnel for {}s; is the peer's meshd running, and its tunnel_address right?",
+                silence.as_secs()
+            ),
+        );
+    }
     if since > REJECT_AFTER_TIME {
         return (
             PeerState::Down,
@@ -142,6 +158,10 @@ pub struct PeerView {
     /// Round trip of the last handshake we initiated (initiation to response), in milliseconds;
     /// not a data-path RTT. `null` until we have initiated one.
     pub handshake_rtt_ms: Option<u32>,
+    /// Round trip through the tunnel of the last answered health probe, in milliseconds; `null`
+    /// for a peer without `tunnel_address` or one that never answered.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     pub allowed_cidrs: Vec<IpNet>,
     /// The tunnel MTU packets to this peer are sent with.
     pub mtu: u16,
@@ -195,7 +215,32 @@ mod tests {
             since_handshake: secs(30),
             since_last_rx: secs(2),
             unanswered_for: None,
+            probe_silence: None,
         }
+    }
+
+    #[test]
+    fn a_probed_peer_that_stops_answering_is_down_at_once() {
+        let silent = |ms| Observation {
+            probe_silence: Some(Duration::from_millis(ms)),
+            ..live()
+        };
+        assert_eq!(classify(&silent(3000)).0, PeerState::Up);
+        let (state, reason) = classify(&silent(4200));
+        assert_eq!(state, PeerState::Down);
+        assert!(
+            reason.starts_with("no answer to the health probe through the tunnel for 4s"),
+            "{reason}"
+        );
+        let never = Observation {
+            since_handshake: None,
+            ..silent(9000)
+        };
+        assert_eq!(
+            classify(&never).0,
+            PeerState::Handshaking,
+            "handshake first"
+        );
     }
 
     #[test]

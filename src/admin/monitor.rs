@@ -8,6 +8,7 @@
 
 use super::api::{classify, Observation, PeerView};
 use crate::dataplane::{Dataplane, Peer};
+use crate::discovery::probe::Prober;
 use crate::keys::PublicKey;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -109,6 +110,7 @@ impl Track {
 /// Samples the dataplane's peers and builds their views.
 pub struct PeerMonitor {
     dataplane: Arc<Dataplane>,
+    prober: Arc<Prober>,
     mtu: u16,
     tracks: Mutex<HashMap<PublicKey, Track>>,
 }
@@ -122,10 +124,11 @@ impl std::fmt::Debug for PeerMonitor {
 }
 
 impl PeerMonitor {
-    /// A monitor over `dataplane`, whose tunnel MTU is `mtu`.
-    pub fn new(dataplane: Arc<Dataplane>, mtu: u16) -> Arc<Self> {
+    /// A monitor over `dataplane`, whose tunnel MTU is `mtu`, with the health probe's results.
+    pub fn new(dataplane: Arc<Dataplane>, prober: Arc<Prober>, mtu: u16) -> Arc<Self> {
         Arc::new(PeerMonitor {
             dataplane,
+            prober,
             mtu,
             tracks: Mutex::new(HashMap::new()),
         })
@@ -173,6 +176,7 @@ impl PeerMonitor {
                 let status = peer.status();
                 let rtt = peer.tunn().stats().4;
                 let track = tracks.get(&want.public_key);
+                let probe = self.prober.status(&want.public_key);
                 let last_handshake = status
                     .last_handshake
                     .max(track.and_then(|t| t.last_handshake));
@@ -184,6 +188,7 @@ impl PeerMonitor {
                     unanswered_for: track
                         .and_then(|t| t.unanswered_since)
                         .map(|t| now.duration_since(t)),
+                    probe_silence: probe.map(|p| p.since_reply.unwrap_or(p.probing_for)),
                 };
                 let (state, reason) = classify(&observation);
                 let (rx_rate, tx_rate) =
@@ -204,6 +209,7 @@ impl PeerMonitor {
                     rx_rate,
                     tx_rate,
                     handshake_rtt_ms: rtt,
+                    rtt_ms: probe.and_then(|p| p.rtt).map(|r| r.as_secs_f64() * 1e3),
                     allowed_cidrs: want.allowed_ips.clone(),
                     mtu: self.mtu,
                 })

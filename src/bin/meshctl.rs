@@ -176,6 +176,7 @@ fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
         "ENDPOINT",
         "STATUS",
         "HANDSHAKE",
+        "RTT",
         "RX",
         "TX",
         "RATE",
@@ -197,6 +198,8 @@ fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
             endpoint,
             p.status.as_str().to_string(),
             ago(p.last_handshake, now),
+            p.rtt_ms
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}ms")),
             human_bytes(p.rx_bytes),
             human_bytes(p.tx_bytes),
             format!(
@@ -228,6 +231,14 @@ fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
         text.push_str(line.trim_end());
         text.push('\n');
     }
+    for p in peers.iter().filter(|p| p.status != PeerState::Up) {
+        text.push_str(&format!(
+            "{} is {}: {}\n",
+            p.name,
+            p.status.as_str(),
+            p.reason
+        ));
+    }
     text
 }
 
@@ -250,6 +261,7 @@ mod tests {
             rx_rate: 1_572_864,
             tx_rate: 900,
             handshake_rtt_ms: Some(1),
+            rtt_ms: Some(0.42),
             allowed_cidrs: vec![
                 "10.245.0.0/16".parse().unwrap(),
                 "10.97.0.0/16".parse().unwrap(),
@@ -273,6 +285,7 @@ mod tests {
             rx_rate: 0,
             tx_rate: 0,
             handshake_rtt_ms: None,
+            rtt_ms: None,
             allowed_cidrs: vec!["10.246.0.0/16".parse().unwrap()],
             mtu: 1420,
         }
@@ -282,9 +295,10 @@ mod tests {
     fn the_table_has_one_aligned_row_per_peer() {
         let text = render_table(&[m2(), m3()], false, 1_000_000);
         let expected = "\
-NAME  ENDPOINT                      STATUS  HANDSHAKE  RX          TX          RATE                        ALLOWED CIDRS
-m2    192.0.2.2:51820               up      12s ago    188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16
-m3    198.51.100.7:40000 (learned)  down    never      0 B         148 B       0 B/s in, 0 B/s out         10.246.0.0/16
+NAME  ENDPOINT                      STATUS  HANDSHAKE  RTT    RX          TX          RATE                        ALLOWED CIDRS
+m2    192.0.2.2:51820               up      12s ago    0.4ms  188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16
+m3    198.51.100.7:40000 (learned)  down    never      -      0 B         148 B       0 B/s in, 0 B/s out         10.246.0.0/16
+m3 is down: no handshake for 200s
 ";
         assert_eq!(text, expected);
     }
@@ -293,8 +307,8 @@ m3    198.51.100.7:40000 (learned)  down    never      0 B         148 B       0
     fn the_wide_table_adds_key_and_mtu() {
         let text = render_table(&[m2()], true, 1_000_000);
         let expected = "\
-NAME  ENDPOINT         STATUS  HANDSHAKE  RX          TX          RATE                        ALLOWED CIDRS               PUBLIC KEY                                    MTU
-m2    192.0.2.2:51820  up      12s ago    188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16  n0PlabeYSPRAaj+L3VYH9mHjsEIfgmTPmaCqEzcpd2U=  1420
+NAME  ENDPOINT         STATUS  HANDSHAKE  RTT    RX          TX          RATE                        ALLOWED CIDRS               PUBLIC KEY                                    MTU
+m2    192.0.2.2:51820  up      12s ago    0.4ms  188.74 MiB  203.93 MiB  1.50 MiB/s in, 900 B/s out  10.245.0.0/16,10.97.0.0/16  n0PlabeYSPRAaj+L3VYH9mHjsEIfgmTPmaCqEzcpd2U=  1420
 ";
         assert_eq!(text, expected);
     }

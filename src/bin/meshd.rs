@@ -196,7 +196,7 @@ async fn control_plane(
         None => tokio::spawn(futures::future::pending()),
     };
 
-    let monitor = PeerMonitor::new(dataplane.clone(), mtu);
+    let monitor = PeerMonitor::new(dataplane.clone(), prober.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
     let (controller, mut wanted) = Controller::new(dataplane);
     let mut routes = RouteTable::new(&config.interface, ifindex)
