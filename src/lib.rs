@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod diagnose;
 pub mod discovery;
 pub mod dns;
 pub mod keys;

@@ -193,6 +193,30 @@ pub struct StatusView {
     /// meshd's crate version.
     pub version: String,
     pub health: HealthView,
+    /// This cluster's CIDRs (`local_cidrs`).
+    #[serde(default)]
+    pub local_cidrs: Vec<IpNet>,
+    /// The tunnel MTU.
+    #[serde(default)]
+    pub mtu: u16,
+    /// The underlay's MTU now, and how meshd found it (which interface).
+    #[serde(default)]
+    pub underlay_mtu: u16,
+    #[serde(default)]
+    pub underlay: String,
+    /// Where the DNS responder and `/metrics` listen; `null`: off.
+    #[serde(default)]
+    pub dns_listen: Option<String>,
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+}
+
+/// The body of `GET /v1/exports`: the clusterset view (local catalog first) and the catalog
+/// sync with each peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportsResponse {
+    pub view: crate::discovery::ClustersetView,
+    pub sync: Vec<crate::discovery::clusterset::SyncStatus>,
 }
 
 /// The body of every error answer.

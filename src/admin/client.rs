@@ -4,7 +4,7 @@
 //! answer), so no HTTP library is needed on the client side. Errors say which socket was tried
 //! and what to do.
 
-use super::api::{ErrorBody, PeersResponse, StatusView};
+use super::api::{ErrorBody, ExportsResponse, PeersResponse, StatusView};
 use serde::de::DeserializeOwned;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -60,6 +60,10 @@ impl AdminClient {
 
     pub fn status(&self) -> Result<StatusView, ClientError> {
         self.get("/v1/status")
+    }
+
+    pub fn exports(&self) -> Result<ExportsResponse, ClientError> {
+        self.get("/v1/exports")
     }
 
     fn get<T: DeserializeOwned>(&self, target: &str) -> Result<T, ClientError> {

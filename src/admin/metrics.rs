@@ -10,7 +10,9 @@
 use super::api::PeerState;
 use super::monitor::PeerMonitor;
 use crate::dataplane::{Dataplane, DropReason};
+use crate::discovery::ClustersetView;
 use crate::dns::{QueryCounters, QueryRcode, QueryType};
+use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -172,6 +174,48 @@ impl Collector for StatusCollector {
         )?;
         let labels = [("version", env!("CARGO_PKG_VERSION"))];
         ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        Ok(())
+    }
+}
+
+/// Encodes the clusterset's size on every scrape: services exported here and imported from
+/// each peer.
+#[derive(Debug)]
+pub struct ClustersetCollector {
+    view: Arc<ArcSwap<ClustersetView>>,
+}
+
+impl ClustersetCollector {
+    pub fn new(view: Arc<ArcSwap<ClustersetView>>) -> Self {
+        ClustersetCollector { view }
+    }
+}
+
+impl Collector for ClustersetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.view.load();
+        let family = encoder.encode_descriptor(
+            "meshd_exported_services",
+            "Services this cluster exports (its local catalog).",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        let local = view
+            .clusters
+            .first()
+            .map_or(0, |c| c.catalog.services.len());
+        ConstGauge::new(local as i64).encode(family)?;
+        let mut family = encoder.encode_descriptor(
+            "meshd_imported_services",
+            "Services in each peer's last good catalog (label peer: the peer's cluster name), whether or not the peer is reachable now.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for entry in view.clusters.iter().skip(1) {
+            let labels = [("peer", entry.catalog.cluster.as_str())];
+            ConstGauge::new(entry.catalog.services.len() as i64)
+                .encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

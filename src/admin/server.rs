@@ -5,8 +5,10 @@
 //! socket is created mode 0600 (its directory 0700 when meshd creates it), so only root reads
 //! meshd's state. `/healthz` and `/readyz` serve kubelet's probes from a [`Health`].
 
-use super::api::{ErrorBody, HealthView, PeersResponse, StatusView};
+use super::api::{ErrorBody, ExportsResponse, HealthView, PeersResponse, StatusView};
 use super::monitor::PeerMonitor;
+use crate::control::routes::underlay_mtu;
+use crate::discovery::clusterset::Clusterset;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -74,12 +76,17 @@ impl Health {
 pub struct Identity {
     pub cluster: String,
     pub interface: String,
+    pub local_cidrs: Vec<ipnet::IpNet>,
+    pub mtu: u16,
+    pub dns_listen: Option<std::net::SocketAddr>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
 struct AdminState {
     monitor: Arc<PeerMonitor>,
     health: Arc<Health>,
+    clusterset: Arc<Clusterset>,
     identity: Identity,
 }
 
@@ -101,6 +108,7 @@ async fn peers(State(state): State<AdminState>) -> Json<PeersResponse> {
 
 async fn status(State(state): State<AdminState>) -> Json<StatusView> {
     let dataplane = state.monitor.dataplane();
+    let (underlay_mtu, underlay) = underlay_mtu(&state.identity.interface);
     Json(StatusView {
         cluster: state.identity.cluster.clone(),
         interface: state.identity.interface.clone(),
@@ -111,18 +119,37 @@ async fn status(State(state): State<AdminState>) -> Json<StatusView> {
             .map(|k| k.public_key().to_base64()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         health: state.health.view(),
+        local_cidrs: state.identity.local_cidrs.clone(),
+        mtu: state.identity.mtu,
+        underlay_mtu,
+        underlay,
+        dns_listen: state.identity.dns_listen.map(|a| a.to_string()),
+        metrics_listen: state.identity.metrics_listen.map(|a| a.to_string()),
+    })
+}
+
+async fn exports(State(state): State<AdminState>) -> Json<ExportsResponse> {
+    Json(ExportsResponse {
+        view: (**state.clusterset.snapshot().load()).clone(),
+        sync: state.clusterset.sync_status(),
     })
 }
 
 /// The admin API's routes.
-pub fn admin_router(monitor: Arc<PeerMonitor>, health: Arc<Health>, identity: Identity) -> Router {
+pub fn admin_router(
+    monitor: Arc<PeerMonitor>,
+    health: Arc<Health>,
+    clusterset: Arc<Clusterset>,
+    identity: Identity,
+) -> Router {
     Router::new()
         .route("/v1/peers", get(peers))
         .route("/v1/status", get(status))
+        .route("/v1/exports", get(exports))
         .fallback(|uri: axum::http::Uri| async move {
             error(
                 StatusCode::NOT_FOUND,
-                format!("no such endpoint {uri}; meshd serves GET /v1/peers and GET /v1/status"),
+                format!("no such endpoint {uri}; meshd serves GET /v1/peers, /v1/status and /v1/exports"),
             )
         })
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
@@ -134,6 +161,7 @@ pub fn admin_router(monitor: Arc<PeerMonitor>, health: Arc<Health>, identity: Id
         .with_state(AdminState {
             monitor,
             health,
+            clusterset,
             identity,
         })
 }

@@ -1,14 +1,19 @@
-//! meshctl: the command line for meshd: keys, and the peers a running meshd serves on its admin
-//! socket (`meshctl peers`; docs/meshctl.md).
+//! meshctl: the command line for meshd: keys, and what a running meshd serves on its admin
+//! socket: peers, exports, DNS explanations, diagnostics (docs/meshctl.md).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use meshd::admin::api::{PeerState, PeerView, DEFAULT_ADMIN_SOCKET};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use meshd::admin::api::{ExportsResponse, PeerState, PeerView, DEFAULT_ADMIN_SOCKET};
 use meshd::admin::client::AdminClient;
+use meshd::diagnose::{self, Outcome};
+use meshd::discovery::catalog::ServiceType;
 use meshd::keys::PrivateKey;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often `meshctl peers --watch` refreshes.
@@ -35,6 +40,47 @@ enum Command {
     /// Show meshd's peers: endpoint, status, last handshake, traffic, allowed CIDRs.
     /// Exits 0 when every peer is up, 1 when any is not, 2 when meshd cannot be reached.
     Peers(PeersArgs),
+    /// Show the clusterset: each cluster's catalog and sync state, and which cluster serves
+    /// which exported service. Exits 2 when meshd cannot be reached.
+    Exports(ExportsArgs),
+    /// Ask meshd's DNS responder for NAME and explain the answer from the clusterset view.
+    Resolve(ResolveArgs),
+    /// Check this gateway: CIDR overlaps, MTU, handshakes, routes, DNS, catalog sync, metrics.
+    /// Exits 0 when every check passes, 1 when any fails, 2 when meshd cannot be reached.
+    Diagnose(SocketArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SocketArgs {
+    /// meshd's admin socket (its admin_socket setting).
+    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportsArgs {
+    #[command(flatten)]
+    socket: SocketArgs,
+    /// Output format: table, or json (the admin API's GET /v1/exports).
+    #[arg(long, short, value_enum, default_value_t = ExportsOutput::Table)]
+    output: ExportsOutput,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportsOutput {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct ResolveArgs {
+    #[command(flatten)]
+    socket: SocketArgs,
+    /// The name to resolve, e.g. web.demo.svc.clusterset.local.
+    name: String,
+    /// The record type to ask for.
+    #[arg(long = "type", short = 't', default_value = "A")]
+    qtype: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +133,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             writeln!(stdout, "{}", key.public_key())?;
         }
         Command::Peers(args) => return peers(&args, &mut stdout),
+        Command::Exports(args) => return exports(&args, &mut stdout),
+        Command::Resolve(args) => return resolve(&args, &mut stdout),
+        Command::Diagnose(args) => return diagnose(&args, &mut stdout),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -135,6 +184,225 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
     }
 }
 
+/// Prints the error of an unreachable meshd and gives its exit code.
+fn unreachable(e: impl std::fmt::Display) -> Result<ExitCode> {
+    eprintln!("meshctl: error: {e}");
+    Ok(ExitCode::from(EXIT_UNREACHABLE))
+}
+
+fn exports(args: &ExportsArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let answer = match AdminClient::new(&args.socket.socket).exports() {
+        Ok(a) => a,
+        Err(e) => return unreachable(e),
+    };
+    match args.output {
+        ExportsOutput::Json => {
+            serde_json::to_writer_pretty(&mut *out, &answer)?;
+            writeln!(out)?;
+        }
+        ExportsOutput::Table => write!(out, "{}", render_exports(&answer, unix_now()))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The clusters (with their sync state) and the services (with the clusters serving them).
+fn render_exports(answer: &ExportsResponse, now: u64) -> String {
+    let view = &answer.view;
+    let mut clusters = vec![["CLUSTER", "STATUS", "GENERATION", "SERVICES", "SYNC"]
+        .map(String::from)
+        .to_vec()];
+    for (i, entry) in view.clusters.iter().enumerate() {
+        let c = &entry.catalog;
+        let sync = answer.sync.iter().find(|s| s.peer == c.cluster);
+        clusters.push(vec![
+            if i == 0 {
+                format!("{} (local)", c.cluster)
+            } else {
+                c.cluster.clone()
+            },
+            if entry.up { "up" } else { "down" }.to_string(),
+            c.generation.to_string(),
+            c.services.len().to_string(),
+            match sync {
+                None => "-".to_string(),
+                Some(s) => match &s.last_error {
+                    Some(e) => format!("failing: {e}"),
+                    None => format!("answered {}", ago(s.last_answer, now)),
+                },
+            },
+        ]);
+    }
+    for s in answer
+        .sync
+        .iter()
+        .filter(|s| !view.clusters.iter().any(|c| c.catalog.cluster == s.peer))
+    {
+        clusters.push(vec![
+            s.peer.clone(),
+            if s.reachable { "up" } else { "down" }.to_string(),
+            "-".to_string(),
+            "-".to_string(),
+            format!(
+                "no catalog yet{}",
+                s.last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        ]);
+    }
+    let mut services: std::collections::BTreeMap<
+        (String, String),
+        Vec<&meshd::discovery::catalog::ExportedService>,
+    > = std::collections::BTreeMap::new();
+    let mut servers: std::collections::BTreeMap<(String, String), Vec<String>> =
+        std::collections::BTreeMap::new();
+    for entry in &view.clusters {
+        for s in &entry.catalog.services {
+            let key = (s.namespace.clone(), s.name.clone());
+            services.entry(key.clone()).or_default().push(s);
+            servers.entry(key).or_default().push(if entry.up {
+                entry.catalog.cluster.clone()
+            } else {
+                format!("{} (down)", entry.catalog.cluster)
+            });
+        }
+    }
+    let mut rows = vec![["SERVICE", "TYPE", "CLUSTERS", "ADDRESSES", "PORTS"]
+        .map(String::from)
+        .to_vec()];
+    for ((ns, name), list) in &services {
+        let first = list[0];
+        let addresses: Vec<String> = list
+            .iter()
+            .flat_map(|s| match s.service_type {
+                ServiceType::ClusterSetIP => s.ips.clone(),
+                ServiceType::Headless => s.ready_endpoints().map(|e| e.ip).collect(),
+            })
+            .map(|ip| ip.to_string())
+            .collect();
+        let ports: Vec<String> = first
+            .ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}/{}",
+                    p.name.as_deref().unwrap_or("-"),
+                    p.protocol,
+                    p.port
+                )
+            })
+            .collect();
+        rows.push(vec![
+            format!("{ns}/{name}"),
+            format!("{:?}", first.service_type),
+            servers[&(ns.clone(), name.clone())].join(", "),
+            addresses.join(", "),
+            ports.join(","),
+        ]);
+    }
+    let mut text = align(&clusters);
+    text.push('\n');
+    if services.is_empty() {
+        text.push_str("no services are exported anywhere in the clusterset\n");
+    } else {
+        text.push_str(&align(&rows));
+    }
+    if !view.loaded {
+        text.push_str(
+            "meshd has not finished its first catalog sync: DNS answers SERVFAIL until then\n",
+        );
+    }
+    text
+}
+
+fn resolve(args: &ResolveArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let client = AdminClient::new(&args.socket.socket);
+    let (status, exports) = match client.status().and_then(|s| Ok((s, client.exports()?))) {
+        Ok(both) => both,
+        Err(e) => return unreachable(e),
+    };
+    let qtype = RecordType::from_str(&args.qtype.to_ascii_uppercase()).map_err(|_| {
+        anyhow::anyhow!(
+            "--type '{}' is not a DNS record type; use A, AAAA, SRV or TXT",
+            args.qtype
+        )
+    })?;
+    let Some(listen) = status.dns_listen.as_deref() else {
+        anyhow::bail!("meshd's DNS responder is off (dns_listen = \"off\"); turn it on to resolve clusterset.local names");
+    };
+    let server = diagnose::dns_target(listen).map_err(anyhow::Error::msg)?;
+    let answer = diagnose::ask_dns(server, &args.name, qtype).map_err(anyhow::Error::msg)?;
+    writeln!(
+        out,
+        ";; {} {} from meshd's DNS at {}: {}",
+        args.name, qtype, answer.server, answer.rcode
+    )?;
+    for record in &answer.records {
+        writeln!(out, "{record}")?;
+    }
+    if answer.records.is_empty() {
+        writeln!(out, ";; no records")?;
+    }
+    writeln!(out, ";; why:")?;
+    for line in diagnose::explain(&exports.view, &args.name) {
+        writeln!(out, ";;   {line}")?;
+    }
+    Ok(
+        if answer.rcode == ResponseCode::NoError && !answer.records.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_NOT_UP)
+        },
+    )
+}
+
+fn diagnose(args: &SocketArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let client = AdminClient::new(&args.socket);
+    let gathered = client.status().and_then(|status| {
+        Ok(diagnose::Gathered {
+            peers: client.peers()?.peers,
+            exports: client.exports()?,
+            routes: diagnose::kernel_routes(),
+            dns: status.dns_listen.as_deref().map(|listen| {
+                diagnose::dns_target(listen).and_then(|server| {
+                    diagnose::ask_dns(server, "dns-version.clusterset.local", RecordType::TXT)
+                })
+            }),
+            metrics: status.metrics_listen.as_deref().map(diagnose::scrape),
+            now: unix_now(),
+            status,
+        })
+    });
+    let gathered = match gathered {
+        Ok(g) => g,
+        Err(e) => {
+            writeln!(out, "FAIL  admin         {e}")?;
+            return Ok(ExitCode::from(EXIT_UNREACHABLE));
+        }
+    };
+    let checks = diagnose::run_checks(&gathered);
+    for check in &checks {
+        let mark = match check.outcome {
+            Outcome::Pass => "ok  ",
+            Outcome::Fail => "FAIL",
+            Outcome::Skip => "skip",
+        };
+        writeln!(out, "{mark}  {:<12}  {}", check.name, check.detail)?;
+        if let Some(fix) = &check.fix {
+            writeln!(out, "      {:<12}  fix: {fix}", "")?;
+        }
+    }
+    let failed = checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
+    if failed == 0 {
+        writeln!(out, "all checks passed")?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        writeln!(out, "{failed} check(s) failed")?;
+        Ok(ExitCode::from(EXIT_NOT_UP))
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -167,6 +435,28 @@ fn ago(then: Option<u64>, now: u64) -> String {
         60..3600 => format!("{}m{}s ago", s / 60, s % 60),
         _ => format!("{}h{}m ago", s / 3600, (s % 3600) / 60),
     }
+}
+
+/// Rows as aligned columns (two spaces apart), the first row being the header.
+fn align(rows: &[Vec<String>]) -> String {
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == columns {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
 }
 
 /// The peers as an aligned table with a header row; `wide` adds the public key and MTU.
@@ -214,23 +504,7 @@ fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
         }
         rows.push(row);
     }
-    let columns = rows[0].len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut text = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == columns {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
-            }
-        }
-        text.push_str(line.trim_end());
-        text.push('\n');
-    }
+    let mut text = align(&rows);
     for p in peers.iter().filter(|p| p.status != PeerState::Up) {
         text.push_str(&format!(
             "{} is {}: {}\n",

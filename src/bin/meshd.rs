@@ -223,6 +223,7 @@ async fn control_plane(
                 monitor.clone(),
             );
             prober.register_metrics(&mut registry);
+            registry.register_collector(Box::new(metrics::ClustersetCollector::new(view.clone())));
             sync_errors.register(&mut registry);
             tokio::spawn(metrics::serve(listener, registry))
         }
@@ -243,9 +244,14 @@ async fn control_plane(
     let admin_router = admin::admin_router(
         monitor,
         health,
+        clusterset.clone(),
         admin::Identity {
             cluster: config.cluster.clone(),
             interface: config.interface.clone(),
+            local_cidrs: config.local_cidrs.clone(),
+            mtu,
+            dns_listen: config.dns_listen,
+            metrics_listen: config.metrics_listen,
         },
     );
     let mut admin_task = tokio::spawn(admin::serve_admin(admin_listener, admin_router));

@@ -1,10 +1,12 @@
 //! Catalog sync between gateways, with no broker: each meshd serves its local catalog on its
 //! tunnel address and long-polls every peer's.
 //!
-//! `GET /v1/catalog?after=G` on `tunnel_address:discovery_port` (TCP, HTTP/1) answers at once
-//! with the local catalog as JSON when its generation is not `G`, else holds the request until the
-//! catalog changes or [`HOLD`] passes and answers `304 Not Modified`: an unchanged catalog costs
-//! one small exchange every 20 s. Only a configured peer's `tunnel_address` may ask (403 for
+//! `GET /v1/catalog` on `tunnel_address:discovery_port` (TCP, HTTP/1) answers with the local
+//! catalog as JSON and an `ETag` naming its version: this meshd's instance (random at start) and
+//! the catalog's generation. A request with `If-None-Match` carrying the current tag is held
+//! until the catalog changes or [`HOLD`] passes (then `304 Not Modified`): an unchanged catalog
+//! costs one small exchange every 20 s, and a restarted peer (new instance, generations counted
+//! from 1 again) is always fetched anew. Only a configured peer's `tunnel_address` may ask (403 for
 //! anyone else); since the request arrives through WireGuard, whose cryptokey routing only lets
 //! a peer send from its allowed CIDRs, the address proves which peer is asking.
 //!
@@ -17,8 +19,8 @@
 use super::catalog::ExportCatalog;
 use super::clusterset::Clusterset;
 use super::probe::Prober;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -157,16 +159,30 @@ pub fn accept_catalog(peer: &SyncPeer, body: &[u8]) -> Result<ExportCatalog, Syn
 /// What one request to a peer brought back.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
-    Changed(ExportCatalog),
+    /// A new catalog, with its version tag.
+    Changed(ExportCatalog, String),
     Unchanged,
 }
 
-/// Asks `peer` once for a catalog newer than `after`, from `local` (our tunnel address).
+/// The value of header `name` in a raw HTTP response's head.
+fn header<'a>(raw: &'a [u8], name: &str) -> Option<&'a str> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    std::str::from_utf8(&raw[..end])
+        .ok()?
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Asks `peer` once for its catalog, from `local` (our tunnel address); with `known`, the tag
+/// of the catalog we have, the peer holds the request while that is still current.
 pub async fn fetch(
     local: IpAddr,
     peer: &SyncPeer,
     port: u16,
-    after: u64,
+    known: Option<&str>,
 ) -> Result<Answer, SyncError> {
     let to = SocketAddr::new(peer.tunnel_address, port);
     let unreachable = |e: std::io::Error| {
@@ -193,9 +209,12 @@ pub async fn fetch(
         })?
         .map_err(unreachable)?;
     let exchange = async {
+        let condition = known
+            .map(|tag| format!("If-None-Match: {tag}\r\n"))
+            .unwrap_or_default();
         stream
             .write_all(
-                format!("GET /v1/catalog?after={after} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes(),
+                format!("GET /v1/catalog HTTP/1.0\r\nHost: {to}\r\n{condition}\r\n").as_bytes(),
             )
             .await?;
         let mut raw = Vec::new();
@@ -221,7 +240,18 @@ pub async fn fetch(
         )
     })?;
     match status {
-        200 => accept_catalog(peer, body).map(Answer::Changed),
+        200 => {
+            let tag = header(&raw, "etag").ok_or_else(|| {
+                fail(
+                    SyncFailure::Malformed,
+                    format!("{to} sent a catalog without an ETag"),
+                )
+            })?;
+            Ok(Answer::Changed(
+                accept_catalog(peer, body)?,
+                tag.to_string(),
+            ))
+        }
         304 => Ok(Answer::Unchanged),
         other => Err(fail(
             SyncFailure::Refused,
@@ -244,17 +274,17 @@ pub async fn follow_peer(
     port: u16,
     peer: SyncPeer,
 ) {
-    let mut after = 0;
+    let mut known: Option<String> = None;
     let mut probes = prober.changes();
     loop {
         let outcome = tokio::select! {
-            r = fetch(local, &peer, port, after) => r,
+            r = fetch(local, &peer, port, known.as_deref()) => r,
             _ = probes.changed() => continue,
         };
         let pause = match outcome {
-            Ok(Answer::Changed(catalog)) => {
+            Ok(Answer::Changed(catalog, tag)) => {
                 tracing::info!(peer = %peer.name, generation = catalog.generation, services = catalog.services.len(), "catalog received");
-                after = catalog.generation;
+                known = Some(tag);
                 hub.remote_answered(&peer.name, Some(catalog));
                 continue;
             }
@@ -349,18 +379,19 @@ impl Drop for Followers {
 struct ServeState {
     catalog: watch::Receiver<ExportCatalog>,
     prober: Arc<Prober>,
+    instance: u64,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct CatalogQuery {
-    #[serde(default)]
-    after: u64,
+impl ServeState {
+    fn tag(&self, generation: u64) -> String {
+        format!("\"{:016x}-{generation}\"", self.instance)
+    }
 }
 
 async fn serve_catalog(
     State(state): State<ServeState>,
     ConnectInfo(from): ConnectInfo<SocketAddr>,
-    Query(query): Query<CatalogQuery>,
+    headers: HeaderMap,
 ) -> Response {
     if !state.prober.is_peer_address(from.ip()) {
         return (
@@ -381,14 +412,18 @@ async fn serve_catalog(
         )
             .into_response();
     }
-    if generation == query.after {
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    if known == Some(state.tag(generation).as_str()) {
         if let Ok(Ok(())) = tokio::time::timeout(HOLD, rx.changed()).await {
         } else {
             return StatusCode::NOT_MODIFIED.into_response();
         }
     }
     let catalog = rx.borrow().clone();
-    axum::Json(catalog).into_response()
+    let tag = state.tag(catalog.generation);
+    ([(header::ETAG, tag)], axum::Json(catalog)).into_response()
 }
 
 /// Serves the local catalog to peers on `listener` (bound to our tunnel address).
@@ -399,7 +434,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/v1/catalog", axum::routing::get(serve_catalog))
-        .with_state(ServeState { catalog, prober });
+        .with_state(ServeState {
+            catalog,
+            prober,
+            instance: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
+        });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -510,16 +549,27 @@ mod tests {
             ..peer()
         };
         let me: IpAddr = "127.0.0.3".parse().unwrap();
-        let first = fetch(me, &m2, port, 0).await.unwrap();
-        assert_eq!(first, Answer::Changed(catalog()));
+        let Answer::Changed(first, tag) = fetch(me, &m2, port, None).await.unwrap() else {
+            panic!("no catalog at the first ask");
+        };
+        assert_eq!(first, catalog());
+        assert!(tag.ends_with("-3\""), "{tag}");
 
-        let held = tokio::spawn(async move { fetch(me, &m2, port, 3).await });
+        // Another instance's tag for the same generation is not current: answered at once.
+        let other = format!("\"{:016x}-3\"", 7);
+        let again = fetch(me, &m2, port, Some(&other)).await.unwrap();
+        assert!(matches!(again, Answer::Changed(..)), "{again:?}");
+
+        let held = tokio::spawn(async move { fetch(me, &m2, port, Some(&tag)).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!held.is_finished(), "an unchanged catalog was not held");
         let mut newer = catalog();
         newer.generation = 4;
         tx.send_replace(newer.clone());
-        assert_eq!(held.await.unwrap().unwrap(), Answer::Changed(newer));
+        let Answer::Changed(got, _) = held.await.unwrap().unwrap() else {
+            panic!("the held request did not get the new catalog");
+        };
+        assert_eq!(got, newer);
 
         let stranger: IpAddr = "127.0.0.4".parse().unwrap();
         let e = fetch(
@@ -529,7 +579,7 @@ mod tests {
                 ..peer()
             },
             port,
-            0,
+            None,
         )
         .await
         .unwrap_err();

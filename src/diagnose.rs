@@ -1,0 +1,798 @@
+//! `meshctl diagnose` and `meshctl resolve`: the checks, the DNS question, the explanation.
+//!
+//! The checks are pure functions of what meshctl gathered ([`Gathered`]: the admin API's answers,
+//! the kernel's routes, a DNS answer, a `/metrics` scrape), so each can be tested alone; the
+//! gathering is the small I/O part at the bottom. Every failing check says what to do.
+
+use crate::admin::api::{ExportsResponse, PeerState, PeerView, StatusView, REJECT_AFTER_TIME};
+use crate::config::TUNNEL_OVERHEAD;
+use crate::discovery::catalog::{ClustersetView, ServiceType};
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use ipnet::IpNet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A catalog sync answer older than this is stale (a live peer answers every 20 s).
+pub const SYNC_FRESH: Duration = Duration::from_secs(60);
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Fail,
+    /// Not applicable here (e.g. the DNS responder is off).
+    Skip,
+}
+
+/// One line of the report: the check, its outcome, what was seen, and the fix when it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub outcome: Outcome,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        outcome: Outcome::Pass,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        name,
+        outcome: Outcome::Fail,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+fn skip(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        outcome: Outcome::Skip,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+/// Everything the checks look at.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    pub status: StatusView,
+    pub peers: Vec<PeerView>,
+    pub exports: ExportsResponse,
+    /// Kernel routes: (interface, prefix).
+    pub routes: Vec<(String, IpNet)>,
+    /// The answer to `dns-version.clusterset.local TXT`, or why there is none; `None`: DNS off.
+    pub dns: Option<Result<DnsAnswer, String>>,
+    /// A `/metrics` scrape, or why it failed; `None`: metrics off.
+    pub metrics: Option<Result<String, String>>,
+    /// Unix time now.
+    pub now: u64,
+}
+
+/// Runs every check, in the order the report prints them.
+pub fn run_checks(g: &Gathered) -> Vec<Check> {
+    vec![
+        admin(g),
+        overlaps(g),
+        mtu(g),
+        handshakes(g),
+        routes(g),
+        dns(g),
+        catalog_sync(g),
+        metrics(g),
+    ]
+}
+
+fn admin(g: &Gathered) -> Check {
+    if g.status.health.live && g.status.health.ready {
+        pass(
+            "admin",
+            format!(
+                "meshd {} on {} answers; dataplane live, routes programmed",
+                g.status.version, g.status.interface
+            ),
+        )
+    } else {
+        fail(
+            "admin",
+            format!("meshd answers but reports health {:?}", g.status.health),
+            "a dataplane thread stopped or routes are not programmed: read meshd's log and restart it",
+        )
+    }
+}
+
+fn overlaps(g: &Gathered) -> Check {
+    let mut owned: Vec<(String, IpNet)> = g
+        .status
+        .local_cidrs
+        .iter()
+        .map(|c| (format!("local cluster {}", g.status.cluster), *c))
+        .collect();
+    for p in &g.peers {
+        owned.extend(
+            p.allowed_cidrs
+                .iter()
+                .map(|c| (format!("peer {}", p.name), *c)),
+        );
+    }
+    for (i, (a_owner, a)) in owned.iter().enumerate() {
+        for (b_owner, b) in &owned[i + 1..] {
+            if a_owner != b_owner && (a.contains(&b.network()) || b.contains(&a.network())) {
+                return fail(
+                    "cidr-overlap",
+                    format!("{a_owner} {a} overlaps {b_owner} {b}"),
+                    "every address must route to exactly one cluster: narrow or remove one of them (pod and service CIDRs of joined clusters must not overlap)",
+                );
+            }
+        }
+    }
+    pass("cidr-overlap", format!("{} CIDRs, no overlap", owned.len()))
+}
+
+fn mtu(g: &Gathered) -> Check {
+    let need = u32::from(g.status.mtu) + u32::from(TUNNEL_OVERHEAD);
+    if u32::from(g.status.underlay_mtu) >= need {
+        pass(
+            "mtu",
+            format!(
+                "tunnel MTU {} + {TUNNEL_OVERHEAD} fits the underlay's {} ({})",
+                g.status.mtu, g.status.underlay_mtu, g.status.underlay
+            ),
+        )
+    } else {
+        fail(
+            "mtu",
+            format!(
+                "tunnel MTU {} + {TUNNEL_OVERHEAD} bytes of WireGuard overhead exceeds the underlay's {} ({}): full-size packets will be dropped or fragmented",
+                g.status.mtu, g.status.underlay_mtu, g.status.underlay
+            ),
+            format!(
+                "set mtu = {} (or less) in meshd's config and restart it, or raise the underlay's MTU",
+                g.status.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD)
+            ),
+        )
+    }
+}
+
+fn handshakes(g: &Gathered) -> Check {
+    let bad: Vec<String> = g
+        .peers
+        .iter()
+        .filter(|p| {
+            p.status != PeerState::Up
+                || p.last_handshake
+                    .is_none_or(|t| g.now.saturating_sub(t) > REJECT_AFTER_TIME.as_secs())
+        })
+        .map(|p| format!("{} is {}: {}", p.name, p.status.as_str(), p.reason))
+        .collect();
+    if g.peers.is_empty() {
+        skip("handshakes", "no peers configured")
+    } else if bad.is_empty() {
+        pass(
+            "handshakes",
+            format!("{} peer(s) up with a live session", g.peers.len()),
+        )
+    } else {
+        fail(
+            "handshakes",
+            bad.join("; "),
+            "check the peer's meshd is running, its endpoint is reachable over UDP (firewall, NAT: set persistent_keepalive on the side behind NAT) and both sides have each other's public key; see docs/troubleshooting.md",
+        )
+    }
+}
+
+fn routes(g: &Gathered) -> Check {
+    let iface = &g.status.interface;
+    let mut missing = Vec::new();
+    for p in &g.peers {
+        for cidr in &p.allowed_cidrs {
+            let covered = g
+                .routes
+                .iter()
+                .any(|(dev, net)| dev == iface && net.contains(cidr));
+            if !covered {
+                missing.push(format!("{cidr} (peer {})", p.name));
+            }
+        }
+    }
+    if missing.is_empty() {
+        pass(
+            "routes",
+            format!("every peer CIDR is routed through {iface}"),
+        )
+    } else {
+        fail(
+            "routes",
+            format!("no route through {iface} for {}", missing.join(", ")),
+            format!("something removed meshd's routes: restart meshd (or `ip route add CIDR dev {iface}`), and look for another agent managing routes"),
+        )
+    }
+}
+
+fn dns(g: &Gathered) -> Check {
+    match &g.dns {
+        None => skip("dns", "the DNS responder is off (dns_listen = \"off\")"),
+        Some(Ok(a)) if a.rcode == ResponseCode::NoError && a.records.iter().any(|r| r.contains("1.0.0")) => pass(
+            "dns",
+            format!("{} answers dns-version.clusterset.local", a.server),
+        ),
+        Some(Ok(a)) => fail(
+            "dns",
+            format!("{} answered {} {:?}", a.server, a.rcode, a.records),
+            "the responder is not ready (SERVFAIL until the first catalog sync) or something else answers on dns_listen; read meshd's log",
+        ),
+        Some(Err(e)) => fail(
+            "dns",
+            e.clone(),
+            "meshd's DNS responder does not answer: check dns_listen's address exists on this host and nothing blocks UDP 53 to it; read meshd's log",
+        ),
+    }
+}
+
+fn catalog_sync(g: &Gathered) -> Check {
+    if g.exports.sync.is_empty() {
+        return skip(
+            "catalog-sync",
+            "no peer has a tunnel_address: no catalogs are exchanged",
+        );
+    }
+    let bad: Vec<String> = g
+        .exports
+        .sync
+        .iter()
+        .filter_map(|s| {
+            let fresh = s
+                .last_answer
+                .is_some_and(|t| g.now.saturating_sub(t) <= SYNC_FRESH.as_secs());
+            match (&s.last_error, fresh) {
+                (Some(e), _) => Some(format!("{}: {e}", s.peer)),
+                (None, false) => Some(format!(
+                    "{}: no answer for over {}s",
+                    s.peer,
+                    SYNC_FRESH.as_secs()
+                )),
+                (None, true) => None,
+            }
+        })
+        .collect();
+    if bad.is_empty() {
+        pass(
+            "catalog-sync",
+            format!("{} peer catalog(s) fresh", g.exports.sync.len()),
+        )
+    } else {
+        fail(
+            "catalog-sync",
+            bad.join("; "),
+            "the peer's meshd must be up and list this gateway's tunnel address as its peer's tunnel_address; both must use the same discovery_port",
+        )
+    }
+}
+
+fn metrics(g: &Gathered) -> Check {
+    match &g.metrics {
+        None => skip("metrics", "metrics are off (metrics_listen = \"off\")"),
+        Some(Ok(body)) if body.contains("meshd_build_info") => pass(
+            "metrics",
+            format!(
+                "/metrics on {} answers",
+                g.status.metrics_listen.as_deref().unwrap_or("?")
+            ),
+        ),
+        Some(Ok(_)) => fail(
+            "metrics",
+            "/metrics answered without meshd's metrics",
+            "another program answers on metrics_listen: give meshd a free address",
+        ),
+        Some(Err(e)) => fail(
+            "metrics",
+            e.clone(),
+            "meshd's /metrics does not answer: check metrics_listen and that nothing blocks it",
+        ),
+    }
+}
+
+/// A DNS answer, as `meshctl resolve` and the `dns` check need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsAnswer {
+    pub server: SocketAddr,
+    pub rcode: ResponseCode,
+    /// Answer records in presentation form: `name TTL type data`.
+    pub records: Vec<String>,
+}
+
+/// Where to send DNS questions for a `dns_listen` address: a wildcard means loopback.
+pub fn dns_target(listen: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("meshd reports dns_listen '{listen}', which is not ip:port"))?;
+    Ok(match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    })
+}
+
+/// Asks `server` one question over UDP.
+pub fn ask_dns(server: SocketAddr, name: &str, qtype: RecordType) -> Result<DnsAnswer, String> {
+    let qname = Name::from_str(name).map_err(|e| format!("'{name}' is not a DNS name: {e}"))?;
+    let mut msg = Message::query();
+    msg.metadata.id = rand_id();
+    msg.add_query(Query::query(qname, qtype));
+    let bytes = msg
+        .to_vec()
+        .map_err(|e| format!("cannot encode the question: {e}"))?;
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let socket = UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    socket
+        .set_read_timeout(Some(DNS_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    socket
+        .send_to(&bytes, server)
+        .map_err(|e| format!("cannot send a DNS question to {server}: {e}"))?;
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).map_err(|e| {
+        format!(
+            "no DNS answer from {server} within {}s: {e}",
+            DNS_TIMEOUT.as_secs()
+        )
+    })?;
+    let reply = Message::from_vec(&buf[..n])
+        .map_err(|e| format!("{server} answered something that is not DNS: {e}"))?;
+    Ok(DnsAnswer {
+        server,
+        rcode: reply.metadata.response_code,
+        records: reply
+            .answers
+            .iter()
+            .map(|r| format!("{} {} {} {}", r.name, r.ttl, r.record_type(), r.data))
+            .collect(),
+    })
+}
+
+fn rand_id() -> u16 {
+    let mut b = [0u8; 2];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    u16::from_be_bytes(b)
+}
+
+/// `GET /metrics` from `addr` (a wildcard address means loopback).
+pub fn scrape(listen: &str) -> Result<String, String> {
+    let addr =
+        dns_target(listen).map_err(|_| format!("metrics_listen '{listen}' is not ip:port"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("cannot connect to /metrics on {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("cannot ask {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    match crate::admin::client::split_response(&raw) {
+        Some((200, body)) => Ok(String::from_utf8_lossy(body).into_owned()),
+        Some((code, _)) => Err(format!("/metrics on {addr} answered {code}")),
+        None => Err(format!("{addr} did not answer HTTP")),
+    }
+}
+
+/// The kernel's routes (IPv4 and IPv6) in this network namespace: (interface, prefix).
+pub fn kernel_routes() -> Vec<(String, IpNet)> {
+    let mut routes = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/route") {
+        routes.extend(parse_ipv4_routes(&text));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        routes.extend(parse_ipv6_routes(&text));
+    }
+    routes
+}
+
+/// `/proc/net/route`: Iface, Destination, Gateway, Flags, RefCnt, Use, Metric, Mask (hex, in
+/// host byte order, which is little-endian on the machines meshd runs on).
+fn parse_ipv4_routes(text: &str) -> Vec<(String, IpNet)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let dest = u32::from_str_radix(cols.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(cols.get(7)?, 16).ok()?;
+            let addr = std::net::Ipv4Addr::from(u32::from_be(dest));
+            let prefix = u32::from_be(mask).count_ones() as u8;
+            Some((cols[0].to_string(), IpNet::new(addr.into(), prefix).ok()?))
+        })
+        .collect()
+}
+
+/// `/proc/net/ipv6_route`: destination (32 hex digits), prefix length (hex), ..., interface last.
+fn parse_ipv6_routes(text: &str) -> Vec<(String, IpNet)> {
+    text.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let dest = u128::from_str_radix(cols.first()?, 16).ok()?;
+            let prefix = u8::from_str_radix(cols.get(1)?, 16).ok()?;
+            let addr = std::net::Ipv6Addr::from(dest);
+            Some((
+                cols.last()?.to_string(),
+                IpNet::new(addr.into(), prefix).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// What a `clusterset.local` name refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameParts {
+    pub namespace: String,
+    pub service: String,
+    /// `<cluster>.<svc>...`: one cluster's answer only.
+    pub cluster: Option<String>,
+    /// `<hostname>.<cluster>.<svc>...`: one headless endpoint.
+    pub hostname: Option<String>,
+    /// `_<port>._<proto>.<svc>...`: an SRV name.
+    pub port: Option<(String, String)>,
+}
+
+/// Splits `[host.][cluster.]svc.ns.svc.clusterset.local` or `_port._proto.svc.ns.svc...`.
+pub fn parse_name(name: &str) -> Option<NameParts> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = name.strip_suffix(".svc.clusterset.local")?;
+    let labels: Vec<&str> = rest.split('.').collect();
+    let (prefix, ns_svc) = labels.split_at(labels.len().checked_sub(2)?);
+    let mut parts = NameParts {
+        service: ns_svc[0].to_string(),
+        namespace: ns_svc[1].to_string(),
+        cluster: None,
+        hostname: None,
+        port: None,
+    };
+    match prefix {
+        [] => {}
+        [port, proto] if port.starts_with('_') && proto.starts_with('_') => {
+            parts.port = Some((port[1..].to_string(), proto[1..].to_string()))
+        }
+        [cluster] => parts.cluster = Some(cluster.to_string()),
+        [host, cluster] => {
+            parts.hostname = Some(host.to_string());
+            parts.cluster = Some(cluster.to_string());
+        }
+        _ => return None,
+    }
+    Some(parts)
+}
+
+/// Explains, from the clusterset view, what meshd's answer for `name` is made of.
+pub fn explain(view: &ClustersetView, name: &str) -> Vec<String> {
+    if !view.loaded {
+        return vec![
+            "meshd has not finished its first catalog sync: it answers SERVFAIL until then".into(),
+        ];
+    }
+    if name
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case("dns-version.clusterset.local")
+    {
+        return vec!["the MCS DNS specification version meshd implements".into()];
+    }
+    let Some(parts) = parse_name(name) else {
+        return vec![format!(
+            "'{name}' is not a service name meshd knows the form of: <svc>.<ns>.svc.clusterset.local, <cluster>.<svc>.<ns>.svc.clusterset.local, <hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local or _<port>._<proto>.<svc>.<ns>.svc.clusterset.local (names outside clusterset.local are REFUSED)"
+        )];
+    };
+    let mut lines = Vec::new();
+    let mut exporters = 0;
+    for entry in &view.clusters {
+        let catalog = &entry.catalog;
+        let Some(s) = catalog
+            .services
+            .iter()
+            .find(|s| s.namespace == parts.namespace && s.name == parts.service)
+        else {
+            continue;
+        };
+        exporters += 1;
+        let local = std::ptr::eq(entry, &view.clusters[0]);
+        let ready = s.ready_endpoints().count();
+        let what = match s.service_type {
+            ServiceType::ClusterSetIP => format!(
+                "ClusterSetIP {}",
+                s.ips
+                    .iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ServiceType::Headless => "Headless".to_string(),
+        };
+        let verdict = if parts
+            .cluster
+            .as_deref()
+            .is_some_and(|c| c != catalog.cluster)
+        {
+            "not asked for (the name names another cluster)".to_string()
+        } else if !entry.up {
+            "left out: its gateway does not answer the health probe through the tunnel".to_string()
+        } else if ready == 0 {
+            "left out: no ready endpoints".to_string()
+        } else {
+            "in the answer".to_string()
+        };
+        lines.push(format!(
+            "cluster {}{}: {what}, {ready} ready endpoint(s), generation {}: {verdict}",
+            catalog.cluster,
+            if local { " (local)" } else { "" },
+            catalog.generation
+        ));
+    }
+    if exporters == 0 {
+        let mut others: Vec<String> = view
+            .clusters
+            .iter()
+            .flat_map(|c| c.catalog.services.iter())
+            .filter(|s| s.namespace == parts.namespace)
+            .map(|s| s.name.clone())
+            .collect();
+        others.sort();
+        others.dedup();
+        lines.push(format!(
+            "no cluster exports {}/{} (NXDOMAIN); exported in namespace {}: {}",
+            parts.namespace,
+            parts.service,
+            parts.namespace,
+            if others.is_empty() {
+                "nothing".to_string()
+            } else {
+                others.join(", ")
+            }
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::HealthView;
+    use crate::discovery::catalog::{ClusterEntry, Endpoint, ExportCatalog, ExportedService};
+    use crate::discovery::clusterset::SyncStatus;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn peer() -> PeerView {
+        PeerView {
+            name: "m2".into(),
+            public_key: "k".into(),
+            endpoint: Some("192.0.2.2:51820".into()),
+            configured_endpoint: Some("192.0.2.2:51820".into()),
+            endpoint_learned: false,
+            status: PeerState::Up,
+            reason: "fine".into(),
+            last_handshake: Some(NOW - 10),
+            rx_bytes: 1,
+            tx_bytes: 1,
+            rx_rate: 0,
+            tx_rate: 0,
+            handshake_rtt_ms: None,
+            rtt_ms: Some(0.3),
+            allowed_cidrs: vec![
+                "10.245.0.0/16".parse().unwrap(),
+                "100.64.0.2/32".parse().unwrap(),
+            ],
+            mtu: 1420,
+        }
+    }
+
+    fn view() -> ClustersetView {
+        let svc = |ip: &str, ep: &str| ExportedService {
+            namespace: "demo".into(),
+            name: "web".into(),
+            service_type: ServiceType::ClusterSetIP,
+            ips: vec![ip.parse().unwrap()],
+            ports: vec![],
+            endpoints: vec![Endpoint {
+                ip: ep.parse().unwrap(),
+                hostname: None,
+                ready: true,
+            }],
+        };
+        ClustersetView {
+            loaded: true,
+            clusters: vec![
+                ClusterEntry {
+                    up: true,
+                    catalog: ExportCatalog {
+                        cluster: "m1".into(),
+                        generation: 1,
+                        services: vec![svc("10.96.0.10", "10.244.1.10")],
+                    },
+                },
+                ClusterEntry {
+                    up: false,
+                    catalog: ExportCatalog {
+                        cluster: "m2".into(),
+                        generation: 3,
+                        services: vec![svc("10.97.0.10", "10.245.1.10")],
+                    },
+                },
+            ],
+        }
+    }
+
+    fn healthy() -> Gathered {
+        Gathered {
+            status: StatusView {
+                cluster: "m1".into(),
+                interface: "m1wg".into(),
+                listen_port: 51820,
+                public_key: None,
+                version: "0.1.0".into(),
+                health: HealthView {
+                    live: true,
+                    ready: true,
+                },
+                local_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                mtu: 1420,
+                underlay_mtu: 1500,
+                underlay: "interface ul0".into(),
+                dns_listen: Some("10.244.1.1:53".into()),
+                metrics_listen: Some("0.0.0.0:9090".into()),
+            },
+            peers: vec![peer()],
+            exports: ExportsResponse {
+                view: view(),
+                sync: vec![SyncStatus {
+                    peer: "m2".into(),
+                    generation: Some(3),
+                    services: 1,
+                    reachable: true,
+                    last_answer: Some(NOW - 5),
+                    last_error: None,
+                }],
+            },
+            routes: vec![
+                ("m1wg".into(), "10.245.0.0/16".parse().unwrap()),
+                ("m1wg".into(), "100.64.0.0/24".parse().unwrap()),
+            ],
+            dns: Some(Ok(DnsAnswer {
+                server: "10.244.1.1:53".parse().unwrap(),
+                rcode: ResponseCode::NoError,
+                records: vec!["dns-version.clusterset.local. 5 TXT \"1.0.0\"".into()],
+            })),
+            metrics: Some(Ok("meshd_build_info{version=\"0.1.0\"} 1".into())),
+            now: NOW,
+        }
+    }
+
+    fn outcome(g: &Gathered, name: &str) -> Outcome {
+        run_checks(g)
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .outcome
+    }
+
+    #[test]
+    fn a_healthy_gateway_passes_everything() {
+        for c in run_checks(&healthy()) {
+            assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn each_fault_fails_its_check() {
+        let mut g = healthy();
+        g.peers[0]
+            .allowed_cidrs
+            .push("10.244.5.0/24".parse().unwrap());
+        assert_eq!(outcome(&g, "cidr-overlap"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.status.underlay_mtu = 1400;
+        assert_eq!(outcome(&g, "mtu"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.peers[0].status = PeerState::Down;
+        assert_eq!(outcome(&g, "handshakes"), Outcome::Fail);
+        let mut g = healthy();
+        g.peers[0].last_handshake = Some(NOW - 181);
+        assert_eq!(outcome(&g, "handshakes"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.routes.remove(0);
+        let c = run_checks(&g)
+            .into_iter()
+            .find(|c| c.name == "routes")
+            .unwrap();
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("10.245.0.0/16 (peer m2)"), "{c:?}");
+
+        let mut g = healthy();
+        g.dns = Some(Err("no DNS answer".into()));
+        assert_eq!(outcome(&g, "dns"), Outcome::Fail);
+        g.dns = None;
+        assert_eq!(outcome(&g, "dns"), Outcome::Skip);
+
+        let mut g = healthy();
+        g.exports.sync[0].last_answer = Some(NOW - 61);
+        assert_eq!(outcome(&g, "catalog-sync"), Outcome::Fail);
+        let mut g = healthy();
+        g.exports.sync[0].last_error = Some("connection refused".into());
+        assert_eq!(outcome(&g, "catalog-sync"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.metrics = Some(Err("refused".into()));
+        assert_eq!(outcome(&g, "metrics"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.status.health.ready = false;
+        assert_eq!(outcome(&g, "admin"), Outcome::Fail);
+    }
+
+    #[test]
+    fn proc_routes_parse() {
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  m1wg\t0000F50A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        assert_eq!(
+            parse_ipv4_routes(v4),
+            vec![("m1wg".to_string(), "10.245.0.0/16".parse().unwrap())]
+        );
+        let v6 = "fd000245000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     m1wg\n";
+        assert_eq!(
+            parse_ipv6_routes(v6),
+            vec![("m1wg".to_string(), "fd00:245::/64".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn names_split_into_their_parts() {
+        let p = parse_name("web.demo.svc.clusterset.local.").unwrap();
+        assert_eq!((p.service.as_str(), p.namespace.as_str()), ("web", "demo"));
+        let p = parse_name("db-0.m1.db.demo.svc.clusterset.local").unwrap();
+        assert_eq!(p.hostname.as_deref(), Some("db-0"));
+        assert_eq!(p.cluster.as_deref(), Some("m1"));
+        let p = parse_name("_http._tcp.web.demo.svc.clusterset.local").unwrap();
+        assert_eq!(p.port, Some(("http".into(), "tcp".into())));
+        assert_eq!(parse_name("example.com"), None);
+        assert_eq!(parse_name("a.b.c.web.demo.svc.clusterset.local"), None);
+    }
+
+    #[test]
+    fn explanations_name_the_clusters_and_why() {
+        let lines = explain(&view(), "web.demo.svc.clusterset.local");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("cluster m1 (local): ClusterSetIP 10.96.0.10"),
+            "{lines:?}"
+        );
+        assert!(lines[0].ends_with("in the answer"), "{lines:?}");
+        assert!(
+            lines[1].contains("does not answer the health probe"),
+            "{lines:?}"
+        );
+        let lines = explain(&view(), "api.demo.svc.clusterset.local");
+        assert_eq!(
+            lines,
+            vec!["no cluster exports demo/api (NXDOMAIN); exported in namespace demo: web"]
+        );
+    }
+}
