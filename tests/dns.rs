@@ -79,6 +79,22 @@ fn services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down() {
         "10.96.0.10"
     );
 
+    let body = lab.http_get("m1gw", "127.0.0.1:9090", "/metrics");
+    assert_eq!(
+        metric(&body, "meshd_exported_services"),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "meshd_imported_services{peer=\"m2\"}"),
+        Some(3.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "meshd_peer_rtt_seconds_count{peer=\"m2\"}").is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+
     lab.kill_meshd(2);
     let start = Instant::now();
     let gone = loop {
