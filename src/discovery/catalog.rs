@@ -203,7 +203,8 @@ pub struct ClustersetView {
     /// False until the local catalog has been read once: the responder answers SERVFAIL until
     /// then rather than denying names it may soon know.
     pub loaded: bool,
-    /// The local cluster first, then the remote clusters by name.
+    /// The local cluster first, then the remote clusters: by name from [`ClustersetView::build`],
+    /// re-ranked nearest first by the clusterset hub (`super::clusterset::order_by_rtt`).
     pub clusters: Vec<ClusterEntry>,
 }
 

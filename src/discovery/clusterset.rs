@@ -21,8 +21,19 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Notify};
+
+/// How often the view is rebuilt even without a change, to re-rank clusters by RTT.
+pub const REORDER_EVERY: Duration = Duration::from_secs(10);
+
+/// Sorts the remote clusters (everything after the local one) by the RTT `rtt_of` gives for
+/// their name, nearest first; clusters without an RTT go last, in name order.
+pub fn order_by_rtt(view: &mut ClustersetView, rtt_of: impl Fn(&str) -> Option<Duration>) {
+    if let Some(remotes) = view.clusters.get_mut(1..) {
+        remotes.sort_by_key(|c| rtt_of(&c.catalog.cluster).unwrap_or(Duration::MAX));
+    }
+}
 
 #[derive(Debug)]
 struct Remote {
@@ -188,13 +199,21 @@ impl Clusterset {
         let loaded = local.generation > 0 && remotes.values().all(|r| r.asked);
         let mut view = ClustersetView::build(local, &entries);
         view.loaded = loaded;
+        order_by_rtt(&mut view, |cluster| {
+            remotes
+                .get(cluster)
+                .and_then(|r| self.prober.status(&r.key))
+                .and_then(|s| s.rtt)
+        });
         view
     }
 
-    /// Rebuilds and publishes the view on every change, until the task is dropped.
+    /// Rebuilds and publishes the view on every change, and every [`REORDER_EVERY`] so that the
+    /// remote clusters follow their RTTs, until the task is dropped.
     pub async fn run(self: Arc<Self>) {
         let mut local = self.local.subscribe();
         let mut probes = self.prober.changes();
+        let mut reorder = tokio::time::interval(REORDER_EVERY);
         loop {
             let view = Arc::new(self.build());
             if **self.snapshot.load() != *view {
@@ -205,6 +224,7 @@ impl Clusterset {
                 r = local.changed() => if r.is_err() { return },
                 r = probes.changed() => if r.is_err() { return },
                 _ = self.changed.notified() => {}
+                _ = reorder.tick() => {}
             }
         }
     }
@@ -221,6 +241,36 @@ mod tests {
             generation,
             services: Vec::new(),
         }
+    }
+
+    #[test]
+    fn remote_clusters_are_ranked_by_rtt_after_the_local_one() {
+        let entry = |name: &str| ClusterEntry {
+            up: true,
+            catalog: catalog(name, 1),
+        };
+        let mut view = ClustersetView {
+            loaded: true,
+            clusters: vec![
+                entry("m1"),
+                entry("m2"),
+                entry("m3"),
+                entry("m4"),
+                entry("m5"),
+            ],
+        };
+        let rtts = [("m1", 0), ("m2", 40), ("m3", 5), ("m5", 12)];
+        order_by_rtt(&mut view, |name| {
+            rtts.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, ms)| Duration::from_millis(*ms))
+        });
+        let names: Vec<&str> = view
+            .clusters
+            .iter()
+            .map(|c| c.catalog.cluster.as_str())
+            .collect();
+        assert_eq!(names, ["m1", "m3", "m5", "m2", "m4"]);
     }
 
     #[test]
