@@ -286,6 +286,7 @@ fn check_service(
         ips,
         ports,
         endpoints,
+        exported_at: None,
     })
 }
 
