@@ -740,6 +740,35 @@ async fn a_namespace_deleted_mid_watch_withdraws_its_services() {
         .cloned()
         .collect();
     assert!(writes_to_demo.is_empty(), "{writes_to_demo:?}");
+
+    // m2 exports a service in the namespace this cluster no longer has: the create is refused
+    // (404) and retried, and succeeds once the namespace is back, with no other change to wake
+    // the watcher.
+    watcher.set_view(view(vec![(
+        "m2",
+        vec![remote_service("demo", "api", 80, "2026-01-01T00:00:00Z")],
+    )]));
+    let refused_creates = |server: &ApiServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "POST"
+                    && r.path.ends_with("/namespaces/demo/serviceimports")
+                    && r.status == 404
+            })
+            .count()
+    };
+    eventually("a create in the deleted namespace", || {
+        refused_creates(&server) >= 1
+    })
+    .await;
+    assert!(server.get("ServiceImport", "demo", "api").is_none());
+    server.create_namespace("demo");
+    eventually("the import created on a retry", || {
+        server.get("ServiceImport", "demo", "api").is_some()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -945,10 +974,9 @@ async fn a_forbidden_status_write_keeps_the_catalog_and_is_retried() {
     let catalog = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
     assert_eq!(catalog.generation, 1);
     eventually("a refused status patch", || {
-        server
-            .requests()
-            .iter()
-            .any(|r| r.method == "PATCH" && r.path.ends_with("/serviceexports/web/status"))
+        server.requests().iter().any(|r| {
+            r.method == "PATCH" && r.path.ends_with("/serviceexports/web/status") && r.status == 403
+        })
     })
     .await;
     assert!(condition(&server, "demo", "web", "Valid").is_none());
@@ -1034,4 +1062,99 @@ async fn a_burst_of_changes_is_one_generation_and_the_watcher_stops_with_the_vie
         .await
         .expect("run returns once the view's sender is gone");
     assert!(stopped.unwrap().is_ok());
+}
+
+/// The ClusterRole's rules in deploy/base/rbac.yaml as (verb, resource) pairs. The file keeps
+/// each rule's lists in flow style (`verbs: ["get", "list"]`), which is all this reads.
+fn granted() -> std::collections::BTreeSet<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let list = |line: &str, key: &str| -> Option<Vec<String>> {
+        let rest = line.trim().trim_start_matches("- ").strip_prefix(key)?;
+        Some(
+            rest.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    };
+    let mut pairs = std::collections::BTreeSet::new();
+    let cluster_role = text
+        .split("\n---\n")
+        .find(|doc| doc.contains("\nkind: ClusterRole\n"))
+        .expect("a ClusterRole in deploy/base/rbac.yaml");
+    let mut resources = Vec::new();
+    for line in cluster_role.lines() {
+        if let Some(r) = list(line, "resources:") {
+            resources = r;
+        } else if let Some(verbs) = list(line, "verbs:") {
+            for resource in &resources {
+                for verb in &verbs {
+                    pairs.insert((verb.clone(), resource.clone()));
+                }
+            }
+        }
+    }
+    pairs
+}
+
+/// The watcher is meshd's only Kubernetes API client: the ClusterRole must grant what it uses
+/// and nothing more (a later API client adds its rules here and to the exemptions below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
+    let server = ApiServer::start().await;
+    web(&server);
+    // m2's older export on port 80: the import is created with port 80 ...
+    let mut watcher = start(
+        &server,
+        view(vec![(
+            "m2",
+            vec![remote_service("demo", "web", 80, "2026-02-01T00:00:00Z")],
+        )]),
+    );
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("the import with m2's port", || {
+        server
+            .get("ServiceImport", "demo", "web")
+            .is_some_and(|i| i["spec"]["ports"][0]["port"] == 80 && !i["status"].is_null())
+    })
+    .await;
+    // ... patched to this cluster's when m2 withdraws, and deleted when this cluster does too.
+    watcher.set_view(view(vec![("m2", vec![])]));
+    eventually("the import with this cluster's ports", || {
+        server.get("ServiceImport", "demo", "web").is_some_and(|i| {
+            i["spec"]["ports"][0]["port"] == 80 && i["spec"]["ports"].as_array().unwrap().len() == 2
+        })
+    })
+    .await;
+    server.delete("ServiceExport", "demo", "web");
+    eventually("the import deleted", || {
+        server.get("ServiceImport", "demo", "web").is_none()
+    })
+    .await;
+
+    let used: std::collections::BTreeSet<(String, String)> = server
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.rbac)
+        .collect();
+    let granted = granted();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        missing.is_empty(),
+        "the watcher uses {missing:?}, which deploy/base/rbac.yaml does not grant"
+    );
+    // Beyond what it used here, only `get` (read-only, used when a create finds the object
+    // already there) is granted.
+    let unused: Vec<_> = granted
+        .difference(&used)
+        .filter(|(verb, resource)| verb != "get" || resource.ends_with("/status"))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "deploy/base/rbac.yaml grants {unused:?}, which the watcher never uses"
+    );
 }

@@ -81,6 +81,11 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
+    /// The RBAC verb and resource (`serviceexports/status`) of a resource request; `None` for
+    /// discovery and unknown paths.
+    pub rbac: Option<(String, String)>,
+    /// The HTTP status of the answer (200 for a watch, whatever its stream then says).
+    pub status: u16,
 }
 
 impl Request {
@@ -254,6 +259,11 @@ impl ApiServer {
             let object = state.bump(object);
             self.shared.record(&mut state, key, "DELETED", object);
         }
+    }
+
+    /// Creates a namespace deleted earlier (namespaces not deleted exist without being made).
+    pub fn create_namespace(&self, namespace: &str) {
+        self.state().deleted_namespaces.remove(namespace);
     }
 
     /// The object, as a GET would return it.
@@ -506,6 +516,7 @@ fn route(shared: &Shared, path: &str) -> Route {
     })
 }
 
+/// Answers a request and logs it once answered (so a test that sees it logged sees its effect).
 async fn handle(
     shared: Arc<Shared>,
     method: Method,
@@ -513,6 +524,19 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let (mut request, response) = answer(&shared, method, uri, headers, body).await;
+    request.status = response.status().as_u16();
+    shared.state.lock().unwrap().requests.push(request);
+    response
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (Request, Response) {
     let query: BTreeMap<String, String> = uri
         .query()
         .map(|q| {
@@ -521,16 +545,19 @@ async fn handle(
                 .collect::<BTreeMap<String, String>>()
         })
         .unwrap_or_default();
-    shared.state.lock().unwrap().requests.push(Request {
+    let mut request = Request {
         method: method.to_string(),
         path: uri.path().to_string(),
         query: query.clone(),
-    });
-    let target = match route(&shared, uri.path()) {
-        Route::Discovery if method == Method::GET => return discovery(&shared),
+        rbac: None,
+        status: 0,
+    };
+    let target = match route(shared, uri.path()) {
         Route::Resource(target) => target,
+        Route::Discovery if method == Method::GET => return (request, discovery(shared)),
         _ => {
-            return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+            let response = (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+            return (request, response);
         }
     };
     let verb = match (&method, &target.name) {
@@ -541,11 +568,12 @@ async fn handle(
         (&Method::PATCH, Some(_)) => "patch",
         (&Method::DELETE, Some(_)) => "delete",
         _ => {
-            return failure(
+            let response = failure(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
                 format!("{method} is not supported here"),
-            )
+            );
+            return (request, response);
         }
     };
     let resource = if target.status {
@@ -553,6 +581,7 @@ async fn handle(
     } else {
         target.kind.plural.to_string()
     };
+    request.rbac = Some((verb.to_string(), resource.clone()));
     if shared
         .state
         .lock()
@@ -560,23 +589,29 @@ async fn handle(
         .forbidden
         .contains(&(verb.to_string(), resource.clone()))
     {
-        return failure(
+        let response = failure(
             StatusCode::FORBIDDEN,
             "Forbidden",
             format!(
-                "{resource}.{} is forbidden: User \"system:serviceaccount:meshd-system:meshd\" cannot {verb} resource \"{resource}\" in API group \"{}\"",
-                target.kind.group, target.kind.group
+                "{}.{} {}is forbidden: User \"system:serviceaccount:meshd-system:meshd\" cannot {verb} resource \"{resource}\" in API group \"{}\"{}",
+                target.kind.plural,
+                target.kind.group,
+                target.name.as_deref().map(|n| format!("\"{n}\" ")).unwrap_or_default(),
+                target.kind.group,
+                target.namespace.as_deref().map(|ns| format!(" in the namespace \"{ns}\"")).unwrap_or_default(),
             ),
         );
+        return (request, response);
     }
-    match verb {
-        "watch" => watch_response(shared, target, query).await,
-        "list" => list(&shared, &target, &query),
-        "get" => get(&shared, &target),
-        "create" => create(&shared, &target, &body),
-        "patch" => patch(&shared, &target, &headers, &body),
-        _ => delete(&shared, &target),
-    }
+    let response = match verb {
+        "watch" => watch_response(shared.clone(), target, query).await,
+        "list" => list(shared, &target, &query),
+        "get" => get(shared, &target),
+        "create" => create(shared, &target, &body),
+        "patch" => patch(shared, &target, &headers, &body),
+        _ => delete(shared, &target),
+    };
+    (request, response)
 }
 
 /// Decodes `a=b&c=d` (percent-escapes included).
