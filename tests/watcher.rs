@@ -995,6 +995,25 @@ async fn a_forbidden_status_write_keeps_the_catalog_and_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_mcs_crds_the_cluster_exports_nothing_until_they_are_installed() {
+    let server = ApiServer::start_without_mcs().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    let catalog = watcher.catalog("the empty catalog", |_| true).await;
+    assert_eq!(catalog.generation, 1);
+    assert!(catalog.services.is_empty());
+    assert_eq!(
+        lists_of(&server, "services"),
+        0,
+        "nothing is watched without the CRDs"
+    );
+
+    server.install_mcs(apiserver::MCS_VERSION_ALPHA);
+    let catalog = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    assert_eq!(catalog.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1beta1_is_used_where_the_crds_serve_it() {
     let server = ApiServer::start_serving(apiserver::MCS_VERSION_BETA).await;
     web(&server);

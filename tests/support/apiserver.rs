@@ -140,7 +140,8 @@ struct State {
 }
 
 struct Shared {
-    mcs_version: &'static str,
+    /// The version the MCS CRDs serve; `None` while they are not installed.
+    mcs_version: Mutex<Option<&'static str>>,
     state: Mutex<State>,
     events: broadcast::Sender<Broadcast>,
     hold: watch::Sender<bool>,
@@ -167,9 +168,23 @@ impl ApiServer {
 
     /// A server whose MCS CRDs serve `mcs_version` only.
     pub async fn start_serving(mcs_version: &'static str) -> ApiServer {
+        ApiServer::start_with(Some(mcs_version)).await
+    }
+
+    /// A server without the MCS CRDs, until [`install_mcs`](Self::install_mcs).
+    pub async fn start_without_mcs() -> ApiServer {
+        ApiServer::start_with(None).await
+    }
+
+    /// Installs the MCS CRDs, serving `version`.
+    pub fn install_mcs(&self, version: &'static str) {
+        *self.shared.mcs_version.lock().unwrap() = Some(version);
+    }
+
+    async fn start_with(mcs_version: Option<&'static str>) -> ApiServer {
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            mcs_version,
+            mcs_version: Mutex::new(mcs_version),
             state: Mutex::new(State {
                 rv: 100,
                 uid: 0,
@@ -211,7 +226,10 @@ impl ApiServer {
 
     /// The apiVersion of an MCS kind on this server.
     pub fn mcs_api_version(&self) -> String {
-        format!("{MCS_GROUP}/{}", self.shared.mcs_version)
+        format!(
+            "{MCS_GROUP}/{}",
+            self.shared.mcs_version().unwrap_or(MCS_VERSION_ALPHA)
+        )
     }
 
     /// Creates or replaces an object (its `kind` names the resource), with an ADDED or MODIFIED
@@ -407,6 +425,10 @@ impl State {
 }
 
 impl Shared {
+    fn mcs_version(&self) -> Option<&'static str> {
+        *self.mcs_version.lock().unwrap()
+    }
+
     fn record(
         &self,
         state: &mut State,
@@ -476,7 +498,10 @@ fn route(shared: &Shared, path: &str) -> Route {
         };
         let expected = match group {
             "discovery.k8s.io" => "v1",
-            MCS_GROUP => shared.mcs_version,
+            MCS_GROUP => match shared.mcs_version() {
+                Some(version) => version,
+                None => return Route::Unknown,
+            },
             _ => return Route::Unknown,
         };
         if version != expected {
@@ -676,7 +701,7 @@ fn discovery(shared: &Shared) -> Response {
         StatusCode::OK,
         json!({
             "kind": "APIResourceList", "apiVersion": "v1",
-            "groupVersion": format!("{MCS_GROUP}/{}", shared.mcs_version),
+            "groupVersion": format!("{MCS_GROUP}/{}", shared.mcs_version().unwrap_or_default()),
             "resources": resources,
         }),
     )
@@ -733,7 +758,7 @@ fn list(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> R
     let api_version = if target.kind.group.is_empty() {
         "v1".to_string()
     } else if target.kind.group == MCS_GROUP {
-        format!("{MCS_GROUP}/{}", shared.mcs_version)
+        format!("{MCS_GROUP}/{}", shared.mcs_version().unwrap_or_default())
     } else {
         format!("{}/v1", target.kind.group)
     };
@@ -962,7 +987,7 @@ async fn watch_response(
     let api_version = if target.kind.group.is_empty() {
         "v1".to_string()
     } else if target.kind.group == MCS_GROUP {
-        format!("{MCS_GROUP}/{}", shared.mcs_version)
+        format!("{MCS_GROUP}/{}", shared.mcs_version().unwrap_or_default())
     } else {
         format!("{}/v1", target.kind.group)
     };

@@ -28,7 +28,7 @@ mod local;
 mod status;
 mod writes;
 
-use crate::discovery::catalog::{ClustersetView, ExportCatalog};
+use crate::discovery::catalog::{ClustersetView, ExportCatalog, ExportedService};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -96,7 +96,13 @@ pub async fn run(
 ) -> Result<(), WatcherError> {
     let span = tracing::info_span!("kubernetes", cluster = %cluster);
     async move {
-        let Some(mcs) = discover(&client, &mut view).await else {
+        let mut catalog = Publisher {
+            local,
+            cluster: cluster.clone(),
+            generation: 0,
+            published: None,
+        };
+        let Some(mcs) = discover(&client, &mut view, &mut catalog).await else {
             return Ok(());
         };
         tracing::info!(
@@ -148,7 +154,7 @@ pub async fn run(
         let mut pass = writes::Pass::new(client, cluster, mcs.exports, mcs.imports);
         loop {
             let snapshot = view.borrow_and_update().clone();
-            pass.run(&stores, &snapshot, &local).await;
+            pass.run(&stores, &snapshot, &mut catalog).await;
             let retry = pass.needs_retry();
             tokio::select! {
                 _ = changed.notified() => {}
@@ -161,6 +167,35 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// This cluster's catalog going out on `local`: a new generation only when the services changed.
+pub(super) struct Publisher {
+    local: watch::Sender<ExportCatalog>,
+    cluster: String,
+    generation: u64,
+    /// The services of the last catalog published.
+    published: Option<Vec<ExportedService>>,
+}
+
+impl Publisher {
+    fn publish(&mut self, services: &[ExportedService]) {
+        if self.published.as_deref() == Some(services) {
+            return;
+        }
+        self.generation += 1;
+        self.local.send_replace(ExportCatalog {
+            cluster: self.cluster.clone(),
+            generation: self.generation,
+            services: services.to_vec(),
+        });
+        self.published = Some(services.to_vec());
+        tracing::info!(
+            generation = self.generation,
+            services = services.len(),
+            "local catalog published"
+        );
+    }
 }
 
 /// Returns when the view's sender is dropped (changes on the way are skipped: a pass always
@@ -208,16 +243,21 @@ fn watch_stopped(stopped: Option<Result<&'static str, tokio::task::JoinError>>) 
 }
 
 /// Finds the served versions of ServiceExport and ServiceImport, retrying (and logging what to do)
-/// until both are served; `None` when `view` closes first.
+/// until both are served; `None` when `view` closes first. While the API says that ServiceExports
+/// are not served, there can be none: `catalog` gets an empty catalog meanwhile.
 async fn discover(
     client: &Client,
     view: &mut watch::Receiver<Arc<ClustersetView>>,
+    catalog: &mut Publisher,
 ) -> Option<McsResources> {
     loop {
         let found = tokio::join!(
             served_version(client, "serviceexports", "ServiceExport"),
             served_version(client, "serviceimports", "ServiceImport"),
         );
+        if let (Ok(None), _) = found {
+            catalog.publish(&[]);
+        }
         match found {
             (Ok(Some(exports)), Ok(Some(imports))) => return Some(McsResources { exports, imports }),
             (Ok(None), _) | (_, Ok(None)) => tracing::warn!(

@@ -9,8 +9,8 @@
 use super::clusterset::{self, WantedImport};
 use super::local::{self, ExportVerdict};
 use super::status::{self, Condition, CONFLICT, READY, VALID};
-use super::{Stores, MANAGED_BY, RETRY};
-use crate::discovery::catalog::{ClustersetView, ExportCatalog, ExportedService, ServiceType};
+use super::{Publisher, Stores, MANAGED_BY, RETRY};
+use crate::discovery::catalog::{ClustersetView, ExportedService, ServiceType};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
@@ -20,19 +20,15 @@ use kube::Client;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::watch;
 
 type Key = (String, String);
 
-/// The state that outlives a pass: what was published, what was written, what was refused.
+/// The state that outlives a pass: what was written, what was refused.
 pub(super) struct Pass {
     client: Client,
     cluster: String,
     exports: ApiResource,
     imports: ApiResource,
-    /// The services of the last catalog published, and its generation.
-    published: Option<Vec<ExportedService>>,
-    generation: u64,
     /// Status written per export: the resourceVersion it was written over, and the conditions.
     /// Until the watch shows the write, the store still holds that version: no second write.
     written: HashMap<Key, (String, Vec<Condition>)>,
@@ -51,8 +47,6 @@ impl Pass {
             cluster,
             exports,
             imports,
-            published: None,
-            generation: 0,
             written: HashMap::new(),
             problems: Problems::default(),
         }
@@ -63,17 +57,12 @@ impl Pass {
         self.problems.retry()
     }
 
-    pub async fn run(
-        &mut self,
-        stores: &Stores,
-        view: &ClustersetView,
-        local: &watch::Sender<ExportCatalog>,
-    ) {
+    pub async fn run(&mut self, stores: &Stores, view: &ClustersetView, catalog: &mut Publisher) {
         let exports = stores.exports.state();
         let verdicts = local::decide(&exports, &stores.services.state(), &stores.slices.state());
         let services: Vec<ExportedService> =
             verdicts.iter().filter_map(|v| v.service.clone()).collect();
-        self.publish(&services, local);
+        catalog.publish(&services);
 
         self.problems.begin();
         self.write_statuses(&exports, &verdicts, &services, view)
@@ -83,24 +72,6 @@ impl Pass {
             self.write_imports(&stores.imports.state(), &wanted).await;
         }
         self.problems.end();
-    }
-
-    fn publish(&mut self, services: &[ExportedService], local: &watch::Sender<ExportCatalog>) {
-        if self.published.as_deref() == Some(services) {
-            return;
-        }
-        self.generation += 1;
-        local.send_replace(ExportCatalog {
-            cluster: self.cluster.clone(),
-            generation: self.generation,
-            services: services.to_vec(),
-        });
-        self.published = Some(services.to_vec());
-        tracing::info!(
-            generation = self.generation,
-            services = services.len(),
-            "local catalog published"
-        );
     }
 
     async fn write_statuses(
