@@ -51,6 +51,7 @@ pub struct ConfigFile {
     pub offload: Option<bool>,
     pub tx_threads: Option<usize>,
     pub exports_file: Option<PathBuf>,
+    pub kubernetes: Option<bool>,
     pub dns_listen: Option<String>,
     pub dns_ttl: Option<u32>,
     pub discovery_port: Option<u16>,
@@ -116,6 +117,10 @@ pub struct ConfigArgs {
     /// TOML file of the services this cluster exports (re-read on SIGHUP); see docs/dns.md.
     #[arg(long, env = "MESHD_EXPORTS_FILE")]
     pub exports_file: Option<PathBuf>,
+    /// Take this cluster's exports from the Kubernetes API (ServiceExport, Service, EndpointSlice;
+    /// in-cluster config or KUBECONFIG) [default: false]; excludes --exports-file. See docs/kubernetes.md.
+    #[arg(long, env = "MESHD_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: Option<bool>,
     /// Address for the clusterset.local DNS responder, UDP and TCP [default: 0.0.0.0:53]; "off" disables it.
     #[arg(long, env = "MESHD_DNS_LISTEN")]
     pub dns_listen: Option<String>,
@@ -196,8 +201,11 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     pub offload: bool,
     pub tx_threads: usize,
-    /// `None`: this cluster exports nothing (until the ServiceExport watcher exists).
+    /// `None`: this cluster exports nothing, unless `kubernetes` is set.
     pub exports_file: Option<PathBuf>,
+    /// True: the local catalog comes from the Kubernetes API (the ServiceExport watcher,
+    /// `crate::discovery::kubernetes`); never together with `exports_file`.
+    pub kubernetes: bool,
     /// `None`: the DNS responder is off.
     pub dns_listen: Option<SocketAddr>,
     pub dns_ttl: u32,
@@ -495,6 +503,18 @@ impl Config {
             ));
         }
 
+        let exports_file = args.exports_file.clone().or(file.exports_file);
+        let kubernetes = args.kubernetes.or(file.kubernetes).unwrap_or(false);
+        if let (true, Some(path)) = (kubernetes, &exports_file) {
+            return Err(field(
+                "kubernetes",
+                format!(
+                    "kubernetes = true and exports_file = \"{}\" both name the local catalog's source; drop exports_file (or --exports-file) to take exports from the Kubernetes API, or drop kubernetes (or --kubernetes) to keep the file",
+                    path.display()
+                ),
+            ));
+        }
+
         let mut peer_files: Vec<(String, PeerFile)> = file
             .peers
             .into_iter()
@@ -589,7 +609,8 @@ impl Config {
             health_listen,
             offload: args.offload.or(file.offload).unwrap_or(true),
             tx_threads,
-            exports_file: args.exports_file.clone().or(file.exports_file),
+            exports_file,
+            kubernetes,
             dns_listen,
             dns_ttl,
             discovery_port: args
@@ -876,6 +897,65 @@ mod tests {
         assert!(text.starts_with("dns_listen: '53' is not"), "{text}");
         let text = err_text(load(&fx, "dns_ttl = 86400\n"));
         assert!(text.starts_with("dns_ttl: 86400 s is above"), "{text}");
+    }
+
+    #[test]
+    fn kubernetes_is_off_by_default_and_excludes_the_exports_file() {
+        let fx = fixture();
+        assert!(!load(&fx, "").unwrap().kubernetes);
+        let cfg = load(&fx, "kubernetes = true\n").unwrap();
+        assert!(cfg.kubernetes);
+        assert_eq!(cfg.exports_file, None);
+        let text = err_text(load(
+            &fx,
+            "kubernetes = true\nexports_file = \"/etc/meshd/exports.toml\"\n",
+        ));
+        assert!(text.starts_with("kubernetes: "), "{text}");
+        assert!(text.contains("/etc/meshd/exports.toml"), "{text}");
+        assert!(text.contains("drop exports_file"), "{text}");
+        assert!(text.contains("drop kubernetes"), "{text}");
+        // A flag overrides the file, either way.
+        let path = fx.dir.path().join("meshd.toml");
+        let with_args = |kubernetes, exports_file: Option<&str>| {
+            Config::load(&ConfigArgs {
+                config: Some(path.clone()),
+                kubernetes,
+                exports_file: exports_file.map(PathBuf::from),
+                ..Default::default()
+            })
+        };
+        std::fs::write(
+            &path,
+            format!(
+                "private_key_file = \"{}\"\nkubernetes = true\n",
+                fx.key_path.display()
+            ),
+        )
+        .unwrap();
+        assert!(!with_args(Some(false), Some("/x.toml")).unwrap().kubernetes);
+        let text = err_text(with_args(None, Some("/x.toml")));
+        assert!(text.contains("/x.toml"), "{text}");
+        assert!(with_args(None, None).unwrap().kubernetes);
+    }
+
+    #[test]
+    fn the_kubernetes_flag_needs_no_value() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: ConfigArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("meshd").chain(args.iter().copied()))
+                .unwrap()
+                .config
+                .kubernetes
+        };
+        assert_eq!(parse(&[]), None);
+        assert_eq!(parse(&["--kubernetes"]), Some(true));
+        assert_eq!(parse(&["--kubernetes", "false"]), Some(false));
+        assert_eq!(parse(&["--kubernetes=true"]), Some(true));
     }
 
     #[test]

@@ -85,6 +85,11 @@ fn m1_overlay_config_loads() {
     assert_eq!(m1.tunnel_address, Some("100.64.0.1/24".parse().unwrap()));
     assert_eq!(m1.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
     assert_eq!(m1.dns_listen, Some("0.0.0.0:5353".parse().unwrap()));
+    assert!(
+        m1.kubernetes,
+        "exports come from ServiceExports in a cluster"
+    );
+    assert_eq!(m1.exports_file, None);
     assert_eq!(m1.peers.len(), 1);
     let m2 = &m1.peers[0];
     assert_eq!(m2.name, "m2");
@@ -109,6 +114,11 @@ fn m2_overlay_config_loads() {
     assert_eq!(m2.tunnel_address, Some("100.64.0.2/24".parse().unwrap()));
     assert_eq!(m2.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
     assert_eq!(m2.dns_listen, Some("0.0.0.0:5353".parse().unwrap()));
+    assert!(
+        m2.kubernetes,
+        "exports come from ServiceExports in a cluster"
+    );
+    assert_eq!(m2.exports_file, None);
     assert_eq!(m2.peers.len(), 1);
     let m1 = &m2.peers[0];
     assert_eq!(m1.name, "m1");

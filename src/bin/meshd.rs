@@ -14,7 +14,7 @@ use meshd::dataplane::{open_tun, Dataplane, TunSettings};
 use meshd::discovery::clusterset::Clusterset;
 use meshd::discovery::probe::Prober;
 use meshd::discovery::sync::{self as catalog_sync, Followers, SyncErrors};
-use meshd::discovery::{discovery_peers, exports, ExportCatalog};
+use meshd::discovery::{discovery_peers, exports, kubernetes, ExportCatalog};
 use meshd::dns;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +32,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
-                // hickory-server logs every query at info: counted instead (meshd_dns_queries_total).
-                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
+                // hickory-server logs every query at info: counted instead (meshd_dns_queries_total);
+                // kube-client warns of every dropped watch connection, which the watcher resumes.
+                .unwrap_or_else(|_| "info,hickory_server=warn,kube_client=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -137,16 +138,30 @@ async fn control_plane(
     mtu: u16,
     health: Arc<Health>,
 ) -> Result<()> {
-    tracing::info!(
-        cluster = %config.cluster,
-        services = catalog.services.len(),
-        exports_file = ?config.exports_file,
-        "local exports loaded"
-    );
     let (probe_targets, sync_peers) = discovery_peers(&config);
     let prober = Prober::new(config.discovery_port, Vec::new());
     let clusterset = Clusterset::new(&config.cluster, prober.clone());
-    clusterset.local_sender().send_replace(catalog);
+    let mut kubernetes_task = if config.kubernetes {
+        let client = kubernetes::connect()
+            .await
+            .context("cannot reach the Kubernetes API (kubernetes = true): run in a pod with a service account, or set KUBECONFIG")?;
+        tracing::info!(cluster = %config.cluster, "local exports come from the Kubernetes API (ServiceExports)");
+        tokio::spawn(kubernetes::run(
+            client,
+            config.cluster.clone(),
+            clusterset.local_sender().clone(),
+            clusterset.subscribe(),
+        ))
+    } else {
+        tracing::info!(
+            cluster = %config.cluster,
+            services = catalog.services.len(),
+            exports_file = ?config.exports_file,
+            "local exports loaded"
+        );
+        clusterset.local_sender().send_replace(catalog);
+        tokio::spawn(futures::future::pending())
+    };
     let view = clusterset.snapshot();
     let clusterset_task = tokio::spawn(clusterset.clone().run());
     let mut generation = 1;
@@ -267,8 +282,10 @@ async fn control_plane(
         tokio::select! {
             _ = hangup.recv() => {
                 if let Some(new) = reload(&args, &config, &controller) {
-                    generation += 1;
-                    reload_exports(&new, generation, &clusterset);
+                    if !config.kubernetes {
+                        generation += 1;
+                        reload_exports(&new, generation, &clusterset);
+                    }
                     if let Some(followers) = followers.as_mut() {
                         let (targets, peers) = discovery_peers(&new);
                         clusterset.set_peers(&targets);
@@ -307,6 +324,13 @@ async fn control_plane(
                     Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
                 };
             }
+            r = &mut kubernetes_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the ServiceExport watcher stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the ServiceExport watcher failed")),
+                    Err(e) => Err(anyhow::anyhow!("ServiceExport watcher task panicked: {e}")),
+                };
+            }
             r = &mut discovery_task => {
                 break match r {
                     Ok(Ok(())) => Err(anyhow::anyhow!("the catalog sync server stopped")),
@@ -324,6 +348,7 @@ async fn control_plane(
         }
     };
     drop(followers);
+    kubernetes_task.abort();
     discovery_task.abort();
     clusterset_task.abort();
     route_task.abort();

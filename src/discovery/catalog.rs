@@ -76,6 +76,11 @@ pub struct ExportedService {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// When this cluster exported the service (RFC 3339: the ServiceExport's creationTimestamp).
+    /// The oldest export wins a conflict between clusters, as the MCS API says. `None` when the
+    /// exports file is the source: such an export is younger than any dated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_at: Option<String>,
 }
 
 impl ExportedService {
@@ -270,6 +275,7 @@ mod tests {
                     hostname: None,
                     ready: true,
                 }],
+                exported_at: None,
             }],
         }
     }
@@ -324,8 +330,17 @@ mod tests {
         let json = serde_json::to_string(&view).unwrap();
         assert!(json.contains("\"type\":\"ClusterSetIP\""), "{json}");
         assert!(json.contains("\"protocol\":\"TCP\""), "{json}");
+        assert!(!json.contains("exported_at"), "{json}");
         let back: ClustersetView = serde_json::from_str(&json).unwrap();
         assert_eq!(back, view);
+        let mut dated = catalog("m2", 1);
+        dated.services[0].exported_at = Some("2026-01-02T03:04:05Z".into());
+        let json = serde_json::to_string(&dated).unwrap();
+        assert!(
+            json.contains("\"exported_at\":\"2026-01-02T03:04:05Z\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ExportCatalog>(&json).unwrap(), dated);
     }
 
     #[test]

@@ -274,6 +274,7 @@ fn check_service(
         ips,
         ports,
         endpoints,
+        exported_at: None,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Service discovery: which services each cluster exports, merged into one clusterset view.
 //!
 //! [`catalog`] holds the data model ([`ExportCatalog`] per cluster, [`ClustersetView`] for all
-//! of them); [`exports`] reads the static exports file into an [`ExportCatalog`]; [`sync`]
+//! of them); the local catalog comes either from [`exports`] (the static exports file, for the
+//! lab and bare hosts) or from [`kubernetes`] (the ServiceExport watcher, in a cluster); [`sync`]
 //! exchanges catalogs with the peers over the tunnel; [`probe`] tells which peers are reachable
 //! through it; [`clusterset`] merges all of that into the view the DNS responder (`crate::dns`)
 //! answers from.
@@ -9,6 +10,7 @@
 pub mod catalog;
 pub mod clusterset;
 pub mod exports;
+pub mod kubernetes;
 pub mod probe;
 pub mod sync;
 

@@ -368,6 +368,7 @@ mod tests {
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             ports,
             endpoints: vec![ep("10.0.0.1", None, ready)],
+            exported_at: None,
         }
     }
 
@@ -379,6 +380,7 @@ mod tests {
             ips: Vec::new(),
             ports,
             endpoints,
+            exported_at: None,
         }
     }
 

@@ -226,6 +226,7 @@ mod tests {
                     ips: Vec::new(),
                     ports: Vec::new(),
                     endpoints,
+                    exported_at: None,
                 }],
             },
             &BTreeMap::new(),

@@ -1,0 +1,1179 @@
+//! The ServiceExport watcher (`meshd::discovery::kubernetes::run`) against an in-process API server
+//! (tests/support/apiserver.rs) that speaks the real list/watch protocol with real k8s-openapi
+//! objects; kube-rs runs unmodified. Each test starts its own server and watcher on 127.0.0.1.
+//!
+//! Timeouts only keep a broken watcher from hanging the suite: every wait polls for a state
+//! with a generous deadline, and no assertion is about how long something took.
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+
+use apiserver::ApiServer;
+use k8s_openapi::api::core::v1::{Service, ServicePort as K8sPort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshd::discovery::catalog::{
+    ClusterEntry, ClustersetView, ExportCatalog, ExportedService, PortProtocol, ServicePort,
+    ServiceType,
+};
+use meshd::discovery::kubernetes;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Liveness only: a state that never comes fails the test after this long.
+const DEADLINE: Duration = Duration::from_secs(40);
+
+// ---------- objects, as the Kubernetes API holds them ----------
+
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+fn ports(list: &[(Option<&str>, &str, i32)]) -> Option<Vec<K8sPort>> {
+    Some(
+        list.iter()
+            .map(|(name, protocol, port)| K8sPort {
+                name: name.map(str::to_string),
+                protocol: Some(protocol.to_string()),
+                port: *port,
+                ..Default::default()
+            })
+            .collect(),
+    )
+}
+
+/// A ClusterIP Service.
+fn service(namespace: &str, name: &str, ips: &[&str], list: &[(Option<&str>, &str, i32)]) -> Value {
+    serde_json::to_value(Service {
+        metadata: meta(namespace, name),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(ips[0].into()),
+            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
+            ports: ports(list),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn headless_service(namespace: &str, name: &str, publish_not_ready: bool) -> Value {
+    serde_json::to_value(Service {
+        metadata: meta(namespace, name),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some("None".into()),
+            cluster_ips: Some(vec!["None".into()]),
+            publish_not_ready_addresses: Some(publish_not_ready),
+            ports: ports(&[(Some("pg"), "TCP", 5432)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn external_name_service(namespace: &str, name: &str) -> Value {
+    serde_json::to_value(Service {
+        metadata: meta(namespace, name),
+        spec: Some(ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some("db.example.com".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// An IPv4 EndpointSlice of `service`: (address, hostname, ready).
+fn slice(
+    namespace: &str,
+    service: &str,
+    name: &str,
+    endpoints: &[(&str, Option<&str>, Option<bool>)],
+) -> Value {
+    let mut metadata = meta(namespace, name);
+    metadata.labels = Some(BTreeMap::from([(
+        "kubernetes.io/service-name".to_string(),
+        service.to_string(),
+    )]));
+    serde_json::to_value(EndpointSlice {
+        metadata,
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(ip, hostname, ready)| K8sEndpoint {
+                    addresses: vec![ip.to_string()],
+                    hostname: hostname.map(str::to_string),
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn export(server: &ApiServer, namespace: &str, name: &str, created: &str) -> Value {
+    json!({
+        "apiVersion": server.mcs_api_version(), "kind": "ServiceExport",
+        "metadata": {"namespace": namespace, "name": name, "creationTimestamp": created},
+    })
+}
+
+// ---------- the clusterset view, as the catalog sync would build it ----------
+
+fn remote_service(namespace: &str, name: &str, port: u16, exported_at: &str) -> ExportedService {
+    ExportedService {
+        namespace: namespace.into(),
+        name: name.into(),
+        service_type: ServiceType::ClusterSetIP,
+        ips: vec!["10.97.0.10".parse().unwrap()],
+        ports: vec![ServicePort {
+            name: Some("http".into()),
+            protocol: PortProtocol::Tcp,
+            port,
+        }],
+        endpoints: Vec::new(),
+        exported_at: Some(exported_at.into()),
+    }
+}
+
+fn view(remotes: Vec<(&str, Vec<ExportedService>)>) -> Arc<ClustersetView> {
+    let remotes: BTreeMap<String, ClusterEntry> = remotes
+        .into_iter()
+        .map(|(cluster, services)| {
+            (
+                cluster.to_string(),
+                ClusterEntry {
+                    up: true,
+                    catalog: ExportCatalog {
+                        cluster: cluster.into(),
+                        generation: 1,
+                        services,
+                    },
+                },
+            )
+        })
+        .collect();
+    Arc::new(ClustersetView::build(
+        ExportCatalog {
+            cluster: "m1".into(),
+            generation: 0,
+            services: Vec::new(),
+        },
+        &remotes,
+    ))
+}
+
+// ---------- the watcher under test ----------
+
+struct Watcher {
+    local: watch::Receiver<ExportCatalog>,
+    /// `None` once the test dropped it.
+    view: Option<watch::Sender<Arc<ClustersetView>>>,
+    task: tokio::task::JoinHandle<Result<(), kubernetes::WatcherError>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs the watcher of cluster m1 against `server`, with `view` as the clusterset view.
+fn start(server: &ApiServer, view: Arc<ClustersetView>) -> Watcher {
+    // The watcher's log, shown for failing tests (MESHD_LOG=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .try_init();
+    let (local_tx, local) = watch::channel(ExportCatalog {
+        cluster: "m1".into(),
+        generation: 0,
+        services: Vec::new(),
+    });
+    let (view_tx, view_rx) = watch::channel(view);
+    let task = tokio::spawn(kubernetes::run(
+        server.client(),
+        "m1".into(),
+        local_tx,
+        view_rx,
+    ));
+    Watcher {
+        local,
+        view: Some(view_tx),
+        task,
+    }
+}
+
+impl Watcher {
+    fn set_view(&self, view: Arc<ClustersetView>) {
+        self.view.as_ref().unwrap().send_replace(view);
+    }
+
+    /// The first published catalog (generation ≥ 1) for which `check` holds.
+    async fn catalog(
+        &mut self,
+        what: &str,
+        check: impl Fn(&ExportCatalog) -> bool,
+    ) -> ExportCatalog {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            {
+                let catalog = self.local.borrow_and_update();
+                if catalog.generation > 0 && check(&catalog) {
+                    return catalog.clone();
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.local.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("the watcher stopped while waiting for {what}"),
+                Err(_) => panic!(
+                    "no catalog with {what} within {DEADLINE:?}; last: {:#?}",
+                    *self.local.borrow()
+                ),
+            }
+        }
+    }
+}
+
+/// Polls `check` until it holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// (status, reason) of a condition of a ServiceExport, as the server holds it.
+fn condition(
+    server: &ApiServer,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String)> {
+    let export = server.get("ServiceExport", namespace, name)?;
+    export["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+fn has_condition(
+    server: &ApiServer,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> bool {
+    condition(server, ns, name, type_) == Some((status.to_string(), reason.to_string()))
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn endpoint_ips(service: &ExportedService) -> Vec<String> {
+    service.endpoints.iter().map(|e| e.ip.to_string()).collect()
+}
+
+fn lists_of(server: &ApiServer, resource: &str) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.is_watch() && r.path.ends_with(&format!("/{resource}")))
+        .count()
+}
+
+fn watches_of(server: &ApiServer, resource: &str) -> Vec<apiserver::Request> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_watch() && r.path.ends_with(&format!("/{resource}")))
+        .collect()
+}
+
+fn web(server: &ApiServer) {
+    server.apply(service(
+        "demo",
+        "web",
+        &["10.96.0.10"],
+        &[(Some("http"), "TCP", 80), (Some("dns"), "UDP", 53)],
+    ));
+    server.apply(slice(
+        "demo",
+        "web",
+        "web-abc12",
+        &[
+            ("10.244.1.10", None, Some(true)),
+            ("10.244.1.11", None, None),
+            ("10.244.1.12", None, Some(false)),
+        ],
+    ));
+    server.apply(export(server, "demo", "web", "2026-03-01T00:00:00Z"));
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_cluster_ip_service_becomes_the_catalog_with_its_ready_endpoints() {
+    let server = ApiServer::start().await;
+    web(&server);
+    // A Service nobody exports stays out of the catalog.
+    server.apply(service(
+        "demo",
+        "private",
+        &["10.96.0.99"],
+        &[(None, "TCP", 80)],
+    ));
+    let mut watcher = start(&server, view(vec![]));
+
+    let catalog = watcher
+        .catalog("demo/web", |c| !c.services.is_empty())
+        .await;
+    assert_eq!(catalog.cluster, "m1");
+    assert_eq!(catalog.generation, 1, "the first catalog is generation 1");
+    assert_eq!(catalog.services.len(), 1, "{catalog:#?}");
+    let web = &catalog.services[0];
+    assert_eq!((web.namespace.as_str(), web.name.as_str()), ("demo", "web"));
+    assert_eq!(web.service_type, ServiceType::ClusterSetIP);
+    assert_eq!(web.ips, ips(&["10.96.0.10"]));
+    assert_eq!(
+        web.ports,
+        [
+            ServicePort {
+                name: Some("http".into()),
+                protocol: PortProtocol::Tcp,
+                port: 80
+            },
+            ServicePort {
+                name: Some("dns".into()),
+                protocol: PortProtocol::Udp,
+                port: 53
+            },
+        ]
+    );
+    // Ready and unknown readiness count; the not-ready endpoint does not.
+    assert_eq!(endpoint_ips(web), ["10.244.1.10", "10.244.1.11"]);
+    assert!(web.endpoints.iter().all(|e| e.ready));
+    assert_eq!(web.exported_at.as_deref(), Some("2026-03-01T00:00:00Z"));
+
+    eventually("Valid, Ready and Conflict on demo/web", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+            && has_condition(&server, "demo", "web", "Ready", "True", "Exported")
+            && has_condition(&server, "demo", "web", "Conflict", "False", "NoConflicts")
+    })
+    .await;
+
+    // An endpoint turning ready is one new generation.
+    server.apply(slice(
+        "demo",
+        "web",
+        "web-abc12",
+        &[
+            ("10.244.1.10", None, Some(true)),
+            ("10.244.1.11", None, None),
+            ("10.244.1.12", None, Some(true)),
+        ],
+    ));
+    let catalog = watcher
+        .catalog("three endpoints", |c| c.services[0].endpoints.len() == 3)
+        .await;
+    assert_eq!(catalog.generation, 2);
+
+    // Nothing but the ServiceExport's status and ServiceImports was written.
+    for write in server.writes() {
+        assert!(
+            write.resource == "serviceexports/status"
+                || write.resource.starts_with("serviceimports"),
+            "unexpected write {write:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_service_exports_hostnames_and_honours_publish_not_ready_addresses() {
+    let server = ApiServer::start().await;
+    server.apply(headless_service("demo", "db", true));
+    server.apply(slice(
+        "demo",
+        "db",
+        "db-xyz",
+        &[
+            ("10.244.1.20", Some("db-0"), Some(true)),
+            ("10.244.1.21", Some("db-1"), Some(false)),
+        ],
+    ));
+    server.apply(export(&server, "demo", "db", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+
+    let catalog = watcher.catalog("demo/db", |c| !c.services.is_empty()).await;
+    let db = &catalog.services[0];
+    assert_eq!(db.service_type, ServiceType::Headless);
+    assert!(db.ips.is_empty());
+    let endpoints: Vec<(String, Option<&str>, bool)> = db
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.to_string(), e.hostname.as_deref(), e.ready))
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("10.244.1.20".into(), Some("db-0"), true),
+            ("10.244.1.21".into(), Some("db-1"), true),
+        ],
+        "publishNotReadyAddresses publishes the not-ready db-1 too"
+    );
+
+    server.apply(headless_service("demo", "db", false));
+    let catalog = watcher
+        .catalog("db-1 withdrawn", |c| c.services[0].endpoints.len() == 1)
+        .await;
+    assert_eq!(
+        catalog.services[0].endpoints[0].hostname.as_deref(),
+        Some("db-0")
+    );
+    assert_eq!(catalog.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_a_missing_service_is_not_valid_until_the_service_appears() {
+    let server = ApiServer::start().await;
+    server.apply(export(&server, "demo", "web", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+
+    let catalog = watcher.catalog("the first catalog", |_| true).await;
+    assert!(catalog.services.is_empty(), "{catalog:#?}");
+    eventually("Valid=False ServiceNotFound", || {
+        has_condition(&server, "demo", "web", "Valid", "False", "ServiceNotFound")
+            && has_condition(&server, "demo", "web", "Ready", "False", "Failed")
+    })
+    .await;
+    let export_status = server.get("ServiceExport", "demo", "web").unwrap()["status"].clone();
+    let valid = export_status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Valid")
+        .unwrap()
+        .clone();
+    assert!(
+        valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("no Service demo/web"),
+        "{valid}"
+    );
+    assert!(condition(&server, "demo", "web", "Conflict").is_none());
+    assert!(
+        server.list("ServiceImport").is_empty(),
+        "nothing is exported: nothing to import"
+    );
+
+    web(&server);
+    let catalog = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    assert_eq!(catalog.generation, 2);
+    eventually("Valid=True once the Service exists", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+            && has_condition(&server, "demo", "web", "Ready", "True", "Exported")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_name_service_cannot_be_exported() {
+    let server = ApiServer::start().await;
+    server.apply(external_name_service("demo", "legacy-db"));
+    server.apply(export(&server, "demo", "legacy-db", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+
+    let catalog = watcher.catalog("the first catalog", |_| true).await;
+    assert!(catalog.services.is_empty(), "{catalog:#?}");
+    eventually("Valid=False ServiceTypeNotSupported", || {
+        has_condition(
+            &server,
+            "demo",
+            "legacy-db",
+            "Valid",
+            "False",
+            "ServiceTypeNotSupported",
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_ports_mark_the_younger_export_and_the_import_follows_the_oldest() {
+    let server = ApiServer::start().await;
+    server.apply(service(
+        "demo",
+        "web",
+        &["10.96.0.10"],
+        &[(Some("http"), "TCP", 8080)],
+    ));
+    server.apply(export(&server, "demo", "web", "2026-03-01T00:00:00Z"));
+    // m2 exported demo/web a month earlier, on port 80.
+    let mut watcher = start(
+        &server,
+        view(vec![(
+            "m2",
+            vec![remote_service("demo", "web", 80, "2026-02-01T00:00:00Z")],
+        )]),
+    );
+
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("Conflict=True PortConflict on the younger export", || {
+        has_condition(&server, "demo", "web", "Conflict", "True", "PortConflict")
+    })
+    .await;
+    eventually("ServiceImport demo/web of both clusters", || {
+        server.get("ServiceImport", "demo", "web").is_some_and(|i| {
+            i["status"]["clusters"] == json!([{"cluster": "m1"}, {"cluster": "m2"}])
+        })
+    })
+    .await;
+    let import = server.get("ServiceImport", "demo", "web").unwrap();
+    assert_eq!(
+        import["spec"]["ports"],
+        json!([{"name": "http", "protocol": "TCP", "port": 80}]),
+        "the oldest export's ports"
+    );
+    // Still exported: the conflict decides the import's shape, not whether this cluster serves.
+    assert!(has_condition(
+        &server, "demo", "web", "Ready", "True", "Exported"
+    ));
+
+    // Now m2's export is the younger one: this cluster's wins.
+    watcher.set_view(view(vec![(
+        "m2",
+        vec![remote_service("demo", "web", 80, "2026-04-01T00:00:00Z")],
+    )]));
+    eventually("Conflict=False when this export is the oldest", || {
+        has_condition(&server, "demo", "web", "Conflict", "False", "NoConflicts")
+    })
+    .await;
+    eventually("the import takes this cluster's ports", || {
+        server.get("ServiceImport", "demo", "web").unwrap()["spec"]["ports"][0]["port"] == 8080
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_imports_cover_the_clusterset_and_go_with_the_last_export() {
+    let server = ApiServer::start().await;
+    web(&server);
+    // Not meshd's: never touched, even though m2 exports a service of that name.
+    server.apply(json!({
+        "apiVersion": server.mcs_api_version(), "kind": "ServiceImport",
+        "metadata": {"namespace": "demo", "name": "legacy"},
+        "spec": {"type": "Headless", "ports": [{"port": 1}]},
+    }));
+    // meshd's, left from an export that is gone: deleted.
+    server.apply(json!({
+        "apiVersion": server.mcs_api_version(), "kind": "ServiceImport",
+        "metadata": {"namespace": "demo", "name": "stale", "labels": {"app.kubernetes.io/managed-by": "meshd"}},
+        "spec": {"type": "ClusterSetIP", "ports": [{"port": 1}]},
+    }));
+    let remotes = vec![
+        (
+            "m2",
+            vec![
+                remote_service("demo", "db", 5432, "2026-01-01T00:00:00Z"),
+                remote_service("demo", "legacy", 80, "2026-01-01T00:00:00Z"),
+            ],
+        ),
+        (
+            "m3",
+            vec![remote_service("shop", "api", 443, "2026-01-01T00:00:00Z")],
+        ),
+    ];
+    let mut watcher = start(&server, view(remotes));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+
+    let managed = |server: &ApiServer| -> BTreeMap<String, Value> {
+        server
+            .list("ServiceImport")
+            .into_iter()
+            .filter(|i| i["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshd")
+            .map(|i| {
+                (
+                    format!(
+                        "{}/{}",
+                        i["metadata"]["namespace"].as_str().unwrap(),
+                        i["metadata"]["name"].as_str().unwrap()
+                    ),
+                    i["status"]["clusters"].clone(),
+                )
+            })
+            .collect()
+    };
+    eventually(
+        "ServiceImports for demo/web, demo/db and shop/api only",
+        || {
+            managed(&server)
+                == BTreeMap::from([
+                    ("demo/db".to_string(), json!([{"cluster": "m2"}])),
+                    ("demo/web".to_string(), json!([{"cluster": "m1"}])),
+                    ("shop/api".to_string(), json!([{"cluster": "m3"}])),
+                ])
+        },
+    )
+    .await;
+    let db = server.get("ServiceImport", "demo", "db").unwrap();
+    assert_eq!(
+        db["spec"],
+        json!({"type": "ClusterSetIP", "ports": [{"name": "http", "protocol": "TCP", "port": 5432}]})
+    );
+
+    // m2 stops exporting db; this cluster unexports web.
+    watcher.set_view(view(vec![
+        (
+            "m2",
+            vec![remote_service("demo", "legacy", 80, "2026-01-01T00:00:00Z")],
+        ),
+        (
+            "m3",
+            vec![remote_service("shop", "api", 443, "2026-01-01T00:00:00Z")],
+        ),
+    ]));
+    server.delete("ServiceExport", "demo", "web");
+    watcher
+        .catalog("no service", |c| c.services.is_empty())
+        .await;
+    eventually("only shop/api is left", || {
+        managed(&server) == BTreeMap::from([("shop/api".to_string(), json!([{"cluster": "m3"}]))])
+    })
+    .await;
+
+    let legacy = server
+        .get("ServiceImport", "demo", "legacy")
+        .expect("the unmanaged import stays");
+    assert_eq!(legacy["spec"]["type"], "Headless");
+    assert!(
+        server.writes().iter().all(|w| w.name != "legacy"),
+        "meshd wrote to a ServiceImport it does not manage: {:?}",
+        server.writes()
+    );
+    let deletes: Vec<String> = server
+        .writes_to("serviceimports")
+        .into_iter()
+        .filter(|w| w.verb == "delete")
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect();
+    assert_eq!(deletes.len(), 3, "{deletes:?}");
+    for gone in ["demo/stale", "demo/db", "demo/web"] {
+        assert!(deletes.contains(&gone.to_string()), "{deletes:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_deleted_mid_watch_withdraws_its_services() {
+    let server = ApiServer::start().await;
+    web(&server);
+    server.apply(service(
+        "shop",
+        "cart",
+        &["10.96.0.20"],
+        &[(None, "TCP", 8080)],
+    ));
+    server.apply(slice(
+        "shop",
+        "cart",
+        "cart-1",
+        &[("10.244.2.10", None, Some(true))],
+    ));
+    server.apply(export(&server, "shop", "cart", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+    watcher
+        .catalog("both services", |c| c.services.len() == 2)
+        .await;
+    eventually("both imports", || server.list("ServiceImport").len() == 2).await;
+
+    let requests_before = server.requests().len();
+    server.delete_namespace("demo");
+    let catalog = watcher
+        .catalog("demo withdrawn", |c| c.services.len() == 1)
+        .await;
+    assert_eq!(catalog.services[0].name, "cart");
+    assert_eq!(
+        catalog.generation, 2,
+        "the namespace's deletion is one change"
+    );
+    // The namespace's ServiceImport went with it; no write tried to bring it back.
+    let imports: Vec<String> = server
+        .list("ServiceImport")
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(imports, ["cart"]);
+    let writes_to_demo: Vec<_> = server.requests()[requests_before..]
+        .iter()
+        .filter(|r| r.method != "GET" && r.path.contains("/namespaces/demo/"))
+        .cloned()
+        .collect();
+    assert!(writes_to_demo.is_empty(), "{writes_to_demo:?}");
+
+    // m2 exports a service in the namespace this cluster no longer has: the create is refused
+    // (404) and retried, and succeeds once the namespace is back, with no other change to wake
+    // the watcher.
+    watcher.set_view(view(vec![(
+        "m2",
+        vec![remote_service("demo", "api", 80, "2026-01-01T00:00:00Z")],
+    )]));
+    let refused_creates = |server: &ApiServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "POST"
+                    && r.path.ends_with("/namespaces/demo/serviceimports")
+                    && r.status == 404
+            })
+            .count()
+    };
+    eventually("a create in the deleted namespace", || {
+        refused_creates(&server) >= 1
+    })
+    .await;
+    assert!(server.get("ServiceImport", "demo", "api").is_none());
+    server.create_namespace("demo");
+    eventually("the import created on a retry", || {
+        server.get("ServiceImport", "demo", "api").is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_error_event_relists_and_the_catalog_is_right_afterwards() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    let lists_before = lists_of(&server, "endpointslices");
+
+    // A change whose event is compacted away: only a new list can show it.
+    server.apply_unwatched(slice(
+        "demo",
+        "web",
+        "web-abc12",
+        &[
+            ("10.244.1.10", None, Some(true)),
+            ("10.244.1.99", None, Some(true)),
+        ],
+    ));
+    server.compact();
+    server.expire_watches();
+
+    let catalog = watcher
+        .catalog("the endpoint only a relist shows", |c| {
+            endpoint_ips(&c.services[0]) == ["10.244.1.10", "10.244.1.99"]
+        })
+        .await;
+    assert_eq!(catalog.generation, 2);
+    assert!(
+        lists_of(&server, "endpointslices") > lists_before,
+        "no relist"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_from_a_compacted_version_gets_410_and_relists() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    let lists_before = lists_of(&server, "services");
+
+    // The connections drop; while the watcher cannot reconnect, the Service changes and the
+    // history is compacted, so its resumed watch is from a version the server no longer has.
+    server.hold_watches(true);
+    server.drop_watches();
+    server.apply(service(
+        "demo",
+        "web",
+        &["10.96.0.10"],
+        &[(Some("http"), "TCP", 8080)],
+    ));
+    server.compact();
+    server.hold_watches(false);
+
+    let catalog = watcher
+        .catalog("port 8080", |c| c.services[0].ports[0].port == 8080)
+        .await;
+    assert_eq!(catalog.services[0].ports.len(), 1);
+    assert!(
+        lists_of(&server, "services") > lists_before,
+        "no relist after 410"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watch_connection_resumes_from_its_resource_version() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("a watch of EndpointSlices is open", || {
+        !watches_of(&server, "endpointslices").is_empty()
+    })
+    .await;
+    let watches_before = watches_of(&server, "endpointslices").len();
+    let lists_before = lists_of(&server, "endpointslices");
+    // A bookmark may move the watch's resourceVersion up to now (if it arrives before the drop).
+    let bookmark = server.bookmark();
+
+    server.hold_watches(true);
+    server.drop_watches();
+    let changed_at = server.apply(slice(
+        "demo",
+        "web",
+        "web-abc12",
+        &[
+            ("10.244.1.10", None, Some(true)),
+            ("10.244.1.50", None, Some(true)),
+        ],
+    ));
+    server.hold_watches(false);
+
+    let catalog = watcher
+        .catalog("the endpoint added while disconnected", |c| {
+            endpoint_ips(&c.services[0]) == ["10.244.1.10", "10.244.1.50"]
+        })
+        .await;
+    assert_eq!(catalog.generation, 2);
+    assert_eq!(
+        lists_of(&server, "endpointslices"),
+        lists_before,
+        "a dropped connection must resume the watch, not list again"
+    );
+    let resumed = &watches_of(&server, "endpointslices")[watches_before..];
+    assert!(!resumed.is_empty(), "no new watch after the drop");
+    let from: u64 = resumed[0].query["resourceVersion"].parse().unwrap();
+    assert!(
+        from > 100 && from <= bookmark && from < changed_at,
+        "resumed from {from}; bookmark {bookmark}, the change {changed_at}"
+    );
+    assert_eq!(
+        resumed[0]
+            .query
+            .get("allowWatchBookmarks")
+            .map(String::as_str),
+        Some("true")
+    );
+
+    // And it keeps following later events.
+    server.delete("EndpointSlice", "demo", "web-abc12");
+    watcher
+        .catalog("no endpoints", |c| c.services[0].endpoints.is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_that_changes_no_export_keeps_the_generation_and_writes_no_status_twice() {
+    let server = ApiServer::start().await;
+    web(&server);
+    server.apply(export(&server, "demo", "ghost", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("both statuses written", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+            && has_condition(
+                &server,
+                "demo",
+                "ghost",
+                "Valid",
+                "False",
+                "ServiceNotFound",
+            )
+    })
+    .await;
+    let status_writes = server.writes_to("serviceexports/status").len();
+    assert_eq!(
+        status_writes,
+        2,
+        "one status write per export: {:?}",
+        server.writes()
+    );
+
+    // Behind the watches' back, ghost's Service appears as an ExternalName one: the catalog is
+    // unchanged, but ghost's status must change, which shows that the relist was taken in.
+    server.apply_unwatched(external_name_service("demo", "ghost"));
+    server.compact();
+    server.expire_watches();
+    eventually("ghost's new status after the relist", || {
+        has_condition(
+            &server,
+            "demo",
+            "ghost",
+            "Valid",
+            "False",
+            "ServiceTypeNotSupported",
+        )
+    })
+    .await;
+    assert_eq!(
+        watcher.local.borrow().generation,
+        1,
+        "an unchanged catalog keeps its generation"
+    );
+
+    // Changes to endpoints publish new catalogs but write no status.
+    server.apply(slice(
+        "demo",
+        "web",
+        "web-abc12",
+        &[("10.244.1.10", None, Some(true))],
+    ));
+    let catalog = watcher
+        .catalog("one endpoint", |c| c.services[0].endpoints.len() == 1)
+        .await;
+    assert_eq!(catalog.generation, 2);
+    assert_eq!(
+        server.writes_to("serviceexports/status").len(),
+        status_writes + 1,
+        "only ghost's status changed: {:?}",
+        server.writes_to("serviceexports/status")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_status_write_keeps_the_catalog_and_is_retried() {
+    let server = ApiServer::start().await;
+    server.forbid("patch", "serviceexports/status");
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+
+    let catalog = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    assert_eq!(catalog.generation, 1);
+    eventually("a refused status patch", || {
+        server.requests().iter().any(|r| {
+            r.method == "PATCH" && r.path.ends_with("/serviceexports/web/status") && r.status == 403
+        })
+    })
+    .await;
+    assert!(condition(&server, "demo", "web", "Valid").is_none());
+    assert_eq!(
+        watcher.local.borrow().services.len(),
+        1,
+        "the catalog stands"
+    );
+
+    server.allow("patch", "serviceexports/status");
+    eventually("the status written on a retry", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+    })
+    .await;
+    assert_eq!(watcher.local.borrow().generation, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_mcs_crds_the_cluster_exports_nothing_until_they_are_installed() {
+    let server = ApiServer::start_without_mcs().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    let catalog = watcher.catalog("the empty catalog", |_| true).await;
+    assert_eq!(catalog.generation, 1);
+    assert!(catalog.services.is_empty());
+    assert_eq!(
+        lists_of(&server, "services"),
+        0,
+        "nothing is watched without the CRDs"
+    );
+
+    server.install_mcs(apiserver::MCS_VERSION_ALPHA);
+    let catalog = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    assert_eq!(catalog.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1beta1_is_used_where_the_crds_serve_it() {
+    let server = ApiServer::start_serving(apiserver::MCS_VERSION_BETA).await;
+    web(&server);
+    let mut watcher = start(
+        &server,
+        view(vec![(
+            "m2",
+            vec![remote_service("demo", "db", 5432, "2026-01-01T00:00:00Z")],
+        )]),
+    );
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("status and imports written through v1beta1", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+            && server.list("ServiceImport").len() == 2
+    })
+    .await;
+    let mcs_paths: Vec<String> = server
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|p| p.contains("multicluster.x-k8s.io"))
+        .collect();
+    assert!(
+        mcs_paths
+            .iter()
+            .filter(|p| !p.ends_with("/v1alpha1"))
+            .all(|p| p.contains("/v1beta1")),
+        "{mcs_paths:#?}"
+    );
+    let import = server.get("ServiceImport", "demo", "db").unwrap();
+    assert_eq!(import["apiVersion"], "multicluster.x-k8s.io/v1beta1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_one_generation_and_the_watcher_stops_with_the_view() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+
+    server.apply(service(
+        "demo",
+        "api",
+        &["10.96.0.30"],
+        &[(Some("grpc"), "TCP", 9000)],
+    ));
+    server.apply(slice(
+        "demo",
+        "api",
+        "api-1",
+        &[("10.244.1.30", None, Some(true))],
+    ));
+    server.apply(export(&server, "demo", "api", "2026-03-02T00:00:00Z"));
+    let catalog = watcher
+        .catalog("demo/api with its endpoint", |c| {
+            c.services.len() == 2
+                && c.services[0].name == "api"
+                && c.services[0].endpoints.len() == 1
+        })
+        .await;
+    assert_eq!(catalog.generation, 2, "one burst, one generation");
+
+    drop(watcher.view.take());
+    let stopped = tokio::time::timeout(DEADLINE, &mut watcher.task)
+        .await
+        .expect("run returns once the view's sender is gone");
+    assert!(stopped.unwrap().is_ok());
+}
+
+/// The ClusterRole's rules in deploy/base/rbac.yaml as (verb, resource) pairs. The file keeps
+/// each rule's lists in flow style (`verbs: ["get", "list"]`), which is all this reads.
+fn granted() -> std::collections::BTreeSet<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let list = |line: &str, key: &str| -> Option<Vec<String>> {
+        let rest = line.trim().trim_start_matches("- ").strip_prefix(key)?;
+        Some(
+            rest.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    };
+    let mut pairs = std::collections::BTreeSet::new();
+    let cluster_role = text
+        .split("\n---\n")
+        .find(|doc| doc.contains("\nkind: ClusterRole\n"))
+        .expect("a ClusterRole in deploy/base/rbac.yaml");
+    let mut resources = Vec::new();
+    for line in cluster_role.lines() {
+        if let Some(r) = list(line, "resources:") {
+            resources = r;
+        } else if let Some(verbs) = list(line, "verbs:") {
+            for resource in &resources {
+                for verb in &verbs {
+                    pairs.insert((verb.clone(), resource.clone()));
+                }
+            }
+        }
+    }
+    pairs
+}
+
+/// The watcher is meshd's only Kubernetes API client: the ClusterRole must grant what it uses
+/// and nothing more (a later API client adds its rules here and to the exemptions below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
+    let server = ApiServer::start().await;
+    web(&server);
+    // m2's older export on port 80: the import is created with port 80 ...
+    let mut watcher = start(
+        &server,
+        view(vec![(
+            "m2",
+            vec![remote_service("demo", "web", 80, "2026-02-01T00:00:00Z")],
+        )]),
+    );
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("the import with m2's port", || {
+        server
+            .get("ServiceImport", "demo", "web")
+            .is_some_and(|i| i["spec"]["ports"][0]["port"] == 80 && !i["status"].is_null())
+    })
+    .await;
+    // ... patched to this cluster's when m2 withdraws, and deleted when this cluster does too.
+    watcher.set_view(view(vec![("m2", vec![])]));
+    eventually("the import with this cluster's ports", || {
+        server.get("ServiceImport", "demo", "web").is_some_and(|i| {
+            i["spec"]["ports"][0]["port"] == 80 && i["spec"]["ports"].as_array().unwrap().len() == 2
+        })
+    })
+    .await;
+    server.delete("ServiceExport", "demo", "web");
+    eventually("the import deleted", || {
+        server.get("ServiceImport", "demo", "web").is_none()
+    })
+    .await;
+
+    let used: std::collections::BTreeSet<(String, String)> = server
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.rbac)
+        .collect();
+    let granted = granted();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        missing.is_empty(),
+        "the watcher uses {missing:?}, which deploy/base/rbac.yaml does not grant"
+    );
+    // Beyond what it used here, only `get` (read-only, used when a create finds the object
+    // already there) is granted.
+    let unused: Vec<_> = granted
+        .difference(&used)
+        .filter(|(verb, resource)| verb != "get" || resource.ends_with("/status"))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "deploy/base/rbac.yaml grants {unused:?}, which the watcher never uses"
+    );
+}
