@@ -608,6 +608,7 @@ mod tests {
             service_type: ServiceType::ClusterSetIP,
             ips: vec![ip.parse().unwrap()],
             ports: vec![],
+            exported_at: None,
             endpoints: vec![Endpoint {
                 ip: ep.parse().unwrap(),
                 hostname: None,

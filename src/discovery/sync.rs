@@ -472,6 +472,7 @@ mod tests {
                 service_type: ServiceType::ClusterSetIP,
                 ips: vec!["10.97.0.10".parse().unwrap()],
                 ports: vec![],
+                exported_at: None,
                 endpoints: vec![Endpoint {
                     ip: "10.245.1.10".parse().unwrap(),
                     hostname: None,
