@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages meshd's lab, tests and benchmarks use, when missing. Sourced by
-# scripts/lab.sh, scripts/test.sh and bench/lab-throughput.sh; needs root to install.
+# scripts/lab.sh, scripts/test.sh, bench/lab-throughput.sh and bench/dns-qps.sh; needs root to install.
 set -euo pipefail
 
 # command -> Debian package providing it
@@ -12,6 +12,8 @@ declare -A MESHD_PACKAGES=(
   [wg]=wireguard-tools
   [wireguard-go]=wireguard-go
   [ethtool]=ethtool
+  [dnsperf]=dnsperf
+  [knotd]=knot
 )
 
 ensure_packages() {
