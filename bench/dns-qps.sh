@@ -2,32 +2,41 @@
 # DNS throughput of meshd's clusterset.local responder beside Knot DNS serving the same records
 # as a static zone, in one run, on one machine: dnsperf (UDP) against each, alternating.
 #
-# usage: bench/dns-qps.sh [--runs N] [--seconds S] [--smoke] [--services N] [--modes "pinned free"]
+# usage: bench/dns-qps.sh [--runs N] [--seconds S] [--services N] [--modes "pinned free insns"]
+#                         [--smoke]
 #   --runs N       timed runs per server and mode (default 3), alternating meshd / knot
 #   --seconds S    length of each dnsperf run (default 10)
 #   --services N   exported services (default 1000; one in ten headless, three endpoints each)
 #   --modes        pinned: each server alone on CPU 0 (taskset), knot with one UDP worker, dnsperf
-#                  on CPU 1: the headline ratio, one core each, as meshd answers DNS on its
-#                  single-threaded control-plane runtime
+#                    on CPU 1. The headline: one core each, as meshd answers DNS on its
+#                    single-threaded control-plane runtime
 #                  free: nothing pinned, knot with its default workers (one per CPU)
+#                  insns: user-space instructions per query under callgrind, each server sent one
+#                    pass of the query file at 3,000 QPS. A count that hardly depends on what else
+#                    the machine runs (QPS on a shared 2-core machine does); the kernel's part (the
+#                    socket calls) is not in it
 #   --smoke        one 2-second pinned run of each (CI)
 # env: MESHD_BIN_DIR  directory holding a meshd binary (default: cargo build --release)
 #
 # Both servers run in a network namespace the script makes (meshd's TUN device, its ports and the
-# loopback traffic stay there); meshd starts with flags only: no config file, no key, no peers. Before timing, a sample of the queries is asked of both with dig
-# and the answers compared: status, answer and authority sections must be the same.
-# Prints, per mode and server, QPS (min / median / max), meshd's median divided by knot's, the
-# average latency under that load, the server's CPU use (user + system time of its process over
-# the run: a server well below 100 % was not the limit, the client was), the queries answered per
-# CPU-second of the server and that ratio, the response codes dnsperf saw and the average response
-# size (all medians of the runs but min / max).
+# loopback traffic stay there); meshd starts with flags only: no config file, no key, no peers.
+# Before timing, a sample of the queries is asked of both with dig and the answers compared:
+# status, answer and authority sections must be the same (knot also puts the SRV targets' A
+# records in the additional section; meshd does not).
+#
+# Prints, per mode and server: QPS (min / median / max of the runs) and meshd's median over
+# knot's; average latency under that load (100 queries outstanding); the server's CPU use (user +
+# system time of its process over the run; well below 100 %, the server was waiting on dnsperf or
+# on the machine); queries answered per CPU-second of the server, and that ratio (the fairer
+# figure when dnsperf rather than the server is the limit); the response codes dnsperf saw and the
+# average response size (medians but min / max; codes and size of the last run).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 # shellcheck source=scripts/deps.sh
 . "$root/scripts/deps.sh"
 
-runs=3 seconds=10 services=1000 modes="pinned free"
+runs=3 seconds=10 services=1000 modes="pinned free insns"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
@@ -151,8 +160,8 @@ BEGIN {
 }'
 
 # --- The servers. ------------------------------------------------------------------------------
-wait_for() {  # port: until the server answers dns-version TXT
-  for _ in $(seq 100); do
+wait_for() {  # port: until the server answers dns-version TXT (30 s: valgrind starts slowly)
+  for _ in $(seq 300); do
     if ip netns exec "$ns" dig @127.0.0.1 -p "$1" dns-version.clusterset.local TXT +short +time=1 +tries=1 2>/dev/null | grep -q 1.0.0; then
       return 0
     fi
@@ -161,10 +170,10 @@ wait_for() {  # port: until the server answers dns-version TXT
   return 1
 }
 
-# $1: CPU list for taskset, or "" for none. Not through a function's $(...): $! must be the server.
+# Arguments: a command to run the server under (taskset ..., valgrind ...), or none. Not through
+# a function's $(...): $! must be the server's PID (ip netns exec, taskset and valgrind exec).
 start_meshd() {
-  local pin=(); [ -n "$1" ] && pin=(taskset -c "$1")
-  ip netns exec "$ns" "${pin[@]}" "$meshd_bin" --interface "$dev" --cluster "$cluster" \
+  ip netns exec "$ns" "$@" "$meshd_bin" --interface "$dev" --cluster "$cluster" \
     --exports-file "$state/exports.toml" --dns-listen "127.0.0.1:$meshd_port" \
     --metrics-listen off --health-listen off --admin-socket "$state/admin.sock" \
     >"$state/meshd.log" 2>&1 &
@@ -172,15 +181,15 @@ start_meshd() {
   wait_for "$meshd_port" || { cat "$state/meshd.log" >&2; echo "meshd did not answer on port $meshd_port" >&2; exit 1; }
 }
 
-# $1: CPU list or ""; $2: UDP workers, or "" for knot's default (one per CPU).
+# $1: UDP workers, or "" for knot's default (one per CPU); then a command to run it under, or none.
 start_knot() {
-  local pin=(); [ -n "$1" ] && pin=(taskset -c "$1")
+  local workers=$1; shift
   mkdir -p "$state/knot"
   {
     echo "server:"
     echo "    listen: 127.0.0.1@$knot_port"
     echo "    rundir: $state/knot"
-    [ -n "$2" ] && printf '    udp-workers: %s\n    tcp-workers: 1\n    background-workers: 1\n' "$2"
+    [ -n "$workers" ] && printf '    udp-workers: %s\n    tcp-workers: 1\n    background-workers: 1\n' "$workers"
     echo "database:"
     echo "    storage: $state/knot"
     echo "log:"
@@ -192,7 +201,7 @@ start_knot() {
     echo "    journal-content: none"
     echo "    zonefile-sync: -1"
   } >"$state/knot.conf"
-  ip netns exec "$ns" "${pin[@]}" knotd -c "$state/knot.conf" >"$state/knot.log" 2>&1 &
+  ip netns exec "$ns" "$@" knotd -c "$state/knot.conf" >"$state/knot.log" 2>&1 &
   knot_pid=$!
   wait_for "$knot_port" || { cat "$state/knot.log" >&2; echo "knotd did not answer on port $knot_port" >&2; exit 1; }
 }
@@ -258,6 +267,27 @@ measure() {
   ' <<<"$out"
 }
 
+# User-space instructions per query of server $1 (meshd or knot) under callgrind, into
+# insns_per_query[$1]: instrumentation is switched on just before dnsperf's one pass of the query
+# file and off after it. Not through $(...): the server must stay known to the cleanup trap.
+count_instructions() {
+  local server=$1 port pid out total grind
+  grind=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$state/callgrind.$server.%p")
+  if [ "$server" = meshd ]; then
+    start_meshd "${grind[@]}"; port=$meshd_port pid=$meshd_pid
+  else
+    start_knot 1 "${grind[@]}"; port=$knot_port pid=$knot_pid
+  fi
+  callgrind_control -i on "$pid" >/dev/null 2>&1
+  out=$(ip netns exec "$ns" dnsperf -f inet -s 127.0.0.1 -p "$port" -d "$state/queries.txt" -n 1 -Q 3000 2>&1)
+  callgrind_control -i off "$pid" >/dev/null 2>&1
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  total=$(awk '/^totals:/ {print $2}' "$state/callgrind.$server.$pid.1")
+  stop "$pid"
+  if [ "$server" = meshd ]; then meshd_pid=""; else knot_pid=""; fi
+  insns_per_query[$server]=$(awk -v total="$total" '/Queries completed:/ { if ($3 > 0) printf "%d\n", total / $3 }' <<<"$out")
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 values() { tr ' ' '\n' <<<"$1" | grep .; }
 percent() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }'; }
@@ -268,12 +298,13 @@ echo "$services services, $(wc -l <"$state/queries.txt") queries in the mix; $(n
 declare -A qps lat cpu perf info med eff
 for mode in $modes; do
   case "$mode" in
-    pinned) server_cpu=0 client_cpu=1 workers=1 ;;
-    free) server_cpu="" client_cpu="" workers="" ;;
-    *) echo "unknown mode: $mode (pinned or free)" >&2; exit 2 ;;
+    pinned) pin=(taskset -c 0) client_cpu=1 workers=1 ;;
+    free) pin=() client_cpu="" workers="" ;;
+    insns) continue ;;
+    *) echo "unknown mode: $mode (pinned, free or insns)" >&2; exit 2 ;;
   esac
-  start_meshd "$server_cpu"
-  start_knot "$server_cpu" "$workers"
+  start_meshd "${pin[@]}"
+  start_knot "$workers" "${pin[@]}"
   check_same_answers
   # Alternate servers within each run, so drift on a shared machine hits both alike. Only the
   # server being measured is busy; the other sits idle on the same CPU.
@@ -292,7 +323,16 @@ for mode in $modes; do
   stop "$knot_pid"; knot_pid=""
 done
 
+declare -A insns_per_query
+if [[ " $modes " == *" insns "* ]]; then
+  for server in meshd knot; do
+    count_instructions "$server"
+    echo "insns $server: ${insns_per_query[$server]} instructions per query" >&2
+  done
+fi
+
 for mode in $modes; do
+  [ "$mode" = insns ] && continue
   case "$mode" in
     pinned) desc="each server alone on CPU 0, knot with 1 UDP worker, dnsperf on CPU 1" ;;
     free) desc="nothing pinned, knot with its default workers ($(nproc) CPUs)" ;;
@@ -311,3 +351,11 @@ for mode in $modes; do
       "$(values "${lat[$mode.$server]}" | median)" "$(values "${cpu[$mode.$server]}" | median)" "${eff[$server]}" "$eratio" "${info[$mode.$server]}"
   done
 done
+if [[ " $modes " == *" insns "* ]]; then
+  printf '\ninsns: user-space instructions per query (callgrind; one pass of %s queries at 3000 QPS, one UDP worker)\n' \
+    "$(wc -l <"$state/queries.txt")"
+  printf '%-6s %12s %s\n' server instructions "meshd/knot"
+  printf '%-6s %12s %s\n' meshd "${insns_per_query[meshd]}" \
+    "$(awk -v a="${insns_per_query[meshd]}" -v b="${insns_per_query[knot]}" 'BEGIN { if (b > 0) printf "%.1fx", a / b }')"
+  printf '%-6s %12s\n' knot "${insns_per_query[knot]}"
+fi
