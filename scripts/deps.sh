@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages meshd's lab, tests and benchmarks use, when missing. Sourced by
-# scripts/lab.sh, scripts/test.sh and bench/lab-throughput.sh; needs root to install.
+# scripts/lab.sh, scripts/test.sh, bench/lab-throughput.sh and bench/dns-qps.sh; needs root to
+# install.
 set -euo pipefail
 
 # command -> Debian package providing it
@@ -14,6 +15,9 @@ declare -A MESHD_PACKAGES=(
   [ethtool]=ethtool
   [curl]=curl
   [python3]=python3
+  [dnsperf]=dnsperf
+  [knotd]=knot
+  [valgrind]=valgrind
 )
 
 ensure_packages() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on Debian:
 # installs the packages it needs when missing, checks formatting and lints, smoke-runs the lab
-# throughput benchmark, validates the Kubernetes manifests offline (deploy/validate.sh), then runs
-# every test (unit, CLI, lab end-to-end, deploy configs, benchmark smoke runs).
+# throughput and DNS benchmarks, validates the Kubernetes manifests offline (deploy/validate.sh),
+# then runs every test (unit, CLI, lab end-to-end, deploy configs, benchmark smoke runs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
@@ -24,6 +24,8 @@ cargo build --bins --quiet
 if [ "$(id -u)" -eq 0 ]; then
   # A short run of the end-to-end benchmark (debug binaries; dependencies are optimised).
   MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
+  # And of the DNS benchmark: dnsperf against meshd's responder and knot, same answers checked first.
+  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/dns-qps.sh --smoke
 fi
 
 # The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).

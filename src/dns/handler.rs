@@ -3,14 +3,16 @@
 //! the current snapshot of the clusterset view, and writes the reply.
 //!
 //! The view is read from an [`ArcSwap`]: one atomic load per query, no lock, and the snapshot is
-//! released before the reply is sent. Wire decoding (FORMERR for undecodable messages) and
+//! released before the reply is sent. The responder keeps the [`Snapshot`] (the view indexed by
+//! service name) of the last view it saw in a second `ArcSwap` and builds a new one on the first
+//! query after the view changes. Wire decoding (FORMERR for undecodable messages) and
 //! encoding (TC when a UDP reply exceeds 512 bytes or the client's EDNS buffer) are hickory's.
 //! Every query is counted in [`QueryCounters`]; nothing is logged per query above debug.
 
-use super::answer::{answer, Answer, Rcode, RecordData, ZONE};
+use super::answer::{answer, Answer, Rcode, RecordData, Snapshot, ZONE};
 use super::{QueryCounters, QueryRcode, QueryType};
 use crate::discovery::ClustersetView;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record};
@@ -26,6 +28,8 @@ const MAX_UDP_PAYLOAD: u16 = 1232;
 #[derive(Debug)]
 pub struct ClustersetResponder {
     view: Arc<ArcSwap<ClustersetView>>,
+    /// The index of the last view answered from.
+    snapshot: ArcSwap<Snapshot>,
     ttl: u32,
     counters: Arc<QueryCounters>,
     zone: Name,
@@ -54,12 +58,26 @@ impl ClustersetResponder {
     /// A responder reading `view` on every query; answers carry `ttl` seconds.
     pub fn new(view: Arc<ArcSwap<ClustersetView>>, ttl: u32, counters: Arc<QueryCounters>) -> Self {
         let zone = Name::from_ascii(ZONE).unwrap_or_else(|_| Name::root());
+        let snapshot = ArcSwap::from_pointee(Snapshot::new(view.load_full()));
         ClustersetResponder {
             view,
+            snapshot,
             ttl,
             counters,
             zone,
         }
+    }
+
+    /// The snapshot of the current view: the kept one, or a new one when the view has changed.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        let view = self.view.load();
+        let kept = self.snapshot.load();
+        if Arc::ptr_eq(kept.view(), &view) {
+            return Guard::into_inner(kept);
+        }
+        let fresh = Arc::new(Snapshot::new(Guard::into_inner(view)));
+        self.snapshot.store(fresh.clone());
+        fresh
     }
 
     fn reply(&self, request: &Request) -> (QueryType, Reply) {
@@ -80,8 +98,8 @@ impl ClustersetResponder {
         }
         let name = query.original().name();
         let (result, serial) = {
-            let view = self.view.load();
-            (answer(&view, name, qtype), view.serial())
+            let snapshot = self.snapshot();
+            (answer(&snapshot, name, qtype), snapshot.serial())
         };
         (counted, self.records(name, result, serial))
     }

@@ -2,10 +2,11 @@
 //! answers it).
 //!
 //! Three layers, as in hickory-dns: [`answer`] is the answer logic, a pure function over a
-//! [`ClustersetView`] snapshot; [`handler`] is the hickory-server [`RequestHandler`] that reads
-//! the snapshot from an `ArcSwap` and encodes replies; [`serve`] binds UDP and TCP and runs
-//! hickory's [`Server`]. The responder knows nothing of Kubernetes: whoever owns the catalogs
-//! (today `meshd` with the static exports file) stores a new view and the next query sees it.
+//! [`ClustersetView`] snapshot indexed by service name; [`handler`] is the hickory-server
+//! [`RequestHandler`] that reads the view from an `ArcSwap`, indexes it once per view and encodes
+//! replies; [`serve`] binds UDP and TCP and runs hickory's [`Server`]. The responder knows nothing
+//! of Kubernetes: whoever owns the catalogs (today `meshd` with the static exports file) stores a
+//! new view and the next query sees it.
 //!
 //! [`RequestHandler`]: hickory_server::server::RequestHandler
 
