@@ -41,8 +41,9 @@ pub const EXIT_FAILED: u8 = 1;
 /// `meshctl stanza`: this cluster's facts. Every one may come from `--config` instead.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StanzaArgs {
-    /// This cluster's meshd.toml: its cluster, private_key_file, local_cidrs and tunnel_address
-    /// are the defaults of the flags below (the whole file is checked as meshd would).
+    /// This cluster's meshd.toml, or the ConfigMap manifest holding it (deploy/overlays/*/
+    /// meshd-config.yaml): its cluster, private_key_file, local_cidrs and tunnel_address are the
+    /// defaults of the flags below (the whole file is checked as meshd would).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This cluster's private key file, as `meshctl genkey` writes it; only its public key is
@@ -90,12 +91,27 @@ pub struct SecretArgs {
     pub namespace: String,
 }
 
+/// `meshctl check-config`: a cluster's configuration, checked as meshd checks it at start.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckConfigArgs {
+    /// meshd.toml, or the ConfigMap manifest holding it (deploy/overlays/*/meshd-config.yaml).
+    #[arg(value_name = "FILE")]
+    pub config: PathBuf,
+    /// The cluster's private key file, in place of the file's private_key_file (the path on the
+    /// gateway, such as /etc/meshd/private.key).
+    #[arg(long, value_name = "FILE")]
+    pub private_key_file: Option<PathBuf>,
+}
+
 /// Why a join helper refused or failed; the message names the flag or file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    /// A flag's value, or a field of this cluster's config file, is refused.
+    /// A flag's value, or a file named by one, is refused.
     #[error("{0}")]
     Input(ConfigError),
+    /// A cluster's configuration file is refused by meshd's loader.
+    #[error("{path}: {source}")]
+    InFile { path: String, source: ConfigError },
     /// The private key could not be read.
     #[error("{via}: {source}")]
     Key { via: String, source: KeyError },
@@ -184,42 +200,110 @@ impl PeerStanza {
 }
 
 /// Which settings came from flags, to name the flag rather than the file's field in errors.
-fn flag_for(field: &str, args: &StanzaArgs) -> Option<&'static str> {
+fn flag_for(field: &str, flags: &ConfigArgs) -> Option<&'static str> {
     let base = field.split('[').next().unwrap_or(field);
     match base {
-        "cluster" if args.cluster.is_some() => Some("--cluster"),
-        "local_cidrs" if !args.local_cidrs.is_empty() => Some("--local-cidr"),
-        "tunnel_address" if args.tunnel_address.is_some() => Some("--tunnel-address"),
+        "cluster" if flags.cluster.is_some() => Some("--cluster"),
+        "local_cidrs" if !flags.local_cidrs.is_empty() => Some("--local-cidr"),
+        "tunnel_address" if flags.tunnel_address.is_some() => Some("--tunnel-address"),
         _ => None,
     }
 }
 
-/// Builds this cluster's stanza for the other cluster, checking every input as meshd does.
-/// Returns the stanza and notes for the operator (printed apart from the stanza).
-pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinError> {
-    let file = match &args.config {
-        Some(path) => ConfigFile::read(path).map_err(JoinError::Input)?,
-        None => ConfigFile::default(),
+/// The key under which a ConfigMap manifest holds meshd's configuration.
+const CONFIGMAP_KEY: &str = "meshd.toml";
+
+/// Reads a cluster's configuration: a meshd.toml, or (for a `.yaml` / `.yml` file) a ConfigMap
+/// manifest holding it under `meshd.toml: |` as a literal block, as deploy/overlays/*/
+/// meshd-config.yaml do.
+pub fn read_cluster_config(path: &Path) -> Result<ConfigFile, JoinError> {
+    let is_manifest = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    if !is_manifest {
+        return ConfigFile::read(path).map_err(JoinError::Input);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        JoinError::Input(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
+    let toml = configmap_block(&text).map_err(|problem| {
+        JoinError::Input(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: problem,
+        })
+    })?;
+    ConfigFile::parse(path, &toml).map_err(JoinError::Input)
+}
+
+/// The `meshd.toml: |` literal block of a YAML manifest, without its indentation.
+fn configmap_block(text: &str) -> Result<String, String> {
+    let spaces = |line: &str| line.len() - line.trim_start_matches(' ').len();
+    let mut lines = text.lines().enumerate();
+    let key_indent = lines
+        .by_ref()
+        .find(|(_, line)| {
+            let entry = line.trim();
+            entry
+                .strip_prefix(CONFIGMAP_KEY)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|value| matches!(value.trim(), "|" | "|-" | "|+"))
+        })
+        .map(|(_, line)| spaces(line))
+        .ok_or_else(|| {
+            format!("it holds no `{CONFIGMAP_KEY}: |` literal block; give meshd.toml itself, or a ConfigMap manifest holding it as deploy/overlays/*/meshd-config.yaml do")
+        })?;
+    let mut block = String::new();
+    let mut indent = None;
+    for (number, line) in lines {
+        if line.trim().is_empty() {
+            block.push('\n');
+            continue;
+        }
+        let this = spaces(line);
+        if this <= key_indent {
+            break;
+        }
+        let indent = *indent.get_or_insert(this);
+        if this < indent {
+            return Err(format!(
+                "line {} is indented less than the first line of the `{CONFIGMAP_KEY}` block; indent every line of the block alike",
+                number + 1
+            ));
+        }
+        block.push_str(&line[indent..]);
+        block.push('\n');
+    }
+    Ok(block)
+}
+
+/// Checks a cluster's configuration with meshd's loader, `flags` winning over the file's fields.
+/// Errors name the flag when the value came from one, else the file and its field.
+fn load_checked(
+    file: ConfigFile,
+    source: Option<&Path>,
+    flags: &ConfigArgs,
+) -> Result<Config, JoinError> {
+    let key_from_file = flags.private_key_file.is_none() && file.private_key_file.is_some();
+    let in_file = |e: ConfigError| match source {
+        Some(path) => JoinError::InFile {
+            path: path.display().to_string(),
+            source: e,
+        },
+        None => JoinError::Input(e),
     };
-    let config_label = args
-        .config
-        .as_ref()
-        .map(|p| format!("this cluster's config {}", p.display()));
-    let named_cluster = args.cluster.is_some() || file.cluster.is_some();
-    let key_from_file = args.private_key_file.is_none() && file.private_key_file.is_some();
-    let merged = ConfigArgs {
-        config: args.config.clone(),
-        cluster: args.cluster.clone(),
-        private_key_file: args.private_key_file.clone(),
-        local_cidrs: args.local_cidrs.clone(),
-        tunnel_address: args.tunnel_address.clone(),
-        ..ConfigArgs::default()
-    };
-    let config = Config::from_parts(file, &merged).map_err(|e| match e {
+    Config::from_parts(file, flags).map_err(|e| match e {
         ConfigError::Key(source) if key_from_file => JoinError::Key {
             via: format!(
-                "{}: private_key_file",
-                config_label.as_deref().unwrap_or("the config")
+                "{}: private_key_file (not on this machine? give the key with --private-key-file)",
+                flags
+                    .config
+                    .as_deref()
+                    .unwrap_or(Path::new("the config"))
+                    .display()
             ),
             source,
         },
@@ -227,18 +311,31 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
             via: "--private-key-file".into(),
             source,
         },
-        ConfigError::Field { field, problem } => match flag_for(&field, args) {
+        ConfigError::Field { field, problem } => match flag_for(&field, flags) {
             Some(flag) => flag_error(flag, problem),
-            None => JoinError::Input(ConfigError::Field {
-                field: match &config_label {
-                    Some(label) => format!("{label}: {field}"),
-                    None => field,
-                },
-                problem,
-            }),
+            None => in_file(ConfigError::Field { field, problem }),
         },
-        other => JoinError::Input(other),
-    })?;
+        other => in_file(other),
+    })
+}
+
+/// Builds this cluster's stanza for the other cluster, checking every input as meshd does.
+/// Returns the stanza and notes for the operator (printed apart from the stanza).
+pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinError> {
+    let file = match &args.config {
+        Some(path) => read_cluster_config(path)?,
+        None => ConfigFile::default(),
+    };
+    let named_cluster = args.cluster.is_some() || file.cluster.is_some();
+    let flags = ConfigArgs {
+        config: args.config.clone(),
+        cluster: args.cluster.clone(),
+        private_key_file: args.private_key_file.clone(),
+        local_cidrs: args.local_cidrs.clone(),
+        tunnel_address: args.tunnel_address.clone(),
+        ..ConfigArgs::default()
+    };
+    let config = load_checked(file, args.config.as_deref(), &flags)?;
 
     let private_key = config.private_key.as_ref().ok_or_else(|| {
         flag_error(
@@ -300,6 +397,58 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
         persistent_keepalive: args.persistent_keepalive.filter(|k| *k > 0),
     };
     Ok((stanza, notes))
+}
+
+/// Checks a cluster's configuration file with meshd's loader, as meshd does at start.
+pub fn check_config(args: &CheckConfigArgs) -> Result<Config, JoinError> {
+    let file = read_cluster_config(&args.config)?;
+    let flags = ConfigArgs {
+        config: Some(args.config.clone()),
+        private_key_file: args.private_key_file.clone(),
+        ..ConfigArgs::default()
+    };
+    load_checked(file, Some(&args.config), &flags)
+}
+
+/// A checked configuration in a few lines: what this cluster is and which peers it has.
+pub fn describe(config: &Config) -> String {
+    let list = |cidrs: &[IpNet]| {
+        cidrs
+            .iter()
+            .map(IpNet::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let public_key = config
+        .private_key
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |k| k.public_key().to_base64());
+    let none = || "none".to_string();
+    let mut text = format!(
+        "cluster {} (public key {public_key}), interface {}, listen port {}\n  local CIDRs {}; tunnel address {}\n",
+        config.cluster,
+        config.interface,
+        config.listen_port,
+        list(&config.local_cidrs),
+        config.tunnel_address.map_or_else(none, |a| a.to_string()),
+    );
+    for peer in &config.peers {
+        let endpoint = peer.endpoint.map_or_else(
+            || "none (learned from its packets)".to_string(),
+            |e| e.to_string(),
+        );
+        let keepalive = peer
+            .persistent_keepalive
+            .map_or_else(|| "off".to_string(), |k| format!("{k} s"));
+        text.push_str(&format!(
+            "peer {} (public key {}), endpoint {endpoint}, keepalive {keepalive}\n  allowed CIDRs {}; tunnel address {}\n",
+            peer.name,
+            peer.public_key,
+            list(&peer.allowed_cidrs),
+            peer.tunnel_address.map_or_else(none, |a| a.to_string()),
+        ));
+    }
+    text
 }
 
 /// What [`write_secret`] wrote.
@@ -717,7 +866,7 @@ mod tests {
         let text = refused(&args);
         assert!(
             text.starts_with(&format!(
-                "this cluster's config {}: private_key_file: cannot read the private key from /etc/meshd/absent.key",
+                "{}: private_key_file (not on this machine? give the key with --private-key-file): cannot read the private key from /etc/meshd/absent.key",
                 config.display()
             )),
             "{text}"
@@ -729,7 +878,7 @@ mod tests {
         let text = refused(&args);
         assert!(
             text.starts_with(&format!(
-                "this cluster's config {}: local_cidrs[0]: '10.244.0.0/33' is not a CIDR",
+                "{}: local_cidrs[0]: '10.244.0.0/33' is not a CIDR",
                 config.display()
             )),
             "{text}"
@@ -739,6 +888,47 @@ mod tests {
             ..args
         };
         assert!(refused(&args).contains("absent.toml"));
+    }
+
+    #[test]
+    fn a_configmap_manifest_gives_its_meshd_toml_block() {
+        let yaml = "apiVersion: v1\nkind: ConfigMap\ndata:\n  meshd.toml: |\n    cluster = \"m1\"\n\n    [[peers]]\n      name = \"m2\"\n  other: x\n";
+        assert_eq!(
+            configmap_block(yaml).unwrap(),
+            "cluster = \"m1\"\n\n[[peers]]\n  name = \"m2\"\n"
+        );
+        let text = configmap_block("data:\n  meshd.toml: \"cluster = 1\"\n").unwrap_err();
+        assert!(text.contains("no `meshd.toml: |` literal block"), "{text}");
+        let text =
+            configmap_block("data:\n  meshd.toml: |\n      a = 1\n     b = 2\n").unwrap_err();
+        assert!(text.starts_with("line 4 is indented less"), "{text}");
+    }
+
+    #[test]
+    fn check_config_reads_the_overlays_with_a_local_key() {
+        let fx = fixture();
+        let overlay =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/overlays/m2/meshd-config.yaml");
+        let config = check_config(&CheckConfigArgs {
+            config: overlay.clone(),
+            private_key_file: Some(fx.key_path.clone()),
+        })
+        .unwrap();
+        assert_eq!(config.cluster, "m2");
+        assert_eq!(config.private_key.as_ref(), Some(&fx.key));
+        let text = describe(&config);
+        assert!(
+            text.starts_with(&format!("cluster m2 (public key {})", fx.key.public_key())),
+            "{text}"
+        );
+        assert!(text.contains("\npeer m1 (public key "), "{text}");
+        let err = check_config(&CheckConfigArgs {
+            config: overlay,
+            private_key_file: None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("meshd-config.yaml: private_key_file (not on this machine? give the key with --private-key-file): cannot read the private key from /etc/meshd/private.key"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Joining two clusters with meshctl, as an operator does it: keys, the two `[[peers]]` stanzas
 //! (`meshctl stanza`), each loaded by meshd's own config loader on the other side, and the key's
 //! Secret (`meshctl secret`): a 0600 file of valid YAML holding the key, which never reaches the
-//! terminal. Bad input exits 2 naming the flag.
+//! terminal; `meshctl check-config` on meshd.toml or an overlay's ConfigMap. Bad input exits 2
+//! naming the flag or the file and field.
 
 mod support;
 
@@ -429,4 +430,45 @@ fn bad_input_exits_2_naming_the_flag() {
         "{err}"
     );
     assert!(!err.contains("not-a-key"), "{err}");
+}
+
+#[test]
+fn check_config_accepts_what_meshd_accepts_and_names_the_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (key_path, key) = genkey(d, "m1.key");
+    let overlay = support::repo_root().join("deploy/overlays/m1/meshd-config.yaml");
+    let out = run(
+        d,
+        &[
+            "check-config",
+            overlay.to_str().unwrap(),
+            "--private-key-file",
+            "m1.key",
+        ],
+    );
+    assert_key_not_shown(&out, &key);
+    let shown = ok_stdout(&out);
+    assert!(
+        shown.contains("meshd-config.yaml: meshd accepts it\ncluster m1 ("),
+        "{shown}"
+    );
+
+    let config = d.join("meshd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[[peers]]\nname = \"m2\"\npublic_key = \"{}\"\nallowed_cidrs = [\"10.244.0.0/24\"]\n",
+            own_config("m1", &key_path, "\"10.244.0.0/16\"", "100.64.0.1/24"),
+            PrivateKey::generate().public_key()
+        ),
+    )
+    .unwrap();
+    let out = run(d, &["check-config", "meshd.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("meshctl: error: meshd.toml: local cluster 'm1' CIDR 10.244.0.0/16 overlaps peer 'm2' CIDR 10.244.0.0/24"),
+        "{err}"
+    );
 }

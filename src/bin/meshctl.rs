@@ -1,6 +1,7 @@
 //! meshctl: the command line for meshd: keys, joining clusters (`meshctl stanza`,
-//! `meshctl secret`; the logic is in `meshd::join`), and what a running meshd serves on its
-//! admin socket: peers, exports, DNS explanations, diagnostics (docs/meshctl.md).
+//! `meshctl secret`, `meshctl check-config`; the logic is in `meshd::join`), and what a
+//! running meshd serves on its admin socket: peers, exports, DNS explanations, diagnostics
+//! (docs/meshctl.md).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,7 +11,7 @@ use meshd::admin::api::{ExportsResponse, PeerState, PeerView, DEFAULT_ADMIN_SOCK
 use meshd::admin::client::AdminClient;
 use meshd::diagnose::{self, Outcome};
 use meshd::discovery::catalog::ServiceType;
-use meshd::join::{self, JoinError, SecretArgs, StanzaArgs};
+use meshd::join::{self, CheckConfigArgs, JoinError, SecretArgs, StanzaArgs};
 use meshd::keys::PrivateKey;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ enum Command {
     /// Write the Kubernetes Secret holding this cluster's private key to a new file (mode 0600)
     /// for `kubectl apply -f`; never to standard output. Exits 2 on refused input.
     Secret(SecretArgs),
+    /// Check a meshd.toml, or the ConfigMap manifest holding it, as meshd checks it at start, and
+    /// summarize it. Exits 0 when meshd would accept it, 2 when not (the error names the field).
+    CheckConfig(CheckConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,6 +160,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Secret(args) => match join::write_secret(&args) {
             Ok(written) => write!(stdout, "{}", written.instructions())?,
+            Err(e) => return Ok(join_failed(&e)),
+        },
+        Command::CheckConfig(args) => match join::check_config(&args) {
+            Ok(config) => write!(
+                stdout,
+                "{}: meshd accepts it\n{}",
+                args.config.display(),
+                join::describe(&config)
+            )?,
             Err(e) => return Ok(join_failed(&e)),
         },
     }
