@@ -27,16 +27,16 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// The Secret the DaemonSet mounts (deploy/base/daemonset.yaml): its name and the key in it.
-pub const SECRET_NAME: &str = "meshd-key";
+const SECRET_NAME: &str = "meshd-key";
 /// The Secret's key holding the private key file; mounted as /etc/meshd/private.key.
-pub const SECRET_KEY: &str = "private.key";
+const SECRET_KEY: &str = "private.key";
 /// The namespace deploy/ installs meshd into.
 pub const DEFAULT_NAMESPACE: &str = "meshd-system";
 
 /// Exit code for refused input (a flag, the config file, `--out`), as clap's usage errors.
-pub const EXIT_USAGE: u8 = 2;
+const EXIT_USAGE: u8 = 2;
 /// Exit code when writing failed.
-pub const EXIT_FAILED: u8 = 1;
+const EXIT_FAILED: u8 = 1;
 
 /// `meshctl stanza`: this cluster's facts. Every one may come from `--config` instead.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -129,7 +129,7 @@ pub enum JoinError {
 }
 
 impl JoinError {
-    /// [`EXIT_USAGE`] for refused input, [`EXIT_FAILED`] when writing failed.
+    /// `EXIT_USAGE` (2) for refused input, `EXIT_FAILED` (1) when writing failed.
     pub fn exit_code(&self) -> u8 {
         match self {
             JoinError::OutFailed { .. } => EXIT_FAILED,
@@ -216,7 +216,7 @@ const CONFIGMAP_KEY: &str = "meshd.toml";
 /// Reads a cluster's configuration: a meshd.toml, or (for a `.yaml` / `.yml` file) a ConfigMap
 /// manifest holding it under `meshd.toml: |` as a literal block, as deploy/overlays/*/
 /// meshd-config.yaml do.
-pub fn read_cluster_config(path: &Path) -> Result<ConfigFile, JoinError> {
+fn read_cluster_config(path: &Path) -> Result<ConfigFile, JoinError> {
     let is_manifest = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml")
@@ -502,7 +502,7 @@ fn valid_namespace(name: &str) -> bool {
 }
 
 /// The Secret manifest the DaemonSet mounts, holding `key` as `meshctl genkey` writes it.
-pub fn secret_manifest(key: &PrivateKey, namespace: &str) -> Zeroizing<String> {
+fn secret_manifest(key: &PrivateKey, namespace: &str) -> Zeroizing<String> {
     let file = Zeroizing::new(format!("{}\n", key.to_base64().as_str()));
     let data = Zeroizing::new(STANDARD.encode(file.as_bytes()));
     Zeroizing::new(format!(
@@ -525,7 +525,7 @@ pub fn secret_manifest(key: &PrivateKey, namespace: &str) -> Zeroizing<String> {
     ))
 }
 
-/// Writes the Secret manifest for `args.private_key_file` to `args.out` (see [`write_private_file`]).
+/// Writes the Secret manifest for `args.private_key_file` to `args.out` (see `write_private_file`).
 pub fn write_secret(args: &SecretArgs) -> Result<SecretWritten, JoinError> {
     if !valid_namespace(&args.namespace) {
         return Err(flag_error(
@@ -553,7 +553,7 @@ pub fn write_secret(args: &SecretArgs) -> Result<SecretWritten, JoinError> {
 /// (`-`), anything that is not a regular file (a terminal, pipe, device, directory or symbolic
 /// link), and an existing file unless `force`; with `force` the file is replaced atomically by a
 /// new one of mode 0600.
-pub fn write_private_file(path: &Path, contents: &[u8], force: bool) -> Result<(), JoinError> {
+fn write_private_file(path: &Path, contents: &[u8], force: bool) -> Result<(), JoinError> {
     let shown = path.display().to_string();
     let refused = |problem: &str| JoinError::OutRefused {
         path: shown.clone(),
