@@ -19,11 +19,18 @@ declare -A MESHD_PACKAGES=(
   [knotd]=knot
   [valgrind]=valgrind
 )
+# python3 module -> Debian package providing it (tests/join.rs reads YAML with PyYAML)
+declare -A MESHD_PYTHON_MODULES=(
+  [yaml]=python3-yaml
+)
 
 ensure_packages() {
   local missing=()
   for cmd in "${!MESHD_PACKAGES[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${MESHD_PACKAGES[$cmd]}")
+  done
+  for module in "${!MESHD_PYTHON_MODULES[@]}"; do
+    python3 -c "import $module" >/dev/null 2>&1 || missing+=("${MESHD_PYTHON_MODULES[$module]}")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then

@@ -2,8 +2,9 @@
 //!
 //! Two halves share a few handles: the [`dataplane`] (synchronous threads, packets) and the
 //! [`control`] plane (tokio: configuration, routes, the WireGuard UAPI). Beside them, [`discovery`]
-//! (the exported-services catalog) and [`dns`] (the `clusterset.local` responder). See
-//! docs/architecture.md and docs/dns.md.
+//! (the exported-services catalog) and [`dns`] (the `clusterset.local` responder); [`join`] is what
+//! meshctl needs to join two clusters (peer stanzas, the key's Secret). See docs/architecture.md and
+//! docs/dns.md.
 
 pub mod admin;
 pub mod config;
@@ -12,4 +13,5 @@ pub mod dataplane;
 pub mod diagnose;
 pub mod discovery;
 pub mod dns;
+pub mod join;
 pub mod keys;

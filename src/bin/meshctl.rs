@@ -1,5 +1,7 @@
-//! meshctl: the command line for meshd: keys, and what a running meshd serves on its admin
-//! socket: peers, exports, DNS explanations, diagnostics (docs/meshctl.md).
+//! meshctl: the command line for meshd: keys, joining clusters (`meshctl stanza`,
+//! `meshctl secret`, `meshctl check-config`; the logic is in `meshd::join`), and what a
+//! running meshd serves on its admin socket: peers, exports, DNS explanations, diagnostics
+//! (docs/meshctl.md).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,6 +11,7 @@ use meshd::admin::api::{ExportsResponse, PeerState, PeerView, DEFAULT_ADMIN_SOCK
 use meshd::admin::client::AdminClient;
 use meshd::diagnose::{self, Outcome};
 use meshd::discovery::catalog::ServiceType;
+use meshd::join::{self, CheckConfigArgs, JoinError, SecretArgs, StanzaArgs};
 use meshd::keys::PrivateKey;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -48,6 +51,16 @@ enum Command {
     /// Check this gateway: CIDR overlaps, MTU, handshakes, routes, DNS, catalog sync, metrics.
     /// Exits 0 when every check passes, 1 when any fails, 2 when meshd cannot be reached.
     Diagnose(SocketArgs),
+    /// Print this cluster's [[peers]] stanza for the other cluster's meshd.toml: name, public key
+    /// (derived from the private key file, which is never printed), endpoint, CIDRs, tunnel
+    /// address. Exits 2 on refused input.
+    Stanza(StanzaArgs),
+    /// Write the Kubernetes Secret holding this cluster's private key to a new file (mode 0600)
+    /// for `kubectl apply -f`; never to standard output. Exits 2 on refused input.
+    Secret(SecretArgs),
+    /// Check a meshd.toml, or the ConfigMap manifest holding it, as meshd checks it at start, and
+    /// summarize it. Exits 0 when meshd would accept it, 2 when not (the error names the field).
+    CheckConfig(CheckConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,8 +149,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Exports(args) => return exports(&args, &mut stdout),
         Command::Resolve(args) => return resolve(&args, &mut stdout),
         Command::Diagnose(args) => return diagnose(&args, &mut stdout),
+        Command::Stanza(args) => match join::peer_stanza(&args) {
+            Ok((stanza, notes)) => {
+                for note in notes {
+                    eprintln!("meshctl: note: {note}");
+                }
+                write!(stdout, "{}", stanza.to_toml())?;
+            }
+            Err(e) => return Ok(join_failed(&e)),
+        },
+        Command::Secret(args) => match join::write_secret(&args) {
+            Ok(written) => write!(stdout, "{}", written.instructions())?,
+            Err(e) => return Ok(join_failed(&e)),
+        },
+        Command::CheckConfig(args) => match join::check_config(&args) {
+            Ok(config) => write!(
+                stdout,
+                "{}: meshd accepts it\n{}",
+                args.config.display(),
+                join::describe(&config)
+            )?,
+            Err(e) => return Ok(join_failed(&e)),
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reports a refused or failed `stanza` / `secret` and gives its exit code.
+fn join_failed(e: &JoinError) -> ExitCode {
+    eprintln!("meshctl: error: {e}");
+    ExitCode::from(e.exit_code())
 }
 
 fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
