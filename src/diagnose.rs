@@ -592,6 +592,7 @@ mod tests {
             rx_rate: 0,
             tx_rate: 0,
             handshake_rtt_ms: None,
+            handshakes: 0,
             rtt_ms: Some(0.3),
             allowed_cidrs: vec![
                 "10.245.0.0/16".parse().unwrap(),

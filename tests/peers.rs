@@ -172,6 +172,11 @@ fn meshctl_peers_reports_live_state_and_failures() {
         );
     }
     assert_eq!(sample(&second, "meshd_peer_up", ("peer", "m2")), 1.0);
+    assert!(
+        sample(&second, "meshd_peer_handshakes_total", ("peer", "m2")) >= 1.0,
+        "no handshake counted"
+    );
+    assert!(now.handshakes >= 1, "{now:?}");
     assert_eq!(
         sample(
             &second,

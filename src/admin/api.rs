@@ -158,6 +158,9 @@ pub struct PeerView {
     /// Round trip of the last handshake we initiated (initiation to response), in milliseconds;
     /// not a data-path RTT. `null` until we have initiated one.
     pub handshake_rtt_ms: Option<u32>,
+    /// Handshakes completed with the peer since meshd added it (sampled once a second).
+    #[serde(default)]
+    pub handshakes: u64,
     /// Round trip through the tunnel of the last answered health probe, in milliseconds; `null`
     /// for a peer without `tunnel_address` or one that never answered.
     #[serde(default)]

@@ -161,10 +161,21 @@ impl Collector for StatusCollector {
             None,
             ConstGauge::new(0i64).metric_type(),
         )?;
-        for peer in self.monitor.peers() {
-            let labels = [("peer", peer.name)];
+        let peers = self.monitor.peers();
+        for peer in &peers {
+            let labels = [("peer", peer.name.as_str())];
             let up = i64::from(peer.status == PeerState::Up);
             ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "meshd_peer_handshakes",
+            "Handshakes completed with the peer since meshd added it (sampled once a second).",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for peer in &peers {
+            let labels = [("peer", peer.name.as_str())];
+            ConstCounter::new(peer.handshakes).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "meshd_build_info",

@@ -39,6 +39,9 @@ struct Track {
     /// When we first saw traffic of ours (other than keepalives) after the last receive.
     unanswered_since: Option<Instant>,
     last_handshake: Option<SystemTime>,
+    /// Handshakes completed since the peer was added, as seen by the sampler (several within
+    /// one second count once).
+    handshakes: u64,
 }
 
 impl Track {
@@ -80,6 +83,7 @@ impl Track {
         let status = peer.status();
         if status.last_handshake > self.last_handshake {
             self.last_handshake = status.last_handshake;
+            self.handshakes += 1;
         }
     }
 
@@ -209,6 +213,7 @@ impl PeerMonitor {
                     rx_rate,
                     tx_rate,
                     handshake_rtt_ms: rtt,
+                    handshakes: track.map_or(0, |t| t.handshakes),
                     rtt_ms: probe.and_then(|p| p.rtt).map(|r| r.as_secs_f64() * 1e3),
                     allowed_cidrs: want.allowed_ips.clone(),
                     mtu: self.mtu,

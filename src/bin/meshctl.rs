@@ -576,6 +576,7 @@ mod tests {
             rx_rate: 1_572_864,
             tx_rate: 900,
             handshake_rtt_ms: Some(1),
+            handshakes: 1,
             rtt_ms: Some(0.42),
             allowed_cidrs: vec![
                 "10.245.0.0/16".parse().unwrap(),
@@ -600,6 +601,7 @@ mod tests {
             rx_rate: 0,
             tx_rate: 0,
             handshake_rtt_ms: None,
+            handshakes: 0,
             rtt_ms: None,
             allowed_cidrs: vec!["10.246.0.0/16".parse().unwrap()],
             mtu: 1420,
