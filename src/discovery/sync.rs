@@ -103,6 +103,16 @@ impl SyncErrors {
             .inc();
     }
 
+    #[cfg(test)]
+    fn get(&self, peer: &str, kind: SyncFailure) -> u64 {
+        self.0
+            .get_or_create(&ErrorLabels {
+                peer: peer.to_string(),
+                reason: kind.as_str().to_string(),
+            })
+            .get()
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "meshd_catalog_sync_errors",
@@ -526,6 +536,71 @@ mod tests {
         let mut c = catalog();
         c.generation = 0;
         assert_eq!(refused(&c).kind, SyncFailure::Inconsistent);
+    }
+
+    /// A peer that sends a good catalog, then garbage: the garbage is counted and logged, and
+    /// the good catalog stays in the view.
+    #[tokio::test]
+    async fn a_bad_catalog_is_counted_and_the_last_good_one_stays() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.5:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let app = axum::Router::new().route(
+            "/v1/catalog",
+            axum::routing::get(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        ([(header::ETAG, "\"a-3\"")], axum::Json(catalog())).into_response()
+                    } else {
+                        ([(header::ETAG, "\"a-4\"")], "{\"cluster\": 42}").into_response()
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let m2 = crate::discovery::probe::ProbeTarget {
+            name: "m2".into(),
+            key: crate::keys::PrivateKey::generate().public_key(),
+            addr: "127.0.0.5".parse().unwrap(),
+        };
+        let prober = Prober::new(port, vec![]);
+        let hub = Clusterset::new("m1", prober.clone());
+        hub.set_peers(&[m2]);
+        let errors = SyncErrors::default();
+        let peer = SyncPeer {
+            tunnel_address: "127.0.0.5".parse().unwrap(),
+            ..peer()
+        };
+        let task = tokio::spawn(follow_peer(
+            hub.clone(),
+            prober,
+            errors.clone(),
+            "127.0.0.6".parse().unwrap(),
+            port,
+            peer,
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while errors.get("m2", SyncFailure::Malformed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bad catalog was never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
+        let status = &hub.sync_status()[0];
+        assert_eq!(status.generation, Some(3), "{status:?}");
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not valid")),
+            "{status:?}"
+        );
+        assert_eq!(hub.build().clusters[1].catalog, catalog());
     }
 
     /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
