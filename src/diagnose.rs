@@ -660,6 +660,7 @@ mod tests {
             },
             peers: vec![peer()],
             exports: ExportsResponse {
+                conflicts: vec![],
                 view: view(),
                 sync: vec![SyncStatus {
                     peer: "m2".into(),

@@ -11,9 +11,14 @@ use support::*;
 
 /// `meshctl ARGS --socket <m1's>` run inside M1's gateway (where its DNS and metrics listen).
 fn meshctl_in_m1(lab: &Lab, args: &[&str]) -> Output {
-    let socket = lab.state.join("m1.admin.sock");
+    meshctl_in(lab, 1, args)
+}
+
+/// `meshctl ARGS --socket <mI's>` run inside gateway `i`.
+fn meshctl_in(lab: &Lab, i: u8, args: &[&str]) -> Output {
+    let socket = lab.state.join(format!("m{i}.admin.sock"));
     lab.exec(
-        "m1gw",
+        &format!("m{i}gw"),
         &[
             env!("CARGO_BIN_EXE_meshctl"),
             args[0],
@@ -195,6 +200,34 @@ fn exports_and_resolve_show_and_explain_the_clusterset() {
     );
     assert!(!out.status.success());
     assert!(text(&out).contains("--type 'BOGUS'"), "{}", text(&out));
+
+    // No conflicts while both clusters export web alike.
+    assert!(web.ends_with("  no"), "{table}");
+    // M2 re-exports web on another port: M1's export is as old (both undated) and m1 sorts
+    // first, so M2's export is the one in conflict, as M2's meshctl exports says.
+    let exports = lab.state.join("m2.exports.toml");
+    let before = std::fs::read_to_string(&exports).unwrap();
+    let changed = before.replacen("port = 80 }", "port = 8080 }", 1);
+    assert_ne!(before, changed);
+    std::fs::write(&exports, changed).unwrap();
+    // SAFETY: kill(2) with a pid read from the lab's own pid file.
+    assert_eq!(unsafe { libc::kill(lab.pid(2), libc::SIGHUP) }, 0);
+    let start = Instant::now();
+    let table = loop {
+        let table = String::from_utf8(meshctl_in(&lab, 2, &["exports"]).stdout).unwrap();
+        if table.contains("demo/web: PortConflict: ") {
+            break table;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{table}\n{}",
+            lab.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let web = table.lines().find(|l| l.starts_with("demo/web")).unwrap();
+    assert!(web.ends_with("yes (PortConflict)"), "{table}");
+    assert!(table.contains("cluster m1's export"), "{table}");
 
     // M2 down: resolve says why its service left the answer.
     lab.kill_meshd(2);

@@ -214,12 +214,15 @@ pub struct StatusView {
     pub metrics_listen: Option<String>,
 }
 
-/// The body of `GET /v1/exports`: the clusterset view (local catalog first) and the catalog
-/// sync with each peer.
+/// The body of `GET /v1/exports`: the clusterset view (local catalog first), the catalog sync
+/// with each peer, and the local exports' conflicts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExportsResponse {
     pub view: crate::discovery::ClustersetView,
     pub sync: Vec<crate::discovery::clusterset::SyncStatus>,
+    /// The `Conflict` condition of each local export (the oldest export of a name wins).
+    #[serde(default)]
+    pub conflicts: Vec<crate::discovery::catalog::ExportConflict>,
 }
 
 /// The body of every error answer.

@@ -129,8 +129,10 @@ async fn status(State(state): State<AdminState>) -> Json<StatusView> {
 }
 
 async fn exports(State(state): State<AdminState>) -> Json<ExportsResponse> {
+    let view = (**state.clusterset.snapshot().load()).clone();
     Json(ExportsResponse {
-        view: (**state.clusterset.snapshot().load()).clone(),
+        conflicts: crate::discovery::kubernetes::conflicts(&view),
+        view,
         sync: state.clusterset.sync_status(),
     })
 }

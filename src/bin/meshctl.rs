@@ -309,9 +309,16 @@ fn render_exports(answer: &ExportsResponse, now: u64) -> String {
             });
         }
     }
-    let mut rows = vec![["SERVICE", "TYPE", "CLUSTERS", "ADDRESSES", "PORTS"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = vec![[
+        "SERVICE",
+        "TYPE",
+        "CLUSTERS",
+        "ADDRESSES",
+        "PORTS",
+        "CONFLICT",
+    ]
+    .map(String::from)
+    .to_vec()];
     for ((ns, name), list) in &services {
         let first = list[0];
         let addresses: Vec<String> = list
@@ -340,6 +347,20 @@ fn render_exports(answer: &ExportsResponse, now: u64) -> String {
             servers[&(ns.clone(), name.clone())].join(", "),
             addresses.join(", "),
             ports.join(","),
+            answer
+                .conflicts
+                .iter()
+                .find(|c| c.namespace == *ns && c.name == *name)
+                .map_or_else(
+                    || "-".to_string(),
+                    |c| {
+                        if c.conflict {
+                            format!("yes ({})", c.reason)
+                        } else {
+                            "no".to_string()
+                        }
+                    },
+                ),
         ]);
     }
     let mut text = align(&clusters);
@@ -348,6 +369,12 @@ fn render_exports(answer: &ExportsResponse, now: u64) -> String {
         text.push_str("no services are exported anywhere in the clusterset\n");
     } else {
         text.push_str(&align(&rows));
+    }
+    for c in answer.conflicts.iter().filter(|c| c.conflict) {
+        text.push_str(&format!(
+            "{}/{}: {}: {}\n",
+            c.namespace, c.name, c.reason, c.message
+        ));
     }
     if !view.loaded {
         text.push_str(

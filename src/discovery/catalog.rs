@@ -193,6 +193,17 @@ impl ExportCatalog {
     }
 }
 
+/// The MCS `Conflict` condition of one of this cluster's exports, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportConflict {
+    pub namespace: String,
+    pub name: String,
+    pub conflict: bool,
+    /// CamelCase, as on the ServiceExport: `NoConflicts`, `PortConflict`, `TypeConflict`.
+    pub reason: String,
+    pub message: String,
+}
+
 /// One cluster's catalog in the view, with whether its tunnel is up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

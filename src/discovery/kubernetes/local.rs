@@ -11,7 +11,7 @@
 
 use super::status::Verdict;
 use crate::discovery::catalog::{
-    Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
+    is_dns_label, Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -212,17 +212,6 @@ fn decide_one(
             format!("in the clusterset catalog as a {service_type:?} service"),
         ),
     }
-}
-
-/// A DNS-1123 label, as endpoint hostnames must be to appear in DNS names.
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
 }
 
 #[cfg(test)]

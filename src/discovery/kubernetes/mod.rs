@@ -28,7 +28,7 @@ mod local;
 mod status;
 mod writes;
 
-use crate::discovery::catalog::{ClustersetView, ExportCatalog, ExportedService};
+use crate::discovery::catalog::{ClustersetView, ExportCatalog, ExportConflict, ExportedService};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -68,6 +68,35 @@ pub enum WatcherError {
 /// A client from the in-cluster configuration, else `KUBECONFIG` (or `~/.kube/config`).
 pub async fn connect() -> Result<Client, WatcherError> {
     Client::try_default().await.map_err(WatcherError::Connect)
+}
+
+/// The `Conflict` condition of each of the local cluster's exports in `view` (its first
+/// cluster), by the same rule the watcher writes to the ServiceExports: the oldest export wins.
+pub fn conflicts(view: &ClustersetView) -> Vec<ExportConflict> {
+    let Some(local) = view.clusters.first() else {
+        return Vec::new();
+    };
+    let cluster = local.catalog.cluster.as_str();
+    let all = clusterset::exporters(cluster, &local.catalog.services, view);
+    local
+        .catalog
+        .services
+        .iter()
+        .map(|ours| {
+            let verdict = clusterset::conflict(
+                cluster,
+                ours,
+                &all[&(ours.namespace.as_str(), ours.name.as_str())],
+            );
+            ExportConflict {
+                namespace: ours.namespace.clone(),
+                name: ours.name.clone(),
+                conflict: verdict.status,
+                reason: verdict.reason.to_string(),
+                message: verdict.message,
+            }
+        })
+        .collect()
 }
 
 /// The API resources of ServiceExport and ServiceImport, in the versions the cluster serves.
