@@ -19,6 +19,7 @@ ensure_cargo
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS='-D warnings' cargo doc --no-deps --quiet
 cargo build --bins --quiet
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -130,9 +130,13 @@ pub struct ConfigArgs {
     /// Port on the tunnel address for the catalog sync (TCP) and the health probe (UDP) [default: 51821].
     #[arg(long, env = "MESHD_DISCOVERY_PORT")]
     pub discovery_port: Option<u16>,
-    /// A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP].
-    /// Repeat for several peers (space-separated in the environment).
-    #[arg(long = "peer", env = "MESHD_PEERS", value_delimiter = ' ')]
+    // The help is an attribute, not a doc comment: rustdoc would read its brackets as links.
+    #[arg(
+        long = "peer",
+        env = "MESHD_PEERS",
+        value_delimiter = ' ',
+        help = "A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP]. Repeat for several peers (space-separated in the environment)."
+    )]
     pub peers: Vec<String>,
 }
 

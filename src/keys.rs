@@ -63,7 +63,7 @@ pub(crate) fn encode_hex(bytes: &[u8; 32]) -> String {
 pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
-    /// Parses the base64 form; `what` names the input in the error (e.g. "peers[0].public_key").
+    /// Parses the base64 form; `what` names the input in the error (e.g. `peers[0].public_key`).
     pub fn from_base64(what: &str, text: &str) -> Result<Self, KeyError> {
         decode_base64(what, text).map(PublicKey)
     }

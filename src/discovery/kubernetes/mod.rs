@@ -9,10 +9,10 @@
 //! after every burst of changes (gathered for [`DEBOUNCE`]) or change of the clusterset view, one
 //! pass:
 //!
-//! 1. decides every export ([`local`]) and publishes the catalog on `local` when it differs from
+//! 1. decides every export (`local`) and publishes the catalog on `local` when it differs from
 //!    the last one, with the next generation (the first is 1);
-//! 2. writes `Valid`, `Ready` and `Conflict` ([`clusterset`]) on each ServiceExport whose
-//!    conditions differ from those wanted ([`status`]);
+//! 2. writes `Valid`, `Ready` and `Conflict` (`clusterset`) on each ServiceExport whose
+//!    conditions differ from those wanted (`status`);
 //! 3. creates, updates and deletes the ServiceImports it manages (label
 //!    `app.kubernetes.io/managed-by: meshd`) so that there is one per service exported anywhere
 //!    in the view, never touching one it does not manage.
