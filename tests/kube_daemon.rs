@@ -83,17 +83,7 @@ fn meshd_serves_dns_for_the_clusters_service_exports() {
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: t\n\
-             clusters:\n- name: t\n  cluster:\n    server: {}\n\
-             contexts:\n- name: t\n  context:\n    cluster: t\n    user: t\n\
-             users:\n- name: t\n  user: {{}}\n",
-            server.url
-        ),
-    )
-    .unwrap();
+    server.write_kubeconfig(&kubeconfig);
     let dns_port = free_udp_port();
     let log = dir.path().join("meshd.log");
     let daemon = Daemon(

@@ -27,17 +27,7 @@ fn connect_follows_kubeconfig_and_names_the_fix_when_there_is_none() {
 
         let server = apiserver::ApiServer::start().await;
         let config = dir.path().join("kubeconfig");
-        std::fs::write(
-            &config,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-                 clusters:\n- name: test\n  cluster:\n    server: {}\n\
-                 contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
-                 users:\n- name: test\n  user: {{}}\n",
-                server.url
-            ),
-        )
-        .unwrap();
+        server.write_kubeconfig(&config);
         std::env::set_var("KUBECONFIG", &config);
         let client = kubernetes::connect()
             .await

@@ -214,6 +214,21 @@ impl ApiServer {
         ApiServer { url, shared, task }
     }
 
+    /// Writes a kubeconfig at `path` whose one context is this server (no credentials).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+                 clusters:\n- name: test\n  cluster:\n    server: {}\n\
+                 contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
+                 users:\n- name: test\n  user: {{}}\n",
+                self.url
+            ),
+        )
+        .unwrap();
+    }
+
     /// A kube-rs client for this server, as meshd would build one.
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());
