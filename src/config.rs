@@ -341,7 +341,7 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
 }
 
 /// Checks that no two owners' CIDRs overlap, naming both on failure.
-fn check_overlaps(owned: &[(String, IpNet)]) -> Result<(), ConfigError> {
+pub fn check_overlaps(owned: &[(String, IpNet)]) -> Result<(), ConfigError> {
     for (i, (a_owner, a)) in owned.iter().enumerate() {
         for (b_owner, b) in &owned[i + 1..] {
             if a.contains(&b.network()) || b.contains(&a.network()) {

@@ -5,7 +5,7 @@
 //! gathering is the small I/O part at the bottom. Every failing check says what to do.
 
 use crate::admin::api::{ExportsResponse, PeerState, PeerView, StatusView, REJECT_AFTER_TIME};
-use crate::config::TUNNEL_OVERHEAD;
+use crate::config::{check_overlaps, TUNNEL_OVERHEAD};
 use crate::discovery::catalog::{ClustersetView, ServiceType};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
@@ -117,25 +117,21 @@ fn overlaps(g: &Gathered) -> Check {
         .status
         .local_cidrs
         .iter()
-        .map(|c| (format!("local cluster {}", g.status.cluster), *c))
+        .map(|c| (format!("local cluster '{}'", g.status.cluster), *c))
         .collect();
     for p in &g.peers {
         owned.extend(
             p.allowed_cidrs
                 .iter()
-                .map(|c| (format!("peer {}", p.name), *c)),
+                .map(|c| (format!("peer '{}'", p.name), *c)),
         );
     }
-    for (i, (a_owner, a)) in owned.iter().enumerate() {
-        for (b_owner, b) in &owned[i + 1..] {
-            if a_owner != b_owner && (a.contains(&b.network()) || b.contains(&a.network())) {
-                return fail(
-                    "cidr-overlap",
-                    format!("{a_owner} {a} overlaps {b_owner} {b}"),
-                    "every address must route to exactly one cluster: narrow or remove one of them (pod and service CIDRs of joined clusters must not overlap)",
-                );
-            }
-        }
+    if let Err(overlap) = check_overlaps(&owned) {
+        return fail(
+            "cidr-overlap",
+            overlap.to_string(),
+            "pod and service CIDRs of joined clusters must not overlap: fix the peers' allowed_cidrs or local_cidrs (meshd refuses such a configuration at start; a peer added with `wg set` is not checked)",
+        );
     }
     pass("cidr-overlap", format!("{} CIDRs, no overlap", owned.len()))
 }
@@ -312,11 +308,12 @@ pub struct DnsAnswer {
     pub records: Vec<String>,
 }
 
-/// Where to send DNS questions for a `dns_listen` address: a wildcard means loopback.
-pub fn dns_target(listen: &str) -> Result<SocketAddr, String> {
+/// Where to reach a listen address that meshd reports for `setting` (`dns_listen`,
+/// `metrics_listen`): a wildcard address means loopback.
+pub fn listen_target(setting: &str, listen: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = listen
         .parse()
-        .map_err(|_| format!("meshd reports dns_listen '{listen}', which is not ip:port"))?;
+        .map_err(|_| format!("meshd reports {setting} '{listen}', which is not ip:port"))?;
     Ok(match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
         IpAddr::V6(ip) if ip.is_unspecified() => {
@@ -375,8 +372,7 @@ fn rand_id() -> u16 {
 
 /// `GET /metrics` from `addr` (a wildcard address means loopback).
 pub fn scrape(listen: &str) -> Result<String, String> {
-    let addr =
-        dns_target(listen).map_err(|_| format!("metrics_listen '{listen}' is not ip:port"))?;
+    let addr = listen_target("metrics_listen", listen)?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("cannot connect to /metrics on {addr}: {e}"))?;
     stream

@@ -399,7 +399,7 @@ fn resolve(args: &ResolveArgs, out: &mut impl Write) -> Result<ExitCode> {
     let Some(listen) = status.dns_listen.as_deref() else {
         anyhow::bail!("meshd's DNS responder is off (dns_listen = \"off\"); turn it on to resolve clusterset.local names");
     };
-    let server = diagnose::dns_target(listen).map_err(anyhow::Error::msg)?;
+    let server = diagnose::listen_target("dns_listen", listen).map_err(anyhow::Error::msg)?;
     let answer = diagnose::ask_dns(server, &args.name, qtype).map_err(anyhow::Error::msg)?;
     writeln!(
         out,
@@ -433,7 +433,7 @@ fn diagnose(args: &SocketArgs, out: &mut impl Write) -> Result<ExitCode> {
             exports: client.exports()?,
             routes: diagnose::kernel_routes(),
             dns: status.dns_listen.as_deref().map(|listen| {
-                diagnose::dns_target(listen).and_then(|server| {
+                diagnose::listen_target("dns_listen", listen).and_then(|server| {
                     diagnose::ask_dns(server, "dns-version.clusterset.local", RecordType::TXT)
                 })
             }),
