@@ -44,6 +44,14 @@ fn wait_for_answer(lab: &Lab, ns: &str, server: &str, name: &str, want: &str) ->
     }
 }
 
+/// `curl http://NAME/` from m1pod, whose resolver is M1's meshd; the page, trimmed.
+fn fetch_from_m1(lab: &Lab, name: &str) -> String {
+    let url = format!("http://{name}/");
+    lab.exec_ok("m1pod", &["curl", "-sS", "--max-time", "5", &url])
+        .trim()
+        .to_string()
+}
+
 /// The proof: M2 exports hello, backed by a real HTTP server in m2pod. From m1pod, M1's
 /// responder answers its address and curl (resolving through M1's meshd) fetches the page
 /// through the tunnel. M2's gateway dies: within 10 s M1 stops answering the name (its services
@@ -56,17 +64,7 @@ fn services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down() {
     let lab = Lab::up("tx", "meshd", "meshd");
     let hello = "hello.demo.svc.clusterset.local";
     wait_for_answer(&lab, "m1pod", M1_DNS, hello, "10.97.0.20");
-    let page = lab.exec_ok(
-        "m1pod",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{hello}/"),
-        ],
-    );
-    assert_eq!(page.trim(), "hello from m2");
+    assert_eq!(fetch_from_m1(&lab, hello), "hello from m2");
     // Both sides keep a catalog of the other: M2's responder knows M1's web too.
     assert_eq!(
         short(
@@ -124,17 +122,7 @@ fn services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down() {
     let mut m2 = lab.start_meshd(2, |config| config);
     let back = wait_for_answer(&lab, "m1pod", M1_DNS, hello, "10.97.0.20");
     eprintln!("restored {back:?} after M2's meshd restarted");
-    let page = lab.exec_ok(
-        "m1pod",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{hello}/"),
-        ],
-    );
-    assert_eq!(page.trim(), "hello from m2");
+    assert_eq!(fetch_from_m1(&lab, hello), "hello from m2");
     let _ = m2.kill();
     let _ = m2.wait();
 }
