@@ -138,24 +138,41 @@ fn overlaps(g: &Gathered) -> Check {
 
 fn mtu(g: &Gathered) -> Check {
     let need = u32::from(g.status.mtu) + u32::from(TUNNEL_OVERHEAD);
-    if u32::from(g.status.underlay_mtu) >= need {
+    let narrow: Vec<String> = g
+        .peers
+        .iter()
+        .filter(|p| p.mtu < g.status.mtu)
+        .map(|p| format!("{} ({})", p.name, p.mtu))
+        .collect();
+    let smallest = g.peers.iter().map(|p| p.mtu).min().unwrap_or(g.status.mtu);
+    if u32::from(g.status.underlay_mtu) < need {
+        fail(
+            "mtu",
+            format!(
+                "tunnel MTU {} + {TUNNEL_OVERHEAD} bytes of WireGuard overhead exceeds the underlay's {} ({}): larger packets get an ICMP too-big (or are fragmented), so each new destination first loses a packet to path MTU discovery",
+                g.status.mtu, g.status.underlay_mtu, g.status.underlay
+            ),
+            format!(
+                "set mtu = {} (or less) in meshd's config and restart it, or raise the underlay's MTU",
+                g.status.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD).min(smallest)
+            ),
+        )
+    } else if !narrow.is_empty() {
+        fail(
+            "mtu",
+            format!(
+                "the route to {} carries smaller packets than the tunnel MTU {}: larger packets get an ICMP too-big (or are fragmented), so each new destination first loses a packet to path MTU discovery",
+                narrow.join(", "),
+                g.status.mtu
+            ),
+            format!("set mtu = {smallest} (or less) in meshd's config and restart it, or raise the MTU along the path"),
+        )
+    } else {
         pass(
             "mtu",
             format!(
                 "tunnel MTU {} + {TUNNEL_OVERHEAD} fits the underlay's {} ({})",
                 g.status.mtu, g.status.underlay_mtu, g.status.underlay
-            ),
-        )
-    } else {
-        fail(
-            "mtu",
-            format!(
-                "tunnel MTU {} + {TUNNEL_OVERHEAD} bytes of WireGuard overhead exceeds the underlay's {} ({}): full-size packets will be dropped or fragmented",
-                g.status.mtu, g.status.underlay_mtu, g.status.underlay
-            ),
-            format!(
-                "set mtu = {} (or less) in meshd's config and restart it, or raise the underlay's MTU",
-                g.status.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD)
             ),
         )
     }
@@ -707,6 +724,23 @@ mod tests {
         let mut g = healthy();
         g.status.underlay_mtu = 1400;
         assert_eq!(outcome(&g, "mtu"), Outcome::Fail);
+
+        let mut g = healthy();
+        g.peers[0].mtu = 1340;
+        let check = run_checks(&g)
+            .into_iter()
+            .find(|c| c.name == "mtu")
+            .unwrap();
+        assert_eq!(check.outcome, Outcome::Fail);
+        assert!(check.detail.contains("m2 (1340)"), "{check:?}");
+        assert!(
+            check
+                .fix
+                .as_deref()
+                .unwrap_or("")
+                .contains("set mtu = 1340"),
+            "{check:?}"
+        );
 
         let mut g = healthy();
         g.peers[0].status = PeerState::Down;

@@ -162,3 +162,110 @@ fn traffic_mix_with_two_transmit_queues() {
         &["offload=true", "tx_threads=2"],
     );
 }
+
+/// Waits until gateway `i`'s log has a line containing every one of `words`.
+fn wait_for_log(lab: &Lab, i: u8, words: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab
+        .log(i)
+        .lines()
+        .any(|line| words.iter().all(|w| line.contains(w)))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "m{i} never logged {words:?}:\n{}",
+            lab.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The underlay between the gateways carries 1400 bytes, less than the tunnel's 1420 plus
+/// WireGuard's 60: meshd must answer oversized packets with ICMP too-big (DF, IPv6) or fragment
+/// them (IPv4 without DF) so that traffic keeps flowing, and follow the MTU back up.
+fn smaller_underlay(prefix: &str, extra: &[&str]) {
+    let lab = Lab::up_with(prefix, "meshd", "meshd", extra);
+    for gw in ["m1gw", "m2gw"] {
+        lab.exec_ok(gw, &["ip", "link", "set", "ul0", "mtu", "1400"]);
+    }
+    for i in [1, 2] {
+        wait_for_log(
+            &lab,
+            i,
+            &["path MTU", "route_mtu=1400", "largest_packet=1340"],
+        );
+    }
+
+    let ping = lab.exec(
+        "m1pod",
+        &[
+            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1372", M2_POD,
+        ],
+    );
+    let out = text(&ping);
+    assert!(
+        out.contains("Frag needed and DF set (mtu = 1340)"),
+        "no ICMP fragmentation needed for a 1400-byte DF packet:\n{out}"
+    );
+    let ping6 = lab.exec(
+        "m1pod",
+        &["ping", "-c", "1", "-W", "1", "-s", "1372", "fd00:245::10"],
+    );
+    let out = text(&ping6);
+    assert!(
+        out.contains("Packet too big: mtu=1340"),
+        "no ICMPv6 packet too big for a 1420-byte packet:\n{out}"
+    );
+    let unfragmentable = lab.exec(
+        "m1pod",
+        &[
+            "ping", "-c", "3", "-W", "1", "-M", "dont", "-s", "3000", M2_POD,
+        ],
+    );
+    assert!(
+        unfragmentable.status.success(),
+        "IPv4 without DF is not carried as fragments:\n{}",
+        text(&unfragmentable)
+    );
+
+    for (server, addr, client, seed) in [
+        ("m2pod", "10.245.1.10:5011", "m1pod", 23),
+        ("m1pod", "10.244.1.10:5012", "m2pod", 29),
+        ("m2pod", "[fd00:245::10]:5013", "m1pod", 31),
+    ] {
+        let sent = payload(8 << 20, seed);
+        let got = transfer(&lab, server, addr, client, sent.clone());
+        assert!(got == sent, "{server} -> {client}: transfer differs");
+    }
+    let metrics = lab.exec_ok("m1gw", &["curl", "-s", "http://127.0.0.1:9090/metrics"]);
+    let too_big = metric(&metrics, "meshd_dropped_packets_total{reason=\"too_big\"}");
+    assert!(
+        too_big.unwrap_or(0.0) >= 2.0,
+        "too_big not counted:\n{metrics}"
+    );
+
+    for gw in ["m1gw", "m2gw"] {
+        lab.exec_ok(gw, &["ip", "link", "set", "ul0", "mtu", "1500"]);
+    }
+    wait_for_log(
+        &lab,
+        1,
+        &["path MTU", "route_mtu=1500", "largest_packet=1420"],
+    );
+}
+
+#[test]
+fn smaller_underlay_mtu_with_offload() {
+    if !root_or_skip("smaller_underlay_mtu_with_offload") {
+        return;
+    }
+    smaller_underlay("pm", &[]);
+}
+
+#[test]
+fn smaller_underlay_mtu_with_offload_forced_off() {
+    if !root_or_skip("smaller_underlay_mtu_with_offload_forced_off") {
+        return;
+    }
+    smaller_underlay("pn", &["--no-offload"]);
+}

@@ -166,7 +166,8 @@ pub struct PeerView {
     #[serde(default)]
     pub rtt_ms: Option<f64>,
     pub allowed_cidrs: Vec<IpNet>,
-    /// The tunnel MTU packets to this peer are sent with.
+    /// The largest packet sent to this peer as it is: the tunnel MTU, or less while the route to
+    /// the peer's endpoint carries less (larger packets get an ICMP too-big or are fragmented).
     pub mtu: u16,
 }
 

@@ -14,6 +14,7 @@
 
 pub mod mss;
 mod peer;
+pub mod pmtu;
 pub mod routing;
 mod table;
 pub mod udp;
@@ -25,6 +26,7 @@ use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use parking_lot::Mutex;
+use pmtu::Oversized;
 use quinn_udp::RecvMeta;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
@@ -420,6 +422,8 @@ impl Dataplane {
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
         let mut runs: Vec<GsoRun> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+        let mut reply = vec![0u8; VIRTIO_NET_HDR_LEN + pmtu::REPLY_MAX];
+        let mut fragment = vec![0u8; MAX_PACKET];
         loop {
             let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
             let table = self.table.load();
@@ -432,15 +436,34 @@ impl Dataplane {
             for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
                 let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
                 mss::clamp(packet, self.mtu);
-                match table.encapsulate(packet, &mut out[pos..]) {
+                let mut batch = Batch {
+                    out: &mut out,
+                    pos: &mut pos,
+                    run: &mut run,
+                    runs: &mut runs,
+                };
+                match table.encapsulate(packet, batch.room()) {
                     Outbound::Send(datagram, to) => {
                         let len = datagram.len();
-                        if !run.admits(len, to) {
-                            runs.push(run);
-                            run.restart(pos);
+                        batch.push(len, to);
+                    }
+                    Outbound::TooBig(limit) => {
+                        match pmtu::too_big_reply(packet, limit, &mut reply[VIRTIO_NET_HDR_LEN..]) {
+                            Oversized::Reply(len) => {
+                                self.drops.count(DropReason::TooBig);
+                                self.write_reply(queue, &mut reply, len);
+                            }
+                            Oversized::Fragment => {
+                                let cut =
+                                    pmtu::fragment_v4(packet, limit, &mut fragment, |piece| {
+                                        self.encapsulate_fragment(&table, piece, &mut batch)
+                                    });
+                                if cut.is_none() {
+                                    self.drops.count(DropReason::TooBig);
+                                }
+                            }
+                            Oversized::Drop => self.drops.count(DropReason::TooBig),
                         }
-                        run.push(len, to);
-                        pos += len;
                     }
                     Outbound::Queued => {}
                     Outbound::Drop(reason) => self.drops.count(reason),
@@ -456,6 +479,36 @@ impl Dataplane {
             } else {
                 self.send_singles(&port, &out, &runs);
             }
+        }
+    }
+
+    /// Encrypts one fragment of an oversized IPv4 packet into the batch, if there is room left.
+    fn encapsulate_fragment(&self, table: &PeerTable, piece: &[u8], batch: &mut Batch<'_>) {
+        if batch.room().len() < piece.len() + WG_ROOM {
+            self.drops.count(DropReason::TooBig);
+            return;
+        }
+        match table.encapsulate(piece, batch.room()) {
+            Outbound::Send(datagram, to) => {
+                let len = datagram.len();
+                batch.push(len, to);
+            }
+            Outbound::Queued => {}
+            Outbound::TooBig(_) => self.drops.count(DropReason::TooBig),
+            Outbound::Drop(reason) => self.drops.count(reason),
+        }
+    }
+
+    /// Writes an ICMP answer (after `VIRTIO_NET_HDR_LEN` bytes of room in `buf`) to the TUN device.
+    fn write_reply(&self, queue: &SyncDevice, buf: &mut [u8], len: usize) {
+        let start = if self.offload {
+            buf[..VIRTIO_NET_HDR_LEN].fill(0);
+            0
+        } else {
+            VIRTIO_NET_HDR_LEN
+        };
+        if let Err(e) = queue.send(&buf[start..VIRTIO_NET_HDR_LEN + len]) {
+            tracing::trace!(error = %e, "writing an ICMP too-big to the TUN device failed");
         }
     }
 
@@ -601,6 +654,9 @@ impl Dataplane {
                     identity.rate_limiter.reset_count();
                 }
             }
+            if ticks.is_multiple_of(4) {
+                self.measure_paths(&table);
+            }
             let port = self.udp.load();
             for peer in table.peers() {
                 let result = peer.tunn().update_timers(&mut out);
@@ -618,6 +674,36 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// Reads the route MTU to every peer's endpoint and updates the largest inner packet the
+    /// transmit path lets through to it (see [`pmtu`]); logs each change.
+    fn measure_paths(&self, table: &PeerTable) {
+        for peer in table.peers() {
+            let Some(endpoint) = peer.endpoint() else {
+                continue;
+            };
+            let route = match pmtu::route_mtu(endpoint) {
+                Ok(route) => route,
+                Err(e) => {
+                    tracing::debug!(error = %e, endpoint = %endpoint, "no route MTU to the peer's endpoint");
+                    continue;
+                }
+            };
+            let limit = pmtu::inner_limit(route, endpoint, self.mtu);
+            let previous = peer.set_path_limit(limit);
+            if previous.unwrap_or(self.mtu) != limit {
+                tracing::info!(
+                    public_key = %peer.public_key,
+                    endpoint = %endpoint,
+                    route_mtu = route,
+                    largest_packet = limit,
+                    "path MTU to the peer changed: larger packets get an ICMP too-big (IPv4 without DF: fragments)"
+                );
+            }
+        }
+    }
+}
+
 /// A run of encrypted datagrams in the output buffer that can leave in one GSO `sendmsg`:
 /// same destination, same size (the last may be shorter), within the kernel's limits.
 #[derive(Clone, Copy)]
@@ -628,6 +714,32 @@ struct GsoRun {
     segment: usize,
     count: usize,
     to: Option<SocketAddr>,
+}
+
+/// The transmit thread's output buffer as it fills: encrypted datagrams back to back from
+/// `out[0]` to `out[pos]`, grouped into runs that can leave in one send each.
+struct Batch<'a> {
+    out: &'a mut [u8],
+    pos: &'a mut usize,
+    run: &'a mut GsoRun,
+    runs: &'a mut Vec<GsoRun>,
+}
+
+impl Batch<'_> {
+    /// Where the next datagram goes.
+    fn room(&mut self) -> &mut [u8] {
+        &mut self.out[*self.pos..]
+    }
+
+    /// Takes the `len`-byte datagram just written at `room()`, for `to`.
+    fn push(&mut self, len: usize, to: SocketAddr) {
+        if !self.run.admits(len, to) {
+            self.runs.push(*self.run);
+            self.run.restart(*self.pos);
+        }
+        self.run.push(len, to);
+        *self.pos += len;
+    }
 }
 
 /// The most UDP payload one GSO send may carry.

@@ -84,7 +84,7 @@ pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
 }
 
 /// One's-complement sum of 16-bit big-endian words (odd trailing byte padded with zero).
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
+pub(super) fn sum16(data: &[u8], mut acc: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for pair in &mut chunks {
         acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
@@ -95,7 +95,8 @@ fn sum16(data: &[u8], mut acc: u32) -> u32 {
     acc
 }
 
-fn fold(mut acc: u32) -> u16 {
+/// Folds a one's-complement sum and complements it: the value a checksum field holds.
+pub(super) fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }

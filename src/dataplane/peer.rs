@@ -8,7 +8,7 @@ use crate::keys::PublicKey;
 use boringtun::noise::Tunn;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// Per-peer traffic counters, updated with relaxed atomics on the hot path.
@@ -41,6 +41,8 @@ pub struct Peer {
     pub index: u32,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
+    /// The largest inner packet the route to the endpoint carries (0 until measured).
+    path_limit: AtomicU16,
     pub stats: PeerStats,
 }
 
@@ -53,6 +55,8 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u16>,
+    /// The largest inner packet the path to the endpoint carries, once measured.
+    pub path_mtu: Option<u16>,
 }
 
 impl Peer {
@@ -67,6 +71,7 @@ impl Peer {
             index,
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(endpoint),
+            path_limit: AtomicU16::new(0),
             stats: PeerStats::default(),
         }
     }
@@ -92,6 +97,23 @@ impl Peer {
         }
     }
 
+    /// The largest inner packet the path to the peer carries, once measured
+    /// (see [`crate::dataplane::pmtu`]).
+    pub fn path_limit(&self) -> Option<u16> {
+        match self.path_limit.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit),
+        }
+    }
+
+    /// Records a new path limit; returns the previous one.
+    pub(crate) fn set_path_limit(&self, limit: u16) -> Option<u16> {
+        match self.path_limit.swap(limit, Ordering::Relaxed) {
+            0 => None,
+            previous => Some(previous),
+        }
+    }
+
     pub fn status(&self) -> PeerStatus {
         let tunn = self.tunn.lock();
         let since = tunn.time_since_last_handshake();
@@ -104,6 +126,7 @@ impl Peer {
             rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
             tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
             persistent_keepalive: keepalive,
+            path_mtu: self.path_limit(),
         }
     }
 }

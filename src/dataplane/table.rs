@@ -44,10 +44,13 @@ pub enum DropReason {
     UnderLoad,
     /// The kernel refused the send.
     SendFailed,
+    /// Larger than the path to the peer carries, and answered with an ICMP too-big instead (IPv4
+    /// without DF is sent on as fragments and not counted, unless it could not be cut).
+    TooBig,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Garbage,
         DropReason::UnknownPeer,
         DropReason::Replay,
@@ -57,6 +60,7 @@ impl DropReason {
         DropReason::NoEndpoint,
         DropReason::UnderLoad,
         DropReason::SendFailed,
+        DropReason::TooBig,
     ];
 
     /// The label used in logs and metrics.
@@ -71,6 +75,7 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::UnderLoad => "under_load",
             DropReason::SendFailed => "send_failed",
+            DropReason::TooBig => "too_big",
         }
     }
 
@@ -147,6 +152,9 @@ pub enum Outbound<'a> {
     /// Held by WireGuard until a handshake completes (a handshake initiation may be returned
     /// instead, as `Send`).
     Queued,
+    /// Larger than the path to the peer carries (see [`crate::dataplane::pmtu`]): the largest
+    /// packet that fits.
+    TooBig(u16),
     Drop(DropReason),
 }
 
@@ -221,6 +229,9 @@ impl PeerTable {
         let Some(endpoint) = peer.endpoint() else {
             return Outbound::Drop(DropReason::NoEndpoint);
         };
+        if let Some(limit) = peer.path_limit().filter(|l| packet.len() > usize::from(*l)) {
+            return Outbound::TooBig(limit);
+        }
         let result = peer.tunn().encapsulate(packet, out);
         match result {
             TunnResult::WriteToNetwork(datagram) => {
