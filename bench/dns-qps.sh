@@ -35,6 +35,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 # shellcheck source=scripts/deps.sh
 . "$root/scripts/deps.sh"
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 
 runs=3 seconds=10 services=1000 modes="pinned free insns"
 while [ $# -gt 0 ]; do
@@ -288,8 +290,6 @@ count_instructions() {
   insns_per_query[$server]=$(awk -v total="$total" '/Queries completed:/ { if ($3 > 0) printf "%d\n", total / $3 }' <<<"$out")
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-values() { tr ' ' '\n' <<<"$1" | grep .; }
 percent() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }'; }
 
 echo "meshd: $meshd_bin; $(knotd --version 2>&1 | head -1); dnsperf $(dnsperf -h 2>&1 | awk '/Version/ {print $2}')" >&2

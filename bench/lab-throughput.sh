@@ -14,6 +14,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 # shellcheck source=scripts/deps.sh
 . "$root/scripts/deps.sh"
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 
 runs=3 seconds=10 smoke=0 impls="none meshd boringtun wireguard-go" modes="tcp1 tcp4 udp" rate=1G
 while [ $# -gt 0 ]; do
@@ -77,7 +79,6 @@ measure() {
   }'
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A mbps cpu loss
 for impl in $impls; do
@@ -103,7 +104,7 @@ done
 for mode in $modes; do
   printf '\n%s: iperf3 m1pod -> m2pod, %s s x %s runs (receiver Mbit/s)\n' "$mode" "$seconds" "$runs"
   printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio CPU-s/GB loss
-  meshd_median=$(tr ' ' '\n' <<<"${mbps[meshd.$mode]:-0}" | grep . | median)
+  meshd_median=$(values "${mbps[meshd.$mode]:-0}" | median)
   for impl in $impls; do
     read -r -a s <<<"${mbps[$impl.$mode]}"
     md=$(printf '%s\n' "${s[@]}" | median)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages meshd's lab, tests and benchmarks use, when missing. Sourced by
-# scripts/lab.sh, scripts/test.sh, bench/lab-throughput.sh and bench/dns-qps.sh; needs root to
+# scripts/lab.sh, scripts/test.sh and the bench/*.sh scripts; needs root to
 # install.
 set -euo pipefail
 
@@ -18,6 +18,12 @@ declare -A MESHD_PACKAGES=(
   [dnsperf]=dnsperf
   [knotd]=knot
   [valgrind]=valgrind
+  [openssl]=openssl
+  [cc]=gcc
+)
+# header file -> Debian package providing it (bench/hot-path.sh builds against libcrypto)
+declare -A MESHD_HEADERS=(
+  [/usr/include/openssl/evp.h]=libssl-dev
 )
 # python3 module -> Debian package providing it (tests/join.rs reads YAML with PyYAML)
 declare -A MESHD_PYTHON_MODULES=(
@@ -28,6 +34,9 @@ ensure_packages() {
   local missing=()
   for cmd in "${!MESHD_PACKAGES[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${MESHD_PACKAGES[$cmd]}")
+  done
+  for header in "${!MESHD_HEADERS[@]}"; do
+    [ -f "$header" ] || missing+=("${MESHD_HEADERS[$header]}")
   done
   for module in "${!MESHD_PYTHON_MODULES[@]}"; do
     python3 -c "import $module" >/dev/null 2>&1 || missing+=("${MESHD_PYTHON_MODULES[$module]}")

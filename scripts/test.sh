@@ -32,6 +32,8 @@ fi
 # The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).
 deploy/validate.sh
 
-# One iteration of each criterion benchmark (a smoke run), then the unit, CLI and lab tests.
+# One iteration of each criterion benchmark (a smoke run) and of the OpenSSL references beside
+# it, then the unit, CLI and lab tests.
 cargo test --bench hot_path
+bench/hot-path.sh --smoke
 cargo test --lib --bins --tests
