@@ -67,15 +67,15 @@ for round in $(seq "$runs"); do
     done
   fi
   per_message=$("$work/openssl_aead" 1420 "$iterations" | awk '$1 == "per-message" {print $3}')
-  mbps[OpenSSL per-message seal+open]+="$per_message "
+  mbps["OpenSSL per-message seal+open"]+="$per_message "
   speed=$(openssl speed -evp chacha20-poly1305 -bytes 1024 -seconds "$speed_seconds" 2>/dev/null |
     awk '/^ChaCha20-Poly1305/ {sub(/k$/, "", $2); printf "%.1f\n", $2 / 1000}')
   [ -n "$speed" ] || { echo "openssl speed printed no ChaCha20-Poly1305 figure" >&2; exit 1; }
-  mbps[openssl speed (streaming)]+="$speed "
+  mbps["openssl speed (streaming)"]+="$speed "
 done
 
 meshd_median=
-[ -n "${mbps[meshd PeerTable]:-}" ] && meshd_median=$(values "${mbps[meshd PeerTable]}" | median)
+[ -n "${mbps["meshd PeerTable"]:-}" ] && meshd_median=$(values "${mbps["meshd PeerTable"]}" | median)
 printf '\n%-32s %9s %9s %9s %12s\n' "MB/s of 1420-byte packets" min median max "meshd share"
 for name in "meshd PeerTable" "bare boringtun Tunn" "ring AEAD seal+open" \
   "OpenSSL per-message seal+open" "openssl speed (streaming)"; do

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the benchmark scripts (sourced).
 
 # The median of the numbers on standard input, one per line.
