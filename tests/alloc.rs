@@ -43,7 +43,7 @@ fn steady_state_hot_path_allocates_nothing() {
     let src = pair::addr("192.0.2.1:51820");
     let mut round = |count: usize| {
         for _ in 0..count {
-            mss::clamp(&mut pkt, 1420);
+            mss::clamp_with(&mut pkt, |p| a.mtu_towards(p, 1420));
             let Outbound::Send(datagram, _) = a.encapsulate(&pkt, &mut out_a) else {
                 panic!("encapsulate failed");
             };

@@ -435,7 +435,7 @@ impl Dataplane {
             let mut pos = 0;
             for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
                 let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
-                mss::clamp(packet, self.mtu);
+                mss::clamp_with(packet, |p| table.mtu_towards(p, self.mtu));
                 let mut batch = Batch {
                     out: &mut out,
                     pos: &mut pos,
@@ -619,7 +619,7 @@ impl Dataplane {
         let slot = to_tun.next_slot();
         match table.decapsulate(datagram, src, &mut slot[VIRTIO_NET_HDR_LEN..]) {
             Inbound::ToTun(packet) => {
-                mss::clamp(packet, self.mtu);
+                mss::clamp_with(packet, |p| table.mtu_from(p, self.mtu));
                 let len = packet.len();
                 to_tun.commit(len);
             }

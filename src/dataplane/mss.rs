@@ -1,7 +1,8 @@
 //! TCP MSS clamping in the dataplane (no iptables): SYNs crossing the tunnel get their MSS option
-//! lowered so that neither end sends segments the tunnel MTU cannot carry.
+//! lowered so that neither end sends segments the tunnel MTU (or the path to the peer, see
+//! [`crate::dataplane::pmtu`]) cannot carry.
 //!
-//! Pure functions over packet bytes; the dataplane calls [`clamp`] on every packet, which costs a
+//! Pure functions over packet bytes; the dataplane calls [`clamp_with`] on every packet, which costs a
 //! few byte compares for anything that is not a TCP SYN.
 
 /// IPv4 + TCP header without options.
@@ -22,24 +23,25 @@ pub fn limits(mtu: u16) -> (u16, u16) {
     )
 }
 
-/// Lowers the MSS option of a TCP SYN to the limit for its IP version and fixes the TCP checksum.
-/// Returns whether the packet changed. Anything else (and any malformed packet) is left alone.
-pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
-    let (v4_limit, v6_limit) = limits(mtu);
-    let (tcp_start, limit) = match packet.first().map(|b| b >> 4) {
+/// Lowers the MSS option of a TCP SYN to the limit for its IP version and the MTU `mtu` gives,
+/// and fixes the TCP checksum. `mtu` is called (with the packet) only for a TCP SYN, so the
+/// dataplane looks up the path limit of the peer only when it matters. Returns whether the packet
+/// changed. Anything else (and any malformed packet) is left alone.
+pub fn clamp_with(packet: &mut [u8], mtu: impl FnOnce(&[u8]) -> u16) -> bool {
+    let (tcp_start, v6) = match packet.first().map(|b| b >> 4) {
         Some(4) if packet.len() >= 20 => {
             let ihl = usize::from(packet[0] & 0x0f) * 4;
             let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
             if packet[9] != TCP || ihl < 20 || fragment != 0 {
                 return false;
             }
-            (ihl, v4_limit)
+            (ihl, false)
         }
         Some(6) if packet.len() >= 40 => {
             if packet[6] != TCP {
                 return false;
             }
-            (40, v6_limit)
+            (40, true)
         }
         _ => return false,
     };
@@ -49,6 +51,8 @@ pub fn clamp(packet: &mut [u8], mtu: u16) -> bool {
     if tcp.len() < 20 || tcp[13] & SYN == 0 {
         return false;
     }
+    let (v4_limit, v6_limit) = limits(mtu(packet));
+    let limit = if v6 { v6_limit } else { v4_limit };
     let header_len = usize::from(tcp[12] >> 4) * 4;
     if header_len < 20 || header_len > tcp.len() {
         return false;
@@ -131,6 +135,10 @@ pub fn tcp_checksum_ok(packet: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clamp(packet: &mut [u8], mtu: u16) -> bool {
+        clamp_with(packet, |_| mtu)
+    }
 
     /// A SYN with options: NOPs to push MSS to an odd offset if `odd`, then MSS, then WS.
     fn syn(v6: bool, mss: u16, odd: bool, flags: u8) -> Vec<u8> {

@@ -191,6 +191,18 @@ fn destination(packet: &[u8]) -> Option<IpAddr> {
     Tunn::dst_address(packet)
 }
 
+fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => <[u8; 4]>::try_from(packet.get(12..16)?)
+            .ok()
+            .map(IpAddr::from),
+        Some(6) => <[u8; 16]>::try_from(packet.get(8..24)?)
+            .ok()
+            .map(IpAddr::from),
+        _ => None,
+    }
+}
+
 impl PeerTable {
     pub fn new(identity: Option<Arc<Identity>>) -> Self {
         PeerTable {
@@ -287,6 +299,24 @@ impl PeerTable {
             Ok(Packet::PacketCookieReply(p)) => by_index(p.receiver_idx),
             Ok(Packet::PacketData(p)) => by_index(p.receiver_idx),
         }
+    }
+
+    /// The MTU a TCP SYN going out to its destination is clamped to: the tunnel's `mtu`, or the
+    /// path limit of the peer it goes to when that is smaller.
+    pub fn mtu_towards(&self, packet: &[u8], mtu: u16) -> u16 {
+        self.path_mtu(destination(packet), mtu)
+    }
+
+    /// The MTU a TCP SYN that came from a peer is clamped to (that peer's path limit, or `mtu`):
+    /// the local end then sends segments that fit the way back.
+    pub fn mtu_from(&self, packet: &[u8], mtu: u16) -> u16 {
+        self.path_mtu(source(packet), mtu)
+    }
+
+    fn path_mtu(&self, addr: Option<IpAddr>, mtu: u16) -> u16 {
+        addr.and_then(|a| self.router.lookup(a))
+            .and_then(|peer| peer.path_limit())
+            .map_or(mtu, |limit| limit.min(mtu))
     }
 
     /// Decrypts one datagram from `src` into `out`.
