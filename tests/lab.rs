@@ -484,20 +484,7 @@ fn tcp_mss_is_clamped_to_the_tunnel() {
     }
     // Pods have MTU 1500 (MSS 1460); the tunnel has 1420, so SYNs must carry at most 1380.
     let lab = Lab::up("tm", "meshd", "meshd");
-    let listener = in_netns(&lab.ns("m2pod"), || {
-        std::net::TcpListener::bind("10.245.1.10:5003").unwrap()
-    });
-    let client = in_netns(&lab.ns("m1pod"), || {
-        std::net::TcpStream::connect("10.245.1.10:5003").unwrap()
-    });
-    let (_server, _) = listener.accept().unwrap();
-    let ss = lab.exec_ok("m1pod", &["ss", "-tin", "dst", "10.245.1.10"]);
-    let mss: u32 = ss
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("mss:"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no mss in ss output:\n{ss}"));
-    drop(client);
+    let (mss, ss) = lab.tcp_mss(5003, "m1pod");
     assert!(
         mss <= 1380,
         "connection MSS {mss} exceeds the tunnel's 1380:\n{ss}"

@@ -198,20 +198,7 @@ fn smaller_underlay(prefix: &str, extra: &[&str]) {
 
     // A connection opened now has its SYNs clamped to the path (1340 - 40), so the server in
     // m2pod, which has learned no path MTU towards m1pod, sends segments that fit from the start.
-    let listener = in_netns(&lab.ns("m2pod"), || {
-        TcpListener::bind("10.245.1.10:5010").unwrap()
-    });
-    let client = in_netns(&lab.ns("m1pod"), || {
-        TcpStream::connect("10.245.1.10:5010").unwrap()
-    });
-    let (_server, _) = listener.accept().unwrap();
-    let ss = lab.exec_ok("m2pod", &["ss", "-tin", "src", "10.245.1.10:5010"]);
-    let mss: u32 = ss
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("mss:"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no mss in ss output:\n{ss}"));
-    drop(client);
+    let (mss, ss) = lab.tcp_mss(5010, "m2pod");
     assert!(
         mss <= 1300,
         "server MSS {mss} exceeds the path's 1300:\n{ss}"

@@ -157,6 +157,31 @@ impl Lab {
         received_bytes(&json).unwrap_or_else(|| panic!("no sum_received in iperf3 output:\n{json}"))
     }
 
+    /// Opens a TCP connection from m1pod to a listener in m2pod on `port` and returns the MSS
+    /// that `ss` shows for it in `side` (`m1pod`, the client, or `m2pod`, the server), with ss's
+    /// output.
+    pub fn tcp_mss(&self, port: u16, side: &str) -> (u32, String) {
+        let server = format!("{M2_POD}:{port}");
+        let listener = in_netns(&self.ns("m2pod"), {
+            let server = server.clone();
+            move || std::net::TcpListener::bind(server).unwrap()
+        });
+        let client = in_netns(&self.ns("m1pod"), {
+            let server = server.clone();
+            move || std::net::TcpStream::connect(server).unwrap()
+        });
+        let (_accepted, _) = listener.accept().unwrap();
+        let direction = if side == "m1pod" { "dst" } else { "src" };
+        let ss = self.exec_ok(side, &["ss", "-tin", direction, &server]);
+        let mss = ss
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("mss:"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no mss in ss output:\n{ss}"));
+        drop(client);
+        (mss, ss)
+    }
+
     /// `wg show <iface> dump` in gateway `i`: one line for the device, one per peer.
     pub fn wg_dump(&self, i: u8) -> Vec<Vec<String>> {
         let out = self.exec_ok(&format!("m{i}gw"), &["wg", "show", &self.iface(i), "dump"]);
