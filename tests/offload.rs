@@ -277,3 +277,57 @@ fn smaller_underlay_mtu_with_offload_forced_off() {
     }
     smaller_underlay("pn", &["--no-offload"]);
 }
+
+/// An ICMP "fragmentation needed" for a 1480-byte WireGuard datagram from 192.0.2.1:51820 to
+/// 192.0.2.2:51820 announcing `mtu`, as a router between the gateways would send it to M1's
+/// gateway (Python: the test needs a raw socket in another namespace).
+const FRAG_NEEDED: &str = r#"
+import socket, struct, sys
+def checksum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1480, 0, 0x4000, 64, 17, 0,
+                 socket.inet_aton("192.0.2.1"), socket.inet_aton("192.0.2.2"))
+ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+icmp = struct.pack("!BBHHH", 3, 4, 0, 0, int(sys.argv[1])) + ip + struct.pack("!HHHH", 51820, 51820, 1460, 0)
+icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto(icmp, ("192.0.2.1", 0))
+"#;
+
+#[test]
+fn a_smaller_mtu_learned_from_a_router_lowers_the_path_limit() {
+    if !root_or_skip("a_smaller_mtu_learned_from_a_router_lowers_the_path_limit") {
+        return;
+    }
+    // The gateways' own interfaces carry 1500: only the kernel's path MTU cache, filled by the
+    // router's ICMP, knows that the path to M2 carries 1400.
+    let lab = Lab::up("pr", "meshd", "meshd");
+    lab.exec_ok("m2gw", &["python3", "-c", FRAG_NEEDED, "1400"]);
+    let route = lab.exec_ok("m1gw", &["ip", "route", "get", "192.0.2.2"]);
+    assert!(route.contains("mtu 1400"), "no path MTU learned:\n{route}");
+    wait_for_log(
+        &lab,
+        1,
+        &["path MTU", "route_mtu=1400", "largest_packet=1340"],
+    );
+    let ping = lab.exec(
+        "m1pod",
+        &[
+            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1372", M2_POD,
+        ],
+    );
+    let out = text(&ping);
+    assert!(
+        out.contains("Frag needed and DF set (mtu = 1340)"),
+        "no ICMP fragmentation needed after the router's:\n{out}"
+    );
+    // The learned MTU forgotten: the limit goes back to the tunnel MTU.
+    lab.exec_ok("m1gw", &["ip", "route", "flush", "cache"]);
+    wait_for_log(
+        &lab,
+        1,
+        &["path MTU", "route_mtu=1500", "largest_packet=1420"],
+    );
+}
