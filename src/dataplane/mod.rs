@@ -422,56 +422,33 @@ impl Dataplane {
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut out = vec![0u8; IDEAL_BATCH_SIZE * (usize::from(self.mtu) + WG_ROOM) + MAX_PACKET];
         let mut runs: Vec<GsoRun> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-        let mut reply = vec![0u8; VIRTIO_NET_HDR_LEN + pmtu::REPLY_MAX];
-        let mut fragment = vec![0u8; MAX_PACKET];
+        let mut scratch = OversizedScratch {
+            reply: vec![0u8; VIRTIO_NET_HDR_LEN + pmtu::REPLY_MAX],
+            fragment: vec![0u8; MAX_PACKET],
+        };
         loop {
             let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
             let table = self.table.load();
             let port = self.udp.load();
             let segments = self.max_segments();
             let gso = segments > 1;
-            let mut run = GsoRun::new(segments);
-            runs.clear();
-            let mut pos = 0;
+            let mut batch = Batch::new(&mut out, &mut runs, segments);
             for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
                 let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
                 mss::clamp_with(packet, |p| table.mtu_towards(p, self.mtu));
-                let mut batch = Batch {
-                    out: &mut out,
-                    pos: &mut pos,
-                    run: &mut run,
-                    runs: &mut runs,
-                };
                 match table.encapsulate(packet, batch.room()) {
                     Outbound::Send(datagram, to) => {
                         let len = datagram.len();
                         batch.push(len, to);
                     }
                     Outbound::TooBig(limit) => {
-                        match pmtu::too_big_reply(packet, limit, &mut reply[VIRTIO_NET_HDR_LEN..]) {
-                            Oversized::Reply(len) => {
-                                self.drops.count(DropReason::TooBig);
-                                self.write_reply(queue, &mut reply, len);
-                            }
-                            Oversized::Fragment => {
-                                let cut =
-                                    pmtu::fragment_v4(packet, limit, &mut fragment, |piece| {
-                                        self.encapsulate_fragment(&table, piece, &mut batch)
-                                    });
-                                if cut.is_none() {
-                                    self.drops.count(DropReason::TooBig);
-                                }
-                            }
-                            Oversized::Drop => self.drops.count(DropReason::TooBig),
-                        }
+                        self.oversized(queue, &table, packet, limit, &mut scratch, &mut batch)
                     }
                     Outbound::Queued => {}
                     Outbound::Drop(reason) => self.drops.count(reason),
                 }
             }
-            if run.to.is_some() {
-                runs.push(run);
-            }
+            batch.finish();
             if gso {
                 for run in &runs {
                     self.send_run(&port, &out, run);
@@ -479,6 +456,34 @@ impl Dataplane {
             } else {
                 self.send_singles(&port, &out, &runs);
             }
+        }
+    }
+
+    /// Answers a packet larger than `limit`, the path to its peer (see [`pmtu`]): an ICMP too-big
+    /// back into the TUN device, or, for IPv4 without DF, its fragments into the batch.
+    fn oversized(
+        &self,
+        queue: &SyncDevice,
+        table: &PeerTable,
+        packet: &[u8],
+        limit: u16,
+        scratch: &mut OversizedScratch,
+        batch: &mut Batch<'_>,
+    ) {
+        match pmtu::too_big_reply(packet, limit, &mut scratch.reply[VIRTIO_NET_HDR_LEN..]) {
+            Oversized::Reply(len) => {
+                self.drops.count(DropReason::TooBig);
+                self.write_reply(queue, &mut scratch.reply, len);
+            }
+            Oversized::Fragment => {
+                let cut = pmtu::fragment_v4(packet, limit, &mut scratch.fragment, |piece| {
+                    self.encapsulate_fragment(table, piece, batch)
+                });
+                if cut.is_none() {
+                    self.drops.count(DropReason::TooBig);
+                }
+            }
+            Oversized::Drop => self.drops.count(DropReason::TooBig),
         }
     }
 
@@ -653,8 +658,6 @@ impl Dataplane {
                 if let Some(identity) = &table.identity {
                     identity.rate_limiter.reset_count();
                 }
-            }
-            if ticks.is_multiple_of(4) {
                 self.measure_paths(&table);
             }
             let port = self.udp.load();
@@ -672,9 +675,7 @@ impl Dataplane {
             }
         }
     }
-}
 
-impl Dataplane {
     /// Reads the route MTU to every peer's endpoint and updates the largest inner packet the
     /// transmit path lets through to it (see [`pmtu`]); logs each change.
     fn measure_paths(&self, table: &PeerTable) {
@@ -720,26 +721,52 @@ struct GsoRun {
 /// `out[0]` to `out[pos]`, grouped into runs that can leave in one send each.
 struct Batch<'a> {
     out: &'a mut [u8],
-    pos: &'a mut usize,
-    run: &'a mut GsoRun,
+    pos: usize,
+    run: GsoRun,
     runs: &'a mut Vec<GsoRun>,
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
+    /// An empty batch over `out`, collecting its runs (of at most `max_segments`) in `runs`.
+    fn new(out: &'a mut [u8], runs: &'a mut Vec<GsoRun>, max_segments: usize) -> Self {
+        runs.clear();
+        Batch {
+            out,
+            pos: 0,
+            run: GsoRun::new(max_segments),
+            runs,
+        }
+    }
+
     /// Where the next datagram goes.
     fn room(&mut self) -> &mut [u8] {
-        &mut self.out[*self.pos..]
+        &mut self.out[self.pos..]
     }
 
     /// Takes the `len`-byte datagram just written at `room()`, for `to`.
     fn push(&mut self, len: usize, to: SocketAddr) {
         if !self.run.admits(len, to) {
-            self.runs.push(*self.run);
-            self.run.restart(*self.pos);
+            self.runs.push(self.run);
+            self.run.restart(self.pos);
         }
         self.run.push(len, to);
-        *self.pos += len;
+        self.pos += len;
     }
+
+    /// Closes the last run.
+    fn finish(self) {
+        if self.run.to.is_some() {
+            self.runs.push(self.run);
+        }
+    }
+}
+
+/// Buffers for answering oversized packets, allocated once per transmit thread.
+struct OversizedScratch {
+    /// An ICMP answer, after room for a virtio_net_hdr.
+    reply: Vec<u8>,
+    /// One fragment at a time.
+    fragment: Vec<u8>,
 }
 
 /// The most UDP payload one GSO send may carry.
