@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 /// Default TUN interface name.
 pub const DEFAULT_INTERFACE: &str = "meshd0";
-/// WireGuard's worst-case overhead over IPv6: 40 (IPv6) + 8 (UDP) + 32 (WireGuard header, tag).
-pub const TUNNEL_OVERHEAD: u16 = 80;
+/// WireGuard's worst-case overhead, over IPv6: 40 (IPv6) + 8 (UDP) + 32 (WireGuard header, tag).
+pub const TUNNEL_OVERHEAD: u16 = crate::dataplane::pmtu::V6_OVERHEAD;
 /// Default address of the Prometheus `/metrics` endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 /// Default address of the liveness/readiness probes (`/healthz`, `/readyz`).

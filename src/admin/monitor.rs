@@ -216,7 +216,7 @@ impl PeerMonitor {
                     handshakes: track.map_or(0, |t| t.handshakes),
                     rtt_ms: probe.and_then(|p| p.rtt).map(|r| r.as_secs_f64() * 1e3),
                     allowed_cidrs: want.allowed_ips.clone(),
-                    mtu: status.path_mtu.map_or(self.mtu, |path| path.min(self.mtu)),
+                    mtu: status.path_mtu.unwrap_or(self.mtu),
                 })
             })
             .collect()

@@ -41,7 +41,8 @@ pub struct Peer {
     pub index: u32,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
-    /// The largest inner packet the route to the endpoint carries (0 until measured).
+    /// The largest inner packet the route to the endpoint carries, never above the tunnel MTU
+    /// (0 until measured).
     path_limit: AtomicU16,
     pub stats: PeerStats,
 }
@@ -106,7 +107,8 @@ impl Peer {
         }
     }
 
-    /// Records a new path limit; returns the previous one.
+    /// Records a new path limit (at most the tunnel MTU: [`crate::dataplane::pmtu::inner_limit`]);
+    /// returns the previous one.
     pub(crate) fn set_path_limit(&self, limit: u16) -> Option<u16> {
         match self.path_limit.swap(limit, Ordering::Relaxed) {
             0 => None,

@@ -301,8 +301,8 @@ impl PeerTable {
         }
     }
 
-    /// The MTU a TCP SYN going out to its destination is clamped to: the tunnel's `mtu`, or the
-    /// path limit of the peer it goes to when that is smaller.
+    /// The MTU a TCP SYN going out to its destination is clamped to: the path limit of the peer
+    /// it goes to once measured (never above the tunnel MTU), else the tunnel's `mtu`.
     pub fn mtu_towards(&self, packet: &[u8], mtu: u16) -> u16 {
         self.path_mtu(destination(packet), mtu)
     }
@@ -316,7 +316,7 @@ impl PeerTable {
     fn path_mtu(&self, addr: Option<IpAddr>, mtu: u16) -> u16 {
         addr.and_then(|a| self.router.lookup(a))
             .and_then(|peer| peer.path_limit())
-            .map_or(mtu, |limit| limit.min(mtu))
+            .unwrap_or(mtu)
     }
 
     /// Decrypts one datagram from `src` into `out`.
