@@ -180,6 +180,17 @@ fn wait_for_log(lab: &Lab, i: u8, words: &[&str]) {
     }
 }
 
+/// One 1400-byte ping with DF from m1pod to m2pod; what ping printed.
+fn df_ping_1400(lab: &Lab) -> String {
+    let ping = lab.exec(
+        "m1pod",
+        &[
+            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1372", M2_POD,
+        ],
+    );
+    text(&ping)
+}
+
 /// The underlay between the gateways carries 1400 bytes, less than the tunnel's 1420 plus
 /// WireGuard's 60: meshd must answer oversized packets with ICMP too-big (DF, IPv6) or fragment
 /// them (IPv4 without DF) so that traffic keeps flowing, and follow the MTU back up.
@@ -204,13 +215,7 @@ fn smaller_underlay(prefix: &str, extra: &[&str]) {
         "server MSS {mss} exceeds the path's 1300:\n{ss}"
     );
 
-    let ping = lab.exec(
-        "m1pod",
-        &[
-            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1372", M2_POD,
-        ],
-    );
-    let out = text(&ping);
+    let out = df_ping_1400(&lab);
     assert!(
         out.contains("Frag needed and DF set (mtu = 1340)"),
         "no ICMP fragmentation needed for a 1400-byte DF packet:\n{out}"
@@ -312,13 +317,7 @@ fn a_smaller_mtu_learned_from_a_router_lowers_the_path_limit() {
         1,
         &["path MTU", "route_mtu=1400", "largest_packet=1340"],
     );
-    let ping = lab.exec(
-        "m1pod",
-        &[
-            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1372", M2_POD,
-        ],
-    );
-    let out = text(&ping);
+    let out = df_ping_1400(&lab);
     assert!(
         out.contains("Frag needed and DF set (mtu = 1340)"),
         "no ICMP fragmentation needed after the router's:\n{out}"
