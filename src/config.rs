@@ -43,6 +43,8 @@ pub struct ConfigFile {
     pub listen_port: Option<u16>,
     #[serde(default)]
     pub local_cidrs: Vec<String>,
+    #[serde(default)]
+    pub deliver_cidrs: Vec<String>,
     pub tunnel_address: Option<String>,
     pub mtu: Option<u16>,
     pub metrics_listen: Option<String>,
@@ -93,6 +95,14 @@ pub struct ConfigArgs {
     /// This cluster's CIDRs (pods, services); replaces the file's list. Repeat or comma-separate.
     #[arg(long = "local-cidr", env = "MESHD_LOCAL_CIDRS", value_delimiter = ',')]
     pub local_cidrs: Vec<String>,
+    /// More destinations peers may reach through this gateway, beyond local_cidrs (e.g. a LAN
+    /// range meant to be shared); replaces the file's list. Repeat or comma-separate.
+    #[arg(
+        long = "deliver-cidr",
+        env = "MESHD_DELIVER_CIDRS",
+        value_delimiter = ','
+    )]
+    pub deliver_cidrs: Vec<String>,
     /// Address of this gateway inside the tunnel, with prefix (e.g. 100.64.0.1/24).
     #[arg(long, env = "MESHD_TUNNEL_ADDRESS")]
     pub tunnel_address: Option<String>,
@@ -195,6 +205,8 @@ pub struct Config {
     pub private_key: Option<PrivateKey>,
     pub listen_port: u16,
     pub local_cidrs: Vec<IpNet>,
+    /// Destinations beyond `local_cidrs` that decrypted packets may reach.
+    pub deliver_cidrs: Vec<IpNet>,
     pub tunnel_address: Option<IpNet>,
     /// `None`: derive from the underlay (its MTU minus [`TUNNEL_OVERHEAD`]).
     pub mtu: Option<u16>,
@@ -434,6 +446,18 @@ impl Config {
             args.local_cidrs.clone()
         };
         let local_cidrs = parse_cidrs("local_cidrs", &local_texts)?;
+        let deliver_texts = if args.deliver_cidrs.is_empty() {
+            file.deliver_cidrs
+        } else {
+            args.deliver_cidrs.clone()
+        };
+        let deliver_cidrs = parse_cidrs("deliver_cidrs", &deliver_texts)?;
+        if local_cidrs.is_empty() && !deliver_cidrs.is_empty() {
+            return Err(field(
+                "deliver_cidrs",
+                "set without local_cidrs: give this cluster's pod and service CIDRs in local_cidrs too (without local_cidrs meshd checks no destination at all)",
+            ));
+        }
 
         let tunnel_address = match args.tunnel_address.clone().or(file.tunnel_address) {
             Some(text) => Some(text.trim().parse::<IpNet>().map_err(|_| {
@@ -536,6 +560,11 @@ impl Config {
         let mut owned: Vec<(String, IpNet)> = local_cidrs
             .iter()
             .map(|c| (format!("local cluster '{cluster}'"), *c))
+            .chain(
+                deliver_cidrs
+                    .iter()
+                    .map(|c| (format!("deliver_cidrs of '{cluster}'"), *c)),
+            )
             .collect();
         for (what, peer) in peer_files {
             let label = format!("{what} ({})", peer.name);
@@ -606,6 +635,7 @@ impl Config {
             private_key,
             listen_port,
             local_cidrs,
+            deliver_cidrs,
             tunnel_address,
             mtu,
             metrics_listen,

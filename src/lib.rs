@@ -6,6 +6,11 @@
 //! meshctl needs to join two clusters (peer stanzas, the key's Secret). See docs/architecture.md and
 //! docs/dns.md.
 
+// The in-memory peer pair of tests/support/pair.rs names this crate `meshd`, as the integration
+// tests see it; the unit tests include the same file.
+#[cfg(test)]
+extern crate self as meshd;
+
 pub mod admin;
 pub mod config;
 pub mod control;

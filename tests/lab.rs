@@ -389,8 +389,9 @@ fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
     let socket = lab.udp_socket_in("m1gw");
     let mut rng = XorShift(0x9e3779b97f4a7c15);
     let (mut random, mut truncated, mut handshakes, mut replays) = (0u64, 0u64, 0u64, 0u64);
+    let mut oversized = 0u64;
     for i in 0..100_000u64 {
-        let datagram = match i % 4 {
+        let datagram = match i % 5 {
             0 => {
                 random += 1;
                 // Never a valid type byte 1-4 with a valid length: pure noise.
@@ -414,11 +415,27 @@ fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
             }
             2 => {
                 handshakes += 1;
-                strangers[(i as usize / 4) % strangers.len()].clone()
+                strangers[(i as usize / 5) % strangers.len()].clone()
+            }
+            3 => {
+                replays += 1;
+                captured[(i as usize / 5) % captured.len()].clone()
             }
             _ => {
-                replays += 1;
-                captured[(i as usize / 4) % captured.len()].clone()
+                // A data message far longer than a receive slot, with a live receiver index
+                // (taken from a captured packet) or a dead one; a few at UDP's largest size.
+                oversized += 1;
+                let mut d = captured[(i as usize / 5) % captured.len()].clone();
+                if i % 2 == 0 {
+                    d[4..8].copy_from_slice(&(rng.next() as u32).to_le_bytes());
+                }
+                let len = if i % 97 == 4 {
+                    65_507
+                } else {
+                    1_700 + (rng.next() % 7_000) as usize
+                };
+                d.resize(len, 0x5a);
+                d
             }
         };
         socket.send_to(&datagram, target).unwrap();
@@ -449,8 +466,9 @@ fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
     let garbage = dropped("garbage");
     let strangers_dropped = dropped("unknown_peer") + dropped("under_load");
     let replayed = dropped("replay");
-    let sent = (random + truncated + handshakes + replays) as f64;
-    let counted = garbage + strangers_dropped + replayed;
+    let too_long = dropped("oversized");
+    let sent = (random + truncated + handshakes + replays + oversized) as f64;
+    let counted = garbage + strangers_dropped + replayed + too_long;
     assert!(
         garbage >= 0.9 * (random + truncated) as f64,
         "garbage {garbage}\n{body}"
@@ -462,6 +480,10 @@ fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
     assert!(
         replayed >= 0.9 * replays as f64,
         "replays {replayed}\n{body}"
+    );
+    assert!(
+        too_long >= 0.8 * oversized as f64,
+        "oversized {too_long} of {oversized}\n{body}"
     );
     assert!(
         counted <= sent + 100.0,

@@ -49,6 +49,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
     let catalog = exports::load(config.exports_file.as_deref(), &config.cluster, 1)?;
+    if config.local_cidrs.is_empty() {
+        tracing::warn!("no local_cidrs: decrypted packets are delivered to any destination, this node's own addresses included; set local_cidrs to this cluster's pod and service CIDRs");
+    }
     let mtu = match config.mtu {
         Some(mtu) => mtu,
         None => {
@@ -100,18 +103,28 @@ fn run(cli: Cli) -> Result<()> {
     ))
 }
 
-/// Binds the discovery port on our tunnel address: UDP for the health probe, TCP for the catalog
+/// Binds the discovery port on our tunnel address: UDP for the health probe, bound to the TUN
+/// device `interface` so that only datagrams from the tunnel reach it, and TCP for the catalog
 /// sync. The address may still be settling on the new TUN interface, hence a few tries.
 async fn bind_discovery(
     addr: SocketAddr,
+    interface: &str,
 ) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    let probe_socket = || -> std::io::Result<tokio::net::UdpSocket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.bind_device(Some(interface.as_bytes()))?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    };
     let mut tries = 0;
     loop {
         let bound = async {
-            Ok::<_, std::io::Error>((
-                tokio::net::UdpSocket::bind(addr).await?,
-                tokio::net::TcpListener::bind(addr).await?,
-            ))
+            Ok::<_, std::io::Error>((probe_socket()?, tokio::net::TcpListener::bind(addr).await?))
         }
         .await;
         match bound {
@@ -170,7 +183,7 @@ async fn control_plane(
     let (mut discovery_task, mut followers) = match config.tunnel_address {
         Some(net) => {
             let addr = SocketAddr::new(net.addr(), config.discovery_port);
-            let (udp, tcp) = bind_discovery(addr).await?;
+            let (udp, tcp) = bind_discovery(addr, &config.interface).await?;
             tracing::info!(listen = %addr, peers = sync_peers.len(), "catalog sync and health probe are up");
             clusterset.set_peers(&probe_targets);
             prober.set_targets(probe_targets);

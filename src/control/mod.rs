@@ -8,7 +8,7 @@ pub mod routes;
 pub mod uapi;
 
 use crate::config::Config;
-use crate::dataplane::{ApplyError, Dataplane, DeviceSpec, PeerSpec};
+use crate::dataplane::{ApplyError, Dataplane, Delivery, DeviceSpec, GatewayServices, PeerSpec};
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -33,6 +33,25 @@ pub fn spec_from_config(config: &Config) -> DeviceSpec {
                 persistent_keepalive: p.persistent_keepalive,
             })
             .collect(),
+        delivery: delivery_from_config(config),
+    }
+}
+
+/// Where decrypted packets may go: this cluster's prefixes, and the catalog sync and health
+/// probe on our tunnel address (see [`crate::dataplane::delivery`]).
+fn delivery_from_config(config: &Config) -> Delivery {
+    Delivery {
+        cidrs: config
+            .local_cidrs
+            .iter()
+            .chain(&config.deliver_cidrs)
+            .copied()
+            .collect(),
+        gateway: config.tunnel_address.map(|net| GatewayServices {
+            address: net.addr(),
+            tcp_ports: vec![config.discovery_port],
+            udp_ports: vec![config.discovery_port],
+        }),
     }
 }
 

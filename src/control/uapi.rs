@@ -443,6 +443,7 @@ mod tests {
                 allowed_ips: vec!["10.245.0.0/16".parse().unwrap()],
                 persistent_keepalive: Some(25),
             }],
+            ..DeviceSpec::default()
         };
         let text = format_get(&spec, 51820, |_| None);
         let expected = format!(

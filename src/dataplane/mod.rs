@@ -12,13 +12,19 @@
 //! [`Dataplane::apply`], which reconciles it with the running peers (sessions of unchanged peers
 //! survive) and swaps in a new immutable [`PeerTable`].
 
+pub mod delivery;
 pub mod mss;
+/// Two tables that completed a handshake (the integration tests' helper, shared).
+#[cfg(test)]
+#[path = "../../tests/support/pair.rs"]
+mod pair;
 mod peer;
 pub mod pmtu;
 pub mod routing;
 mod table;
 pub mod udp;
 
+pub use delivery::{Delivery, GatewayServices};
 pub use peer::{Peer, PeerStats, PeerStatus};
 pub use table::{DropReason, DropStats, Identity, Inbound, Outbound, PeerTable};
 
@@ -72,6 +78,8 @@ pub struct DeviceSpec {
     pub listen_port: u16,
     pub fwmark: u32,
     pub peers: Vec<PeerSpec>,
+    /// Where decrypted packets may go (set from the configuration; `wg set` leaves it alone).
+    pub delivery: Delivery,
 }
 
 impl DeviceSpec {
@@ -288,6 +296,7 @@ impl Dataplane {
             }
         }
         let mut table = PeerTable::new(running.identity.clone());
+        table.destinations = delivery::DestinationFilter::new(&spec.delivery);
         let mut peers = HashMap::new();
         let mut fresh = Vec::new();
         if let Some(identity) = running.identity.clone() {

@@ -6,6 +6,7 @@
 //! into a datagram and a destination; [`PeerTable::decapsulate`] turns a datagram from the UDP port
 //! into a packet for the TUN device, a reply, or a counted drop. The caller does the syscalls.
 
+use super::delivery::DestinationFilter;
 use super::peer::Peer;
 use super::routing::CryptokeyRouter;
 use crate::keys::PublicKey;
@@ -21,6 +22,8 @@ use std::sync::Arc;
 
 /// Handshake initiations per second before cookies are demanded (boringtun's default).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// A data message's header before the ciphertext: type, receiver index, counter.
+const DATA_HEADER: usize = 16;
 
 /// Why a packet was dropped. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +50,16 @@ pub enum DropReason {
     /// Larger than the path to the peer carries, and answered with an ICMP too-big instead (IPv4
     /// without DF is sent on as fragments and not counted, unless it could not be cut).
     TooBig,
+    /// A data message longer than this side's tunnel MTU allows: a peer whose MTU is larger than
+    /// ours, or an attack. Dropped before decryption.
+    Oversized,
+    /// Decrypted fine, but its inner destination is not this cluster (`local_cidrs`,
+    /// `deliver_cidrs`) nor a service of this gateway on its tunnel address.
+    BadDestination,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Garbage,
         DropReason::UnknownPeer,
         DropReason::Replay,
@@ -61,6 +70,8 @@ impl DropReason {
         DropReason::UnderLoad,
         DropReason::SendFailed,
         DropReason::TooBig,
+        DropReason::Oversized,
+        DropReason::BadDestination,
     ];
 
     /// The label used in logs and metrics.
@@ -76,6 +87,8 @@ impl DropReason {
             DropReason::UnderLoad => "under_load",
             DropReason::SendFailed => "send_failed",
             DropReason::TooBig => "too_big",
+            DropReason::Oversized => "oversized",
+            DropReason::BadDestination => "bad_destination",
         }
     }
 
@@ -114,6 +127,11 @@ pub struct Identity {
     secret: StaticSecret,
     public: DalekPublic,
     pub(crate) rate_limiter: Arc<RateLimiter>,
+    /// What each peer's `Tunn` checks handshakes with: MAC1 only, never under load. The shared
+    /// limiter above is consulted once per handshake message, in [`PeerTable::decapsulate`],
+    /// before the message reaches a `Tunn`; a second count inside boringtun could cross the
+    /// threshold between the two checks and answer an unauthenticated handshake with a cookie.
+    mac_checker: Arc<RateLimiter>,
 }
 
 impl Identity {
@@ -121,6 +139,7 @@ impl Identity {
         let public = DalekPublic::from(&secret);
         Identity {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            mac_checker: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
         }
@@ -140,7 +159,7 @@ impl Identity {
             preshared,
             keepalive,
             index,
-            Some(self.rate_limiter.clone()),
+            Some(self.mac_checker.clone()),
         )
     }
 }
@@ -170,6 +189,15 @@ pub enum Inbound<'a> {
     Drop(DropReason),
 }
 
+/// The kind of WireGuard message a datagram holds, as far as its peer was found.
+#[derive(Clone, Copy)]
+enum Message {
+    Initiation,
+    Response,
+    Cookie,
+    Data,
+}
+
 /// Why [`PeerTable::sender`] found no peer.
 enum Rejection {
     /// A cookie reply of this length waits in the output buffer.
@@ -184,6 +212,8 @@ pub struct PeerTable {
     pub(crate) router: CryptokeyRouter<Arc<Peer>>,
     pub(crate) by_index: HashMap<u32, Arc<Peer>>,
     pub(crate) by_key: HashMap<[u8; 32], Arc<Peer>>,
+    /// Where decrypted packets may go.
+    pub(crate) destinations: DestinationFilter,
 }
 
 /// The destination address of an IP packet, if it is one.
@@ -255,31 +285,33 @@ impl PeerTable {
         }
     }
 
-    /// Finds the peer a datagram is for, verifying handshake initiations before any DH work.
-    /// A cookie reply (we are under load) is left in `out`.
+    /// Finds the peer a datagram is for and what kind of message it is. Handshake messages pass
+    /// the shared rate limiter here, once (a cookie reply is left in `out` when we are under
+    /// load), and an initiation's sender is found before any DH work. A data message whose
+    /// ciphertext would not fit `out` is refused before boringtun sees it.
     fn sender(
         &self,
         datagram: &[u8],
         src: SocketAddr,
         out: &mut [u8],
-    ) -> Result<Arc<Peer>, Rejection> {
+    ) -> Result<(Arc<Peer>, Message), Rejection> {
         let Some(identity) = &self.identity else {
             return Err(Rejection::Drop(DropReason::UnknownPeer));
         };
-        let by_index = |receiver: u32| {
+        let by_index = |receiver: u32, kind: Message| {
             self.by_index
                 .get(&(receiver >> 8))
-                .cloned()
+                .map(|peer| (peer.clone(), kind))
                 .ok_or(Rejection::Drop(DropReason::UnknownPeer))
         };
-        match Tunn::parse_incoming_packet(datagram) {
-            Err(_) => Err(Rejection::Drop(DropReason::Garbage)),
-            Ok(Packet::HandshakeInit(init)) => {
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => return Err(Rejection::Drop(DropReason::Garbage)),
+            Ok(packet @ (Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))) => {
                 match identity
                     .rate_limiter
                     .verify_packet(Some(src.ip()), datagram, out)
                 {
-                    Ok(_) => {}
+                    Ok(_) => packet,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         return Err(Rejection::Cookie(cookie.len()))
                     }
@@ -288,16 +320,24 @@ impl PeerTable {
                     }
                     Err(_) => return Err(Rejection::Drop(DropReason::Garbage)),
                 }
+            }
+            Ok(packet) => packet,
+        };
+        match packet {
+            Packet::HandshakeInit(init) => {
                 let half = parse_handshake_anon(&identity.secret, &identity.public, &init)
                     .map_err(|_| Rejection::Drop(DropReason::UnknownPeer))?;
                 self.by_key
                     .get(&half.peer_static_public)
-                    .cloned()
+                    .map(|peer| (peer.clone(), Message::Initiation))
                     .ok_or(Rejection::Drop(DropReason::UnknownPeer))
             }
-            Ok(Packet::HandshakeResponse(p)) => by_index(p.receiver_idx),
-            Ok(Packet::PacketCookieReply(p)) => by_index(p.receiver_idx),
-            Ok(Packet::PacketData(p)) => by_index(p.receiver_idx),
+            Packet::HandshakeResponse(p) => by_index(p.receiver_idx, Message::Response),
+            Packet::PacketCookieReply(p) => by_index(p.receiver_idx, Message::Cookie),
+            Packet::PacketData(_) if datagram.len() - DATA_HEADER > out.len() => {
+                Err(Rejection::Drop(DropReason::Oversized))
+            }
+            Packet::PacketData(p) => by_index(p.receiver_idx, Message::Data),
         }
     }
 
@@ -320,14 +360,19 @@ impl PeerTable {
     }
 
     /// Decrypts one datagram from `src` into `out`.
+    ///
+    /// The peer's endpoint moves to `src` only when the message proved the sender holds the
+    /// peer's keys: a handshake initiation or response that completed, or a data message that
+    /// decrypted. Never on a cookie reply (anyone who saw a MAC1 can make one), never on our
+    /// own cookie reply to a handshake we did not process.
     pub fn decapsulate<'a>(
         &self,
         datagram: &[u8],
         src: SocketAddr,
         out: &'a mut [u8],
     ) -> Inbound<'a> {
-        let peer = match self.sender(datagram, src, out) {
-            Ok(peer) => peer,
+        let (peer, kind) = match self.sender(datagram, src, out) {
+            Ok(found) => found,
             Err(Rejection::Cookie(len)) => return Inbound::Reply(&out[..len], None),
             Err(Rejection::Drop(reason)) => return Inbound::Drop(reason),
         };
@@ -336,25 +381,32 @@ impl PeerTable {
             peer.set_endpoint(src);
             peer.stats.count_rx(datagram.len());
         };
-        match result {
-            TunnResult::Done => {
+        match (kind, result) {
+            (Message::Cookie, TunnResult::Done) => {
+                peer.stats.count_rx(datagram.len());
+                Inbound::Done
+            }
+            (Message::Data, TunnResult::Done) => {
                 authenticated(&peer);
                 Inbound::Done
             }
-            TunnResult::WriteToNetwork(reply) => {
+            (Message::Initiation | Message::Response, TunnResult::WriteToNetwork(reply)) => {
                 authenticated(&peer);
                 peer.stats.count_tx(reply.len());
                 Inbound::Reply(reply, Some(peer))
             }
-            TunnResult::WriteToTunnelV4(packet, inner) => {
+            (Message::Data, TunnResult::WriteToTunnelV4(packet, inner)) => {
                 authenticated(&peer);
                 self.check_source(&peer, inner.into(), packet)
             }
-            TunnResult::WriteToTunnelV6(packet, inner) => {
+            (Message::Data, TunnResult::WriteToTunnelV6(packet, inner)) => {
                 authenticated(&peer);
                 self.check_source(&peer, inner.into(), packet)
             }
-            TunnResult::Err(e) => Inbound::Drop(DropReason::from_error(&e)),
+            (_, TunnResult::Err(e)) => Inbound::Drop(DropReason::from_error(&e)),
+            // boringtun answers nothing else for these messages; if it ever does, the sender
+            // proved nothing.
+            _ => Inbound::Drop(DropReason::Garbage),
         }
     }
 
@@ -365,8 +417,13 @@ impl PeerTable {
         packet: &'a mut [u8],
     ) -> Inbound<'a> {
         match self.router.lookup(inner) {
-            Some(owner) if owner.index == peer.index => Inbound::ToTun(packet),
-            _ => Inbound::Drop(DropReason::BadSource),
+            Some(owner) if owner.index == peer.index => {}
+            _ => return Inbound::Drop(DropReason::BadSource),
+        }
+        if self.destinations.allows(packet) {
+            Inbound::ToTun(packet)
+        } else {
+            Inbound::Drop(DropReason::BadDestination)
         }
     }
 
@@ -380,5 +437,164 @@ impl PeerTable {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Attacks on the receive path, in memory: two tables that completed a handshake and a
+    //! third party that can read and send any datagram but holds no key.
+
+    use super::*;
+    use crate::dataplane::pair::{addr, connected_tables, packet, BUF};
+
+    const A_ADDR: &str = "192.0.2.1:51820";
+    const B_ADDR: &str = "192.0.2.2:51820";
+    const ATTACKER: &str = "198.51.100.7:4444";
+    /// The receive slots' size for a 1420-byte tunnel (what the dataplane gives decapsulate).
+    const SLOT: usize = 1420 + 256;
+
+    fn only_peer(table: &PeerTable) -> Arc<Peer> {
+        table.peers().next().unwrap().clone()
+    }
+
+    /// A fresh handshake initiation from `table`'s only peer's side (`force`: even while one is
+    /// in progress).
+    fn initiation(table: &PeerTable) -> Vec<u8> {
+        let mut out = vec![0u8; BUF];
+        match only_peer(table)
+            .tunn()
+            .format_handshake_initiation(&mut out, true)
+        {
+            TunnResult::WriteToNetwork(init) => init.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    fn reply(result: Inbound<'_>) -> Vec<u8> {
+        match result {
+            Inbound::Reply(reply, Some(_)) => reply.to_vec(),
+            _ => panic!("no reply from a genuine handshake message"),
+        }
+    }
+
+    /// True when a packet from A still reaches B's TUN side.
+    fn data_flows(a: &PeerTable, b: &PeerTable) -> bool {
+        let (mut out_a, mut out_b) = (vec![0u8; BUF], vec![0u8; BUF]);
+        let Outbound::Send(msg, _) = a.encapsulate(&packet(), &mut out_a) else {
+            return false;
+        };
+        matches!(
+            b.decapsulate(msg, addr(A_ADDR), &mut out_b),
+            Inbound::ToTun(_)
+        )
+    }
+
+    /// Replayed handshake messages from a third address while the real session runs, enough
+    /// to push the shared limiter over its threshold many times: none may move the endpoint
+    /// (a cookie reply is not proof of anything), each is dropped or answered with a cookie,
+    /// and the session keeps working.
+    #[test]
+    fn replayed_handshakes_from_elsewhere_never_move_the_endpoint() {
+        let (a, b) = connected_tables();
+        let mut out = vec![0u8; BUF];
+        // A genuine initiation from A, delivered; its response completes a new session.
+        let init = initiation(&a);
+        let response = reply(b.decapsulate(&init, addr(A_ADDR), &mut out));
+        assert!(matches!(
+            a.decapsulate(&response, addr(B_ADDR), &mut out),
+            Inbound::Reply(..)
+        ));
+        // A genuine response to B's initiation, delivered, so B holds it as seen.
+        let b_init = initiation(&b);
+        let b_response = reply(a.decapsulate(&b_init, addr(B_ADDR), &mut out));
+        assert!(matches!(
+            b.decapsulate(&b_response, addr(A_ADDR), &mut out),
+            Inbound::Reply(..)
+        ));
+
+        let (mut dropped, mut cookies) = (0, 0);
+        for i in 0..600 {
+            let forged = if i % 3 == 0 { &b_response } else { &init };
+            match b.decapsulate(forged, addr(ATTACKER), &mut out) {
+                Inbound::Drop(_) => dropped += 1,
+                Inbound::Reply(_, None) => cookies += 1,
+                Inbound::Reply(_, Some(_)) => panic!("replay {i} was processed as a handshake"),
+                _ => panic!("replay {i} was accepted"),
+            }
+            assert_eq!(
+                only_peer(&b).endpoint(),
+                Some(addr(A_ADDR)),
+                "replay {i} moved the endpoint"
+            );
+        }
+        assert_eq!(dropped + cookies, 600);
+        assert!(cookies > 0, "the limiter never came under load");
+        assert!(data_flows(&a, &b));
+    }
+
+    /// A cookie reply proves nothing about its sender (its key comes from a public key and a
+    /// MAC1 seen on the wire): taking one in must not move the endpoint.
+    #[test]
+    fn cookie_replies_never_move_the_endpoint() {
+        let (a, b) = connected_tables();
+        let mut out = vec![0u8; BUF];
+        // Push B under load with replays of an initiation it has seen.
+        let seen = initiation(&a);
+        let _ = b.decapsulate(&seen, addr(A_ADDR), &mut out);
+        for _ in 0..(2 * HANDSHAKE_RATE_LIMIT) {
+            let _ = b.decapsulate(&seen, addr(ATTACKER), &mut out);
+        }
+        // A's next initiation gets a cookie reply, which the attacker delivers from its address.
+        let init = initiation(&a);
+        let cookie = match b.decapsulate(&init, addr(A_ADDR), &mut out) {
+            Inbound::Reply(cookie, None) => cookie.to_vec(),
+            _ => panic!("no cookie reply under load"),
+        };
+        assert_eq!(cookie[0], 3);
+        assert!(matches!(
+            a.decapsulate(&cookie, addr(ATTACKER), &mut out),
+            Inbound::Done
+        ));
+        assert_eq!(only_peer(&a).endpoint(), Some(addr(B_ADDR)));
+    }
+
+    /// Every message type, far longer than a receive slot, for the live receiver index and a
+    /// dead one: dropped and counted, never a panic.
+    #[test]
+    fn oversized_messages_of_every_type_are_dropped() {
+        let (a, b) = connected_tables();
+        let mut out_a = vec![0u8; BUF];
+        let live = match a.encapsulate(&packet(), &mut out_a) {
+            Outbound::Send(msg, _) => msg.to_vec(),
+            _ => panic!("no data message"),
+        };
+        let mut dead = live.clone();
+        dead[4..8].copy_from_slice(&0x00ab_cd01u32.to_le_bytes());
+        let mut slot = vec![0u8; SLOT];
+        for template in [&live, &dead] {
+            for kind in 1u8..=4 {
+                for len in [SLOT - 15, SLOT + 17, 9000, 65_507] {
+                    let mut msg = template.clone();
+                    msg.resize(len, 0xa5);
+                    msg[0] = kind;
+                    let result = b.decapsulate(&msg, addr(ATTACKER), &mut slot);
+                    let reason = match result {
+                        Inbound::Drop(reason) => reason,
+                        _ => panic!("type {kind}, {len} bytes: not dropped"),
+                    };
+                    let want = if kind == 4 && len - 16 > SLOT {
+                        DropReason::Oversized
+                    } else if kind == 4 {
+                        reason
+                    } else {
+                        DropReason::Garbage
+                    };
+                    assert_eq!(reason, want, "type {kind}, {len} bytes");
+                }
+            }
+        }
+        assert_eq!(only_peer(&b).endpoint(), Some(addr(A_ADDR)));
+        assert!(data_flows(&a, &b));
     }
 }

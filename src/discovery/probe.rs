@@ -8,9 +8,12 @@
 //! for [`DOWN_AFTER`] is unreachable: its exported services leave the clusterset view
 //! ([`super::clusterset`]) and `meshctl peers` shows it down.
 //!
-//! Requests are answered only when they come from a configured peer's tunnel address, and
-//! replies are accepted only from the address the request went to and for a recent sequence
-//! number, so nothing else can make a peer look alive.
+//! Requests are answered only when they come from a configured peer's tunnel address. Each
+//! request carries a fresh random 96-bit nonce, and a reply counts only when it echoes the nonce
+//! of one of the last few requests to that peer, from the address the request went to, once. The
+//! daemon binds the socket to the TUN device (`SO_BINDTODEVICE`), so only datagrams that came
+//! through the tunnel reach it: a local process or a neighbour on the LAN can neither guess a
+//! nonce nor deliver a reply, and cannot keep a dead peer "up".
 
 use crate::keys::PublicKey;
 use parking_lot::Mutex;
@@ -36,7 +39,10 @@ const REQUEST: u8 = 1;
 const REPLY: u8 = 2;
 const MESSAGE_LEN: usize = 24;
 /// Replies to any of the last this many probes count (a reply may arrive after the next send).
-const SEQ_WINDOW: u32 = 8;
+const NONCE_WINDOW: usize = 8;
+
+/// A probe's nonce: unpredictable, echoed back in the reply.
+type Nonce = [u8; 12];
 
 /// A peer to probe: its name (for logs and metrics), key, and tunnel address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +74,8 @@ struct PeerLabel {
 struct Track {
     target: ProbeTarget,
     added: Instant,
-    next_seq: u32,
+    /// The nonces of the last [`NONCE_WINDOW`] requests not answered yet, oldest first.
+    outstanding: std::collections::VecDeque<(Nonce, Instant)>,
     last_reply: Option<Instant>,
     rtt: Option<Duration>,
     reachable: bool,
@@ -89,18 +96,17 @@ impl Track {
 #[derive(Debug)]
 pub struct Prober {
     port: u16,
-    epoch: Instant,
     tracks: Mutex<HashMap<PublicKey, Track>>,
     changes: watch::Sender<u64>,
     rtt: Family<PeerLabel, Histogram>,
 }
 
-/// A probe datagram: kind, sequence number and the sender's clock at sending.
+/// A probe datagram: magic, kind, three zero bytes, nonce (24 bytes, the layout of the earlier
+/// sequence-and-clock message, so both versions echo each other's requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Message {
     kind: u8,
-    seq: u32,
-    sent_nanos: u64,
+    nonce: Nonce,
 }
 
 impl Message {
@@ -108,8 +114,7 @@ impl Message {
         let mut out = [0u8; MESSAGE_LEN];
         out[..8].copy_from_slice(MAGIC);
         out[8] = self.kind;
-        out[12..16].copy_from_slice(&self.seq.to_be_bytes());
-        out[16..24].copy_from_slice(&self.sent_nanos.to_be_bytes());
+        out[12..24].copy_from_slice(&self.nonce);
         out
     }
 
@@ -123,10 +128,15 @@ impl Message {
         }
         Some(Message {
             kind,
-            seq: u32::from_be_bytes(bytes[12..16].try_into().ok()?),
-            sent_nanos: u64::from_be_bytes(bytes[16..24].try_into().ok()?),
+            nonce: bytes[12..24].try_into().ok()?,
         })
     }
+}
+
+fn fresh_nonce() -> Nonce {
+    let mut nonce = Nonce::default();
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    nonce
 }
 
 impl Prober {
@@ -135,7 +145,6 @@ impl Prober {
     pub fn new(port: u16, targets: Vec<ProbeTarget>) -> Arc<Self> {
         let prober = Arc::new(Prober {
             port,
-            epoch: Instant::now(),
             tracks: Mutex::new(HashMap::new()),
             changes: watch::channel(0).0,
             rtt: Family::new_with_constructor(|| {
@@ -163,7 +172,7 @@ impl Prober {
             tracks.entry(target.key).or_insert_with(|| Track {
                 target,
                 added: now,
-                next_seq: 0,
+                outstanding: Default::default(),
                 last_reply: None,
                 rtt: None,
                 reachable: false,
@@ -204,10 +213,6 @@ impl Prober {
         );
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
-        at.duration_since(self.epoch).as_nanos() as u64
-    }
-
     /// Sends one probe to every target and re-decides who is reachable.
     async fn tick(&self, socket: &UdpSocket) {
         let now = Instant::now();
@@ -234,12 +239,14 @@ impl Prober {
             tracks
                 .values_mut()
                 .map(|track| {
-                    let seq = track.next_seq;
-                    track.next_seq = track.next_seq.wrapping_add(1);
+                    let nonce = fresh_nonce();
+                    if track.outstanding.len() == NONCE_WINDOW {
+                        track.outstanding.pop_front();
+                    }
+                    track.outstanding.push_back((nonce, now));
                     let msg = Message {
                         kind: REQUEST,
-                        seq,
-                        sent_nanos: self.nanos(now),
+                        nonce,
                     };
                     (SocketAddr::new(track.target.addr, self.port), msg.encode())
                 })
@@ -273,13 +280,15 @@ impl Prober {
                 let Some(track) = tracks.values_mut().find(|t| t.target.addr == from.ip()) else {
                     return;
                 };
-                let age = track.next_seq.wrapping_sub(msg.seq);
-                let sent = msg.sent_nanos;
-                let now_nanos = self.nanos(now);
-                if age == 0 || age > SEQ_WINDOW || sent > now_nanos {
+                let Some(at) = track
+                    .outstanding
+                    .iter()
+                    .position(|(nonce, _)| *nonce == msg.nonce)
+                else {
                     return;
-                }
-                let rtt = Duration::from_nanos(now_nanos - sent);
+                };
+                let (_, sent) = track.outstanding.remove(at).expect("found just now");
+                let rtt = now.duration_since(sent);
                 track.last_reply = Some(now);
                 track.rtt = Some(rtt);
                 self.rtt
@@ -335,9 +344,9 @@ mod tests {
     fn messages_round_trip_and_garbage_is_ignored() {
         let m = Message {
             kind: REQUEST,
-            seq: 7,
-            sent_nanos: 123_456_789,
+            nonce: fresh_nonce(),
         };
+        assert_ne!(fresh_nonce(), fresh_nonce());
         assert_eq!(Message::decode(&m.encode()), Some(m));
         let mut bad = m.encode();
         bad[8] = 9;
@@ -371,8 +380,7 @@ mod tests {
         let stranger = UdpSocket::bind("127.0.0.3:0").await.unwrap();
         let req = Message {
             kind: REQUEST,
-            seq: 1,
-            sent_nanos: 1,
+            nonce: [1; 12],
         };
         stranger
             .send_to(&req.encode(), ("127.0.0.1", port))
@@ -384,6 +392,9 @@ mod tests {
         assert!(answered.is_err(), "a stranger's probe was answered");
     }
 
+    /// A peer that never answers, and a forger at its address that sees no request (as a local
+    /// process or a LAN neighbour would not: the daemon's socket is bound to the TUN device)
+    /// and guesses: nonces of every small counter value and of zeros. None counts.
     #[tokio::test]
     async fn a_silent_peer_is_not_reachable_and_forged_replies_do_not_count() {
         let sa = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -391,23 +402,57 @@ mod tests {
         let silent = target("b", "127.0.0.2");
         let a = Prober::new(port, vec![silent.clone()]);
         tokio::spawn(a.clone().run(sa));
-        // A reply for a sequence number never sent, from the right address.
         let forger = UdpSocket::bind(("127.0.0.2", 0)).await.unwrap();
-        let forged = Message {
-            kind: REPLY,
-            seq: 5000,
-            sent_nanos: 0,
-        };
-        for _ in 0..3 {
-            forger
-                .send_to(&forged.encode(), ("127.0.0.1", port))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        for round in 0..3u32 {
+            for guess in 0..64u32 {
+                let mut nonce = [0u8; 12];
+                nonce[..4].copy_from_slice(&(round * 64 + guess).to_be_bytes());
+                let forged = Message { kind: REPLY, nonce };
+                forger
+                    .send_to(&forged.encode(), ("127.0.0.1", port))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
         }
         let status = a.status(&silent.key).unwrap();
         assert!(!status.reachable);
         assert_eq!(status.since_reply, None);
         assert_eq!(a.status(&target("c", "127.0.0.9").key), None);
+    }
+
+    /// The peer's real reply, seen on the wire and sent again later (from the right address):
+    /// a nonce counts once, so a replayed reply does not keep the peer up.
+    #[tokio::test]
+    async fn a_replayed_reply_counts_once() {
+        let sa = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = sa.local_addr().unwrap().port();
+        let b = target("b", "127.0.0.2");
+        let a = Prober::new(port, vec![b.clone()]);
+        // The peer: answers the first request only, and keeps its reply.
+        let peer = UdpSocket::bind(("127.0.0.2", port)).await.unwrap();
+        tokio::spawn(a.clone().run(sa));
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).await.unwrap();
+        let mut reply = Message::decode(&buf[..n]).unwrap();
+        reply.kind = REPLY;
+        peer.send_to(&reply.encode(), from).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !a.reachable(&b.key) {
+            assert!(Instant::now() < deadline, "the real reply was not taken");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let first = a.status(&b.key).unwrap().since_reply.unwrap();
+        // Replays of it keep arriving; the peer itself stays silent.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            peer.send_to(&reply.encode(), from).await.unwrap();
+        }
+        let since = a.status(&b.key).unwrap().since_reply.unwrap();
+        assert!(
+            since >= first + Duration::from_secs(4),
+            "a replayed reply counted: last reply {since:?} ago"
+        );
+        assert!(!a.reachable(&b.key), "a replayed reply kept the peer up");
     }
 }
