@@ -18,5 +18,6 @@ pub mod dataplane;
 pub mod diagnose;
 pub mod discovery;
 pub mod dns;
+pub mod http;
 pub mod join;
 pub mod keys;

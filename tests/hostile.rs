@@ -202,3 +202,80 @@ fn a_peer_reaches_this_cluster_and_nothing_else_of_the_gateway() {
     );
     drop(listener);
 }
+
+/// Raises this process's open-file limit to its hard limit (the slow clients need fds).
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// 2,000 slowloris clients (request headers never finished) from 200 addresses hold sockets on
+/// M1's health and metrics ports; the kubelet's probe and Prometheus still get their answers.
+#[test]
+fn probes_are_answered_while_2000_slow_clients_hold_sockets() {
+    if !root_or_skip("probes_are_answered_while_2000_slow_clients_hold_sockets") {
+        return;
+    }
+    raise_fd_limit();
+    let lab = Lab::up("ts", "meshd", "meshd");
+    let slow = in_netns(&lab.ns("m1gw"), || {
+        use std::io::Write;
+        let mut held = Vec::new();
+        for i in 0..2000u32 {
+            let from: SocketAddr = format!("127.0.{}.{}:0", 1 + i / 200, 2 + i % 200)
+                .parse()
+                .unwrap();
+            let port = if i % 2 == 0 { 9091 } else { 9090 };
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&from.into()).unwrap();
+            let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            if socket.connect(&to.into()).is_ok() {
+                let mut stream: std::net::TcpStream = socket.into();
+                let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+                held.push(stream);
+            }
+        }
+        held
+    });
+    assert!(
+        slow.len() >= 1900,
+        "only {} slow clients connected",
+        slow.len()
+    );
+    for _ in 0..5 {
+        let health = lab.http_get("m1gw", "127.0.0.1:9091", "/healthz");
+        assert!(health.starts_with("HTTP/1.0 200"), "healthz: {health}");
+        let metrics = lab.http_get("m1gw", "127.0.0.1:9090", "/metrics");
+        assert!(metrics.contains("meshd_dropped_packets_total"), "{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lab.ping("m1pod", M2_POD),
+        "the tunnel suffered from the slow clients"
+    );
+    // The slow clients that kept their place are cut off once the header deadline passes.
+    let mut last = slow.into_iter().last().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        match std::io::Read::read(&mut last, &mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    assert!(
+        closed,
+        "a client that never finished its headers was kept 10 s"
+    );
+}

@@ -276,5 +276,5 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std
             }
         }),
     );
-    axum::serve(listener, app).await
+    crate::http::serve(listener, app, crate::http::Limits::PROBES, "metrics").await
 }

@@ -260,7 +260,13 @@ pub async fn serve_health(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
 ) -> io::Result<()> {
-    axum::serve(listener, health_router(health)).await
+    crate::http::serve(
+        listener,
+        health_router(health),
+        crate::http::Limits::PROBES,
+        "health",
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -6,6 +6,11 @@
 //! meshd's metrics) or, with forwarding on, into the node's LAN. A packet is delivered only to this
 //! cluster's prefixes (`local_cidrs`, plus `deliver_cidrs`), or to this gateway's tunnel address
 //! for ICMP and the services peers use there (catalog sync on TCP, the health probe on UDP).
+//!
+//! This gateway is also a client of its peers' catalog sync, from an ephemeral port: TCP segments
+//! *from* a service port are delivered too, unless they open a connection (SYN without ACK). Such
+//! a segment can only belong to a connection this gateway opened to that port (the kernel answers
+//! anything else with a reset), so it opens nothing new on the node.
 
 use super::routing::CryptokeyRouter;
 use ipnet::IpNet;
@@ -89,8 +94,10 @@ impl DestinationFilter {
         }
         match transport {
             Transport::Icmp => true,
-            Transport::Tcp(port) => gateway.tcp_ports.contains(&port),
-            Transport::Udp(port) => gateway.udp_ports.contains(&port),
+            Transport::Tcp { src, dst, opens } => {
+                gateway.tcp_ports.contains(&dst) || (!opens && gateway.tcp_ports.contains(&src))
+            }
+            Transport::Udp { dst } => gateway.udp_ports.contains(&dst),
             Transport::Other => false,
         }
     }
@@ -99,22 +106,38 @@ impl DestinationFilter {
 /// What a packet carries, as far as the gateway's services care.
 enum Transport {
     Icmp,
-    Tcp(u16),
-    Udp(u16),
+    /// `opens`: SYN set and ACK clear, the first segment of a connection.
+    Tcp {
+        src: u16,
+        dst: u16,
+        opens: bool,
+    },
+    Udp {
+        dst: u16,
+    },
     /// Another protocol, an IPv6 extension header, a non-first fragment, or a truncated header.
     Other,
 }
 
 fn transport(protocol: u8, payload: Option<&[u8]>) -> Transport {
-    let port = || {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    let port = |at: usize| {
         payload
-            .and_then(|p| p.get(2..4))
+            .and_then(|p| p.get(at..at + 2))
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
     };
-    match protocol {
-        ICMP | ICMPV6 => Transport::Icmp,
-        TCP => port().map_or(Transport::Other, Transport::Tcp),
-        UDP => port().map_or(Transport::Other, Transport::Udp),
+    match (protocol, port(0), port(2)) {
+        (ICMP | ICMPV6, _, _) => Transport::Icmp,
+        (TCP, Some(src), Some(dst)) => match payload.and_then(|p| p.get(13)) {
+            Some(flags) => Transport::Tcp {
+                src,
+                dst,
+                opens: flags & (SYN | ACK) == SYN,
+            },
+            None => Transport::Other,
+        },
+        (UDP, _, Some(dst)) => Transport::Udp { dst },
         _ => Transport::Other,
     }
 }
@@ -143,7 +166,22 @@ fn destination(packet: &[u8]) -> Option<(IpAddr, Transport)> {
 mod tests {
     use super::*;
 
+    const SYN: u8 = 0x02;
+    const SYN_ACK: u8 = 0x12;
+    const ACK: u8 = 0x10;
+
     fn v4(dst: [u8; 4], protocol: u8, port: u16, fragment_offset: u16) -> Vec<u8> {
+        segment(dst, protocol, 40000, port, SYN, fragment_offset)
+    }
+
+    fn segment(
+        dst: [u8; 4],
+        protocol: u8,
+        src_port: u16,
+        port: u16,
+        flags: u8,
+        fragment_offset: u16,
+    ) -> Vec<u8> {
         let mut p = vec![0u8; 40];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -151,7 +189,9 @@ mod tests {
         p[9] = protocol;
         p[12..16].copy_from_slice(&[10, 245, 1, 10]);
         p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&src_port.to_be_bytes());
         p[22..24].copy_from_slice(&port.to_be_bytes());
+        p[33] = flags;
         p
     }
 
@@ -211,6 +251,19 @@ mod tests {
         assert!(f.allows(&v4([100, 64, 0, 1], TCP, 51821, 0)));
         assert!(f.allows(&v4([100, 64, 0, 1], UDP, 51821, 0)));
         assert!(f.allows(&v4([100, 64, 0, 1], ICMP, 0, 0)));
+    }
+
+    /// Replies to this gateway's own connections to a peer's catalog sync come from the service
+    /// port to an ephemeral one; a segment from that port that opens a connection does not pass.
+    #[test]
+    fn replies_from_a_peers_service_port_are_delivered_but_open_nothing() {
+        let f = filter();
+        let gw = [100, 64, 0, 1];
+        assert!(f.allows(&segment(gw, TCP, 51821, 45678, SYN_ACK, 0)));
+        assert!(f.allows(&segment(gw, TCP, 51821, 45678, ACK, 0)));
+        assert!(!f.allows(&segment(gw, TCP, 51821, 9090, SYN, 0)));
+        assert!(!f.allows(&segment(gw, UDP, 51821, 9090, 0, 0)));
+        assert!(!f.allows(&segment(gw, TCP, 51822, 45678, ACK, 0)));
     }
 
     #[test]

@@ -449,12 +449,17 @@ pub async fn serve(
             prober,
             instance: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
         });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
+    crate::http::serve(listener, app, SYNC_LIMITS, "catalog sync").await
 }
+
+/// The catalog sync port's limits: a few peers, each with one long-poll (held
+/// [`HOLD`]) at a time.
+const SYNC_LIMITS: crate::http::Limits = crate::http::Limits {
+    connections: 64,
+    per_client: 4,
+    header_timeout: Duration::from_secs(5),
+    connection_lifetime: Duration::from_secs(60),
+};
 
 #[cfg(test)]
 mod tests {
