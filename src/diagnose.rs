@@ -634,19 +634,19 @@ mod tests {
             clusters: vec![
                 ClusterEntry {
                     up: true,
-                    catalog: ExportCatalog {
+                    catalog: std::sync::Arc::new(ExportCatalog {
                         cluster: "m1".into(),
                         generation: 1,
                         services: vec![svc("10.96.0.10", "10.244.1.10")],
-                    },
+                    }),
                 },
                 ClusterEntry {
                     up: false,
-                    catalog: ExportCatalog {
+                    catalog: std::sync::Arc::new(ExportCatalog {
                         cluster: "m2".into(),
                         generation: 3,
                         services: vec![svc("10.97.0.10", "10.245.1.10")],
-                    },
+                    }),
                 },
             ],
         }

@@ -163,21 +163,21 @@ fn view(remotes: Vec<(&str, Vec<ExportedService>)>) -> Arc<ClustersetView> {
                 cluster.to_string(),
                 ClusterEntry {
                     up: true,
-                    catalog: ExportCatalog {
+                    catalog: Arc::new(ExportCatalog {
                         cluster: cluster.into(),
                         generation: 1,
                         services,
-                    },
+                    }),
                 },
             )
         })
         .collect();
     Arc::new(ClustersetView::build(
-        ExportCatalog {
+        Arc::new(ExportCatalog {
             cluster: "m1".into(),
             generation: 0,
             services: Vec::new(),
-        },
+        }),
         &remotes,
     ))
 }
@@ -216,6 +216,7 @@ fn start(server: &ApiServer, view: Arc<ClustersetView>) -> Watcher {
     let task = tokio::spawn(kubernetes::run(
         server.client(),
         "m1".into(),
+        Vec::new(),
         local_tx,
         view_rx,
     ));

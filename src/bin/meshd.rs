@@ -162,6 +162,7 @@ async fn control_plane(
         tokio::spawn(kubernetes::run(
             client,
             config.cluster.clone(),
+            config.local_cidrs.clone(),
             clusterset.local_sender().clone(),
             clusterset.subscribe(),
         ))

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// One cluster's exported services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,60 +137,115 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-impl ExportCatalog {
-    /// Checks what the types cannot: names that fit in DNS, each service once, service IPs
-    /// exactly for ClusterSetIP services, ports above 0. Says what is wrong and where. Catalogs
-    /// from peers pass through here before they can reach the view.
+/// The most services one cluster's catalog may hold.
+pub const MAX_SERVICES: usize = 10_000;
+/// The most ports one exported service may have.
+pub const MAX_PORTS: usize = 1_000;
+/// The most endpoints one exported service may have (ten full EndpointSlices).
+pub const MAX_ENDPOINTS: usize = 10_000;
+
+impl ExportedService {
+    /// Checks what the types cannot: names that fit in DNS, service IPs exactly for ClusterSetIP
+    /// services, ports above 0, no more than [`MAX_PORTS`] ports and [`MAX_ENDPOINTS`]
+    /// endpoints. Names in the message are escaped (they may come from a peer).
     pub fn check(&self) -> Result<(), String> {
-        if !is_dns_label(&self.cluster) {
-            return Err(format!("cluster '{}' is not a DNS label", self.cluster));
+        let at = format!("service {:?}/{:?}", self.namespace, self.name);
+        if !is_dns_label(&self.namespace) || !is_dns_label(&self.name) {
+            return Err(format!("{at}: namespace and name must be DNS labels"));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for s in &self.services {
-            let at = format!("service {}/{}", s.namespace, s.name);
-            if !is_dns_label(&s.namespace) || !is_dns_label(&s.name) {
-                return Err(format!("{at}: namespace and name must be DNS labels"));
+        match self.service_type {
+            ServiceType::ClusterSetIP if self.ips.is_empty() => {
+                return Err(format!("{at}: a ClusterSetIP service without service IPs"))
             }
-            if !seen.insert((&s.namespace, &s.name)) {
-                return Err(format!("{at}: listed twice"));
+            ServiceType::Headless if !self.ips.is_empty() => {
+                return Err(format!("{at}: a Headless service with service IPs"))
             }
-            match s.service_type {
-                ServiceType::ClusterSetIP if s.ips.is_empty() => {
-                    return Err(format!("{at}: a ClusterSetIP service without service IPs"))
-                }
-                ServiceType::Headless if !s.ips.is_empty() => {
-                    return Err(format!("{at}: a Headless service with service IPs"))
-                }
-                _ => {}
+            _ => {}
+        }
+        if self.ports.len() > MAX_PORTS || self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(format!(
+                "{at}: {} ports and {} endpoints, over the limits of {MAX_PORTS} and {MAX_ENDPOINTS}",
+                self.ports.len(),
+                self.endpoints.len()
+            ));
+        }
+        for p in &self.ports {
+            if p.port == 0 || p.name.as_deref().is_some_and(|n| !is_dns_label(n)) {
+                return Err(format!(
+                    "{at}: port {:?} {} has a bad number or name",
+                    p.name, p.port
+                ));
             }
-            for p in &s.ports {
-                if p.port == 0 || p.name.as_deref().is_some_and(|n| !is_dns_label(n)) {
-                    return Err(format!(
-                        "{at}: port {:?} {} has a bad number or name",
-                        p.name, p.port
-                    ));
-                }
-            }
-            for e in &s.endpoints {
-                if e.hostname.as_deref().is_some_and(|h| !is_dns_label(h)) {
-                    return Err(format!(
-                        "{at}: endpoint {} has a hostname that is not a DNS label",
-                        e.ip
-                    ));
-                }
+        }
+        for e in &self.endpoints {
+            if e.hostname.as_deref().is_some_and(|h| !is_dns_label(h)) {
+                return Err(format!(
+                    "{at}: endpoint {} has a hostname that is not a DNS label",
+                    e.ip
+                ));
             }
         }
         Ok(())
     }
 
+    /// Every address the service hands out: its service IPs and its endpoints' IPs.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ips
+            .iter()
+            .copied()
+            .chain(self.endpoints.iter().map(|e| e.ip))
+    }
+}
+
+impl ExportCatalog {
+    /// Checks the catalog as a whole: a cluster name that is a DNS label, at most
+    /// [`MAX_SERVICES`] services. Says what is wrong.
+    pub fn check_outline(&self) -> Result<(), String> {
+        if !is_dns_label(&self.cluster) {
+            return Err(format!("cluster {:?} is not a DNS label", self.cluster));
+        }
+        if self.services.len() > MAX_SERVICES {
+            return Err(format!(
+                "{} services, over the limit of {MAX_SERVICES}",
+                self.services.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes out each service that fails [`ExportedService::check`] or `also`, or repeats an
+    /// earlier one, and says why each went: one bad service does not cost the others.
+    pub fn quarantine(
+        &mut self,
+        also: impl Fn(&ExportedService) -> Result<(), String>,
+    ) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut reasons = Vec::new();
+        self.services.retain(|s| {
+            let verdict = s.check().and_then(|()| also(s)).and_then(|()| {
+                if seen.insert((s.namespace.clone(), s.name.clone())) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "service {:?}/{:?}: listed twice",
+                        s.namespace, s.name
+                    ))
+                }
+            });
+            match verdict {
+                Ok(()) => true,
+                Err(reason) => {
+                    reasons.push(reason);
+                    false
+                }
+            }
+        });
+        reasons
+    }
+
     /// Every address the catalog hands out: service IPs and endpoint IPs.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.services.iter().flat_map(|s| {
-            s.ips
-                .iter()
-                .copied()
-                .chain(s.endpoints.iter().map(|e| e.ip))
-        })
+        self.services.iter().flat_map(ExportedService::addresses)
     }
 }
 
@@ -209,7 +265,9 @@ pub struct ExportConflict {
 #[serde(deny_unknown_fields)]
 pub struct ClusterEntry {
     pub up: bool,
-    pub catalog: ExportCatalog,
+    /// Shared between the views built from it: a rebuild (a probe result, an RTT re-ranking)
+    /// copies no catalog.
+    pub catalog: Arc<ExportCatalog>,
 }
 
 /// Every cluster's catalog as this gateway sees it: the snapshot the DNS responder answers from.
@@ -236,7 +294,7 @@ impl ClustersetView {
     /// Merges the local catalog (always up) with the remote ones (keyed by cluster name, each
     /// with its tunnel state). A remote entry named like the local cluster is ignored: the local
     /// catalog is the truth about the local cluster.
-    pub fn build(local: ExportCatalog, remotes: &BTreeMap<String, ClusterEntry>) -> Self {
+    pub fn build(local: Arc<ExportCatalog>, remotes: &BTreeMap<String, ClusterEntry>) -> Self {
         let local_name = local.cluster.clone();
         let mut clusters = Vec::with_capacity(1 + remotes.len());
         clusters.push(ClusterEntry {
@@ -300,12 +358,12 @@ mod tests {
                     n.to_string(),
                     ClusterEntry {
                         up,
-                        catalog: catalog(n, 7),
+                        catalog: Arc::new(catalog(n, 7)),
                     },
                 )
             })
             .collect();
-        let view = ClustersetView::build(catalog("m9", 1), &remotes);
+        let view = ClustersetView::build(Arc::new(catalog("m9", 1)), &remotes);
         assert!(view.loaded);
         let names: Vec<(&str, bool)> = view
             .clusters
@@ -326,10 +384,10 @@ mod tests {
             "m1".to_string(),
             ClusterEntry {
                 up: false,
-                catalog: catalog("m1", 99),
+                catalog: Arc::new(catalog("m1", 99)),
             },
         )]);
-        let view = ClustersetView::build(catalog("m1", 1), &remotes);
+        let view = ClustersetView::build(Arc::new(catalog("m1", 1)), &remotes);
         assert_eq!(view.clusters.len(), 1);
         assert!(view.clusters[0].up);
         assert_eq!(view.clusters[0].catalog.generation, 1);
@@ -337,7 +395,7 @@ mod tests {
 
     #[test]
     fn catalogs_and_views_round_trip_through_json() {
-        let view = ClustersetView::build(catalog("m1", 3), &BTreeMap::new());
+        let view = ClustersetView::build(Arc::new(catalog("m1", 3)), &BTreeMap::new());
         let json = serde_json::to_string(&view).unwrap();
         assert!(json.contains("\"type\":\"ClusterSetIP\""), "{json}");
         assert!(json.contains("\"protocol\":\"TCP\""), "{json}");

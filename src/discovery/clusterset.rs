@@ -38,7 +38,7 @@ pub fn order_by_rtt(view: &mut ClustersetView, rtt_of: impl Fn(&str) -> Option<D
 #[derive(Debug)]
 struct Remote {
     key: PublicKey,
-    catalog: Option<ExportCatalog>,
+    catalog: Option<Arc<ExportCatalog>>,
     asked: bool,
     last_answer: Option<SystemTime>,
     last_error: Option<String>,
@@ -63,6 +63,9 @@ pub struct SyncStatus {
 #[derive(Debug)]
 pub struct Clusterset {
     local: watch::Sender<ExportCatalog>,
+    /// The local catalog as last shared into a view, and the receiver that tells when it
+    /// changed since.
+    local_cache: Mutex<(watch::Receiver<ExportCatalog>, Arc<ExportCatalog>)>,
     remotes: Mutex<BTreeMap<String, Remote>>,
     prober: Arc<Prober>,
     changed: Notify,
@@ -74,13 +77,16 @@ impl Clusterset {
     /// A hub for cluster `cluster` whose remote clusters' reachability comes from `prober`.
     pub fn new(cluster: &str, prober: Arc<Prober>) -> Arc<Self> {
         let unloaded = Arc::new(ClustersetView::unloaded());
+        let empty = ExportCatalog {
+            cluster: cluster.to_string(),
+            generation: 0,
+            services: Vec::new(),
+        };
+        let (local, mut local_rx) = watch::channel(empty.clone());
+        local_rx.mark_unchanged();
         Arc::new(Clusterset {
-            local: watch::channel(ExportCatalog {
-                cluster: cluster.to_string(),
-                generation: 0,
-                services: Vec::new(),
-            })
-            .0,
+            local,
+            local_cache: Mutex::new((local_rx, Arc::new(empty))),
             remotes: Mutex::new(BTreeMap::new()),
             prober,
             changed: Notify::new(),
@@ -135,7 +141,7 @@ impl Clusterset {
         };
         let news = catalog.is_some() || !r.asked;
         if let Some(c) = catalog {
-            r.catalog = Some(c);
+            r.catalog = Some(Arc::new(c));
         }
         r.asked = true;
         r.last_answer = Some(SystemTime::now());
@@ -179,9 +185,19 @@ impl Clusterset {
             .collect()
     }
 
+    /// The local catalog, shared: copied once per generation, not once per rebuild.
+    fn local_shared(&self) -> Arc<ExportCatalog> {
+        let mut guard = self.local_cache.lock();
+        let (rx, shared) = &mut *guard;
+        if rx.has_changed().unwrap_or(false) {
+            *shared = Arc::new(rx.borrow_and_update().clone());
+        }
+        shared.clone()
+    }
+
     /// The view from what is known now.
     pub fn build(&self) -> ClustersetView {
-        let local = self.local.borrow().clone();
+        let local = self.local_shared();
         let remotes = self.remotes.lock();
         let entries: BTreeMap<String, ClusterEntry> = remotes
             .iter()
@@ -247,7 +263,7 @@ mod tests {
     fn remote_clusters_are_ranked_by_rtt_after_the_local_one() {
         let entry = |name: &str| ClusterEntry {
             up: true,
-            catalog: catalog(name, 1),
+            catalog: Arc::new(catalog(name, 1)),
         };
         let mut view = ClustersetView {
             loaded: true,

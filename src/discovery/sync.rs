@@ -40,6 +40,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest catalog accepted from a peer: room for tens of thousands of services.
 pub const MAX_CATALOG_BYTES: usize = 8 << 20;
+/// Least time between two requests to one peer, however often its catalog changes.
+const MIN_FETCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause before asking again after a failure or a refused catalog.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(5);
@@ -54,6 +56,8 @@ pub enum SyncFailure {
     Oversized,
     Malformed,
     Inconsistent,
+    /// One service of an otherwise good catalog was left out (counted once per service).
+    Quarantined,
 }
 
 impl SyncFailure {
@@ -64,6 +68,7 @@ impl SyncFailure {
             SyncFailure::Oversized => "oversized",
             SyncFailure::Malformed => "malformed",
             SyncFailure::Inconsistent => "inconsistent",
+            SyncFailure::Quarantined => "quarantined",
         }
     }
 }
@@ -131,8 +136,19 @@ pub struct SyncPeer {
     pub allowed_cidrs: Vec<IpNet>,
 }
 
-/// Parses and checks a peer's answer body.
-pub fn accept_catalog(peer: &SyncPeer, body: &[u8]) -> Result<ExportCatalog, SyncError> {
+/// A peer's catalog as taken: the services that passed, and why each of the others was left
+/// out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub catalog: ExportCatalog,
+    pub quarantined: Vec<String>,
+}
+
+/// Parses and checks a peer's answer body. A catalog that is too large, not JSON, for another
+/// cluster or with too many services is refused whole; a service that fails its own checks or
+/// hands out an address outside the peer's allowed CIDRs is quarantined (left out, with the
+/// reason) and the rest is taken.
+pub fn accept_catalog(peer: &SyncPeer, body: &[u8]) -> Result<Accepted, SyncError> {
     if body.len() > MAX_CATALOG_BYTES {
         return Err(fail(
             SyncFailure::Oversized,
@@ -142,35 +158,42 @@ pub fn accept_catalog(peer: &SyncPeer, body: &[u8]) -> Result<ExportCatalog, Syn
             ),
         ));
     }
-    let catalog: ExportCatalog = serde_json::from_slice(body)
+    let mut catalog: ExportCatalog = serde_json::from_slice(body)
         .map_err(|e| fail(SyncFailure::Malformed, format!("catalog is not valid: {e}")))?;
     let inconsistent = |m: String| fail(SyncFailure::Inconsistent, m);
     if catalog.cluster != peer.name {
         return Err(inconsistent(format!(
-            "catalog is for cluster '{}' but this peer is '{}' (a peer's name must be its cluster name)",
+            "catalog is for cluster {:?} but this peer is '{}' (a peer's name must be its cluster name)",
             catalog.cluster, peer.name
         )));
     }
     if catalog.generation == 0 {
         return Err(inconsistent("catalog has generation 0".into()));
     }
-    catalog.check().map_err(inconsistent)?;
-    if let Some(stray) = catalog
-        .addresses()
-        .find(|ip| !peer.allowed_cidrs.iter().any(|net| net.contains(ip)))
-    {
-        return Err(inconsistent(format!(
-            "catalog hands out {stray}, which is outside the peer's allowed_cidrs; add the peer's service CIDR to its allowed_cidrs"
-        )));
-    }
-    Ok(catalog)
+    catalog.check_outline().map_err(inconsistent)?;
+    let quarantined = catalog.quarantine(|s| {
+        match s
+            .addresses()
+            .find(|ip| !peer.allowed_cidrs.iter().any(|net| net.contains(ip)))
+        {
+            Some(stray) => Err(format!(
+                "service {:?}/{:?} hands out {stray}, which is outside the peer's allowed_cidrs; add the peer's service CIDR to its allowed_cidrs",
+                s.namespace, s.name
+            )),
+            None => Ok(()),
+        }
+    });
+    Ok(Accepted {
+        catalog,
+        quarantined,
+    })
 }
 
 /// What one request to a peer brought back.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
     /// A new catalog, with its version tag.
-    Changed(ExportCatalog, String),
+    Changed(Accepted, String),
     Unchanged,
 }
 
@@ -286,14 +309,29 @@ pub async fn follow_peer(
 ) {
     let mut known: Option<String> = None;
     let mut probes = prober.changes();
+    let mut last_fetch: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(last) = last_fetch {
+            tokio::time::sleep_until(last + MIN_FETCH_INTERVAL).await;
+        }
+        last_fetch = Some(tokio::time::Instant::now());
         let outcome = tokio::select! {
             r = fetch(local, &peer, port, known.as_deref()) => r,
             _ = probes.changed() => continue,
         };
         let pause = match outcome {
-            Ok(Answer::Changed(catalog, tag)) => {
-                tracing::info!(peer = %peer.name, generation = catalog.generation, services = catalog.services.len(), "catalog received");
+            Ok(Answer::Changed(
+                Accepted {
+                    catalog,
+                    quarantined,
+                },
+                tag,
+            )) => {
+                tracing::info!(peer = %peer.name, generation = catalog.generation, services = catalog.services.len(), quarantined = quarantined.len(), "catalog received");
+                for reason in &quarantined {
+                    errors.count(&peer.name, SyncFailure::Quarantined);
+                    tracing::warn!(peer = %peer.name, reason = %reason, "service in the peer's catalog left out");
+                }
                 known = Some(tag);
                 hub.remote_answered(&peer.name, Some(catalog));
                 continue;
@@ -464,7 +502,9 @@ const SYNC_LIMITS: crate::http::Limits = crate::http::Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::catalog::{Endpoint, ExportedService, ServiceType};
+    use crate::discovery::catalog::{
+        Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
+    };
 
     fn peer() -> SyncPeer {
         SyncPeer {
@@ -501,11 +541,29 @@ mod tests {
         accept_catalog(&peer(), &serde_json::to_vec(c).unwrap()).unwrap_err()
     }
 
+    /// The services of `c` that are taken, and the reasons of those left out.
+    fn taken(c: &ExportCatalog) -> (Vec<String>, Vec<String>) {
+        let accepted = accept_catalog(&peer(), &serde_json::to_vec(c).unwrap()).unwrap();
+        let names = accepted
+            .catalog
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        (names, accepted.quarantined)
+    }
+
     #[test]
     fn a_good_catalog_is_taken() {
         let c = catalog();
         let body = serde_json::to_vec(&c).unwrap();
-        assert_eq!(accept_catalog(&peer(), &body), Ok(c));
+        assert_eq!(
+            accept_catalog(&peer(), &body),
+            Ok(Accepted {
+                catalog: c,
+                quarantined: vec![]
+            })
+        );
     }
 
     #[test]
@@ -519,28 +577,70 @@ mod tests {
         c.cluster = "m3".into();
         let e = refused(&c);
         assert_eq!(e.kind, SyncFailure::Inconsistent);
-        assert!(e.message.contains("'m3' but this peer is 'm2'"), "{e}");
-
-        let mut c = catalog();
-        c.services[0].endpoints[0].ip = "10.244.1.10".parse().unwrap();
-        let e = refused(&c);
-        assert!(e.message.contains("10.244.1.10, which is outside"), "{e}");
-
-        let mut c = catalog();
-        c.services.push(c.services[0].clone());
-        assert!(refused(&c).message.contains("listed twice"));
-
-        let mut c = catalog();
-        c.services[0].name = "Web".into();
-        assert_eq!(refused(&c).kind, SyncFailure::Inconsistent);
-
-        let mut c = catalog();
-        c.services[0].ips.clear();
-        assert!(refused(&c).message.contains("without service IPs"));
+        assert!(e.message.contains("\"m3\" but this peer is 'm2'"), "{e}");
 
         let mut c = catalog();
         c.generation = 0;
         assert_eq!(refused(&c).kind, SyncFailure::Inconsistent);
+
+        let mut c = catalog();
+        let one = c.services[0].clone();
+        c.services = (0..=crate::discovery::catalog::MAX_SERVICES)
+            .map(|i| ExportedService {
+                name: format!("s{i}"),
+                ..one.clone()
+            })
+            .collect();
+        assert!(refused(&c).message.contains("over the limit of 10000"));
+    }
+
+    /// One bad service is left out with its reason (peer strings escaped); the others stay.
+    #[test]
+    fn a_bad_service_is_quarantined_and_the_rest_taken() {
+        let good = catalog().services[0].clone();
+        let bad = |edit: fn(&mut ExportedService)| {
+            let mut s = good.clone();
+            s.name = "bad".into();
+            edit(&mut s);
+            s
+        };
+        let cases: [(ExportedService, &str); 6] = [
+            (
+                bad(|s| s.endpoints[0].ip = "10.244.1.10".parse().unwrap()),
+                "10.244.1.10, which is outside",
+            ),
+            (good.clone(), "listed twice"),
+            (
+                bad(|s| s.name = "Web\nforged log line".into()),
+                "\"Web\\nforged log line\"",
+            ),
+            (bad(|s| s.ips.clear()), "without service IPs"),
+            (
+                bad(|s| s.endpoints = vec![s.endpoints[0].clone(); 10_001]),
+                "over the limits",
+            ),
+            (
+                bad(|s| {
+                    s.ports = vec![
+                        ServicePort {
+                            name: None,
+                            protocol: PortProtocol::Tcp,
+                            port: 80
+                        };
+                        1_001
+                    ]
+                }),
+                "over the limits",
+            ),
+        ];
+        for (service, reason) in cases {
+            let mut c = catalog();
+            c.services.push(service);
+            let (names, quarantined) = taken(&c);
+            assert_eq!(names, ["web"], "{reason}");
+            assert_eq!(quarantined.len(), 1, "{reason}");
+            assert!(quarantined[0].contains(reason), "{}", quarantined[0]);
+        }
     }
 
     /// A peer that sends a good catalog, then garbage: the garbage is counted and logged, and
@@ -605,7 +705,7 @@ mod tests {
                 .is_some_and(|e| e.contains("not valid")),
             "{status:?}"
         );
-        assert_eq!(hub.build().clusters[1].catalog, catalog());
+        assert_eq!(hub.build().clusters[1].catalog, Arc::new(catalog()));
     }
 
     /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
@@ -633,7 +733,7 @@ mod tests {
         let Answer::Changed(first, tag) = fetch(me, &m2, port, None).await.unwrap() else {
             panic!("no catalog at the first ask");
         };
-        assert_eq!(first, catalog());
+        assert_eq!(first.catalog, catalog());
         assert!(tag.ends_with("-3\""), "{tag}");
 
         // Another instance's tag for the same generation is not current: answered at once.
@@ -650,7 +750,7 @@ mod tests {
         let Answer::Changed(got, _) = held.await.unwrap().unwrap() else {
             panic!("the held request did not get the new catalog");
         };
-        assert_eq!(got, newer);
+        assert_eq!(got.catalog, newer);
 
         let stranger: IpAddr = "127.0.0.4".parse().unwrap();
         let e = fetch(

@@ -272,19 +272,18 @@ fn addresses<'s>(
     }
 }
 
-/// A/AAAA records for `ips` that the question asks for, without duplicates.
+/// A/AAAA records for `ips` that the question asks for, without duplicates, in first-seen
+/// order (linear: a headless service may have thousands of endpoints in several clusters).
 fn address_records(ips: impl Iterator<Item = IpAddr>, qtype: RecordType) -> Answer {
-    let mut records = Vec::new();
-    for ip in ips {
-        let record = match ip {
-            IpAddr::V4(v4) if wants(qtype, RecordType::A) => RecordData::A(v4),
-            IpAddr::V6(v6) if wants(qtype, RecordType::AAAA) => RecordData::Aaaa(v6),
-            _ => continue,
-        };
-        if !records.contains(&record) {
-            records.push(record);
-        }
-    }
+    let mut seen = std::collections::HashSet::new();
+    let records = ips
+        .filter(|ip| seen.insert(*ip))
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) if wants(qtype, RecordType::A) => Some(RecordData::A(v4)),
+            IpAddr::V6(v6) if wants(qtype, RecordType::AAAA) => Some(RecordData::Aaaa(v6)),
+            _ => None,
+        })
+        .collect();
     Answer::records(records)
 }
 
@@ -347,6 +346,7 @@ fn srv(
     let mut exists = false;
     // (port, target) pairs, in view order, without duplicates.
     let mut found: Vec<(u16, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (cluster, service) in view.services(ns, svc) {
         for port in service.ports.iter().filter(|p| {
             p.protocol.srv_label().eq_ignore_ascii_case(proto)
@@ -367,7 +367,7 @@ fn srv(
                     .collect(),
             };
             for target in targets {
-                if !found.iter().any(|(p, t)| *p == port.port && *t == target) {
+                if seen.insert((port.port, target.clone())) {
                     found.push((port.port, target));
                 }
             }
@@ -472,11 +472,11 @@ mod tests {
                 cluster.to_string(),
                 ClusterEntry {
                     up,
-                    catalog: ExportCatalog {
+                    catalog: Arc::new(ExportCatalog {
                         cluster: cluster.into(),
                         generation: 1,
                         services,
-                    },
+                    }),
                 },
             )
         };
@@ -511,7 +511,7 @@ mod tests {
                 ],
             ),
         ]);
-        ClustersetView::build(local, &remotes)
+        ClustersetView::build(Arc::new(local), &remotes)
     }
 
     fn a(ip: &str) -> RecordData {
@@ -705,8 +705,8 @@ mod tests {
     fn the_index_matches_names_in_any_case_and_keeps_view_order() {
         let mut local = view();
         // A catalog may spell names in capitals (a peer's, say): matched like the query's.
-        local.clusters[1].catalog.services[0].namespace = "DEMO".into();
-        local.clusters[1].catalog.services[0].name = "Web".into();
+        Arc::make_mut(&mut local.clusters[1].catalog).services[0].namespace = "DEMO".into();
+        Arc::make_mut(&mut local.clusters[1].catalog).services[0].name = "Web".into();
         let view = Snapshot::new(Arc::new(local));
         assert_eq!(
             ask(&view, "web.demo.svc.clusterset.local.", RecordType::A),

@@ -234,7 +234,7 @@ mod tests {
             })
             .collect();
         ClustersetView::build(
-            ExportCatalog {
+            Arc::new(ExportCatalog {
                 cluster: "m1".into(),
                 generation: 3,
                 services: vec![ExportedService {
@@ -246,7 +246,7 @@ mod tests {
                     endpoints,
                     exported_at: None,
                 }],
-            },
+            }),
             &BTreeMap::new(),
         )
     }

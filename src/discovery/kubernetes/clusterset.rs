@@ -215,21 +215,21 @@ mod tests {
                     name.to_string(),
                     ClusterEntry {
                         up,
-                        catalog: ExportCatalog {
+                        catalog: std::sync::Arc::new(ExportCatalog {
                             cluster: name.into(),
                             generation: 1,
                             services,
-                        },
+                        }),
                     },
                 )
             })
             .collect();
         ClustersetView::build(
-            ExportCatalog {
+            std::sync::Arc::new(ExportCatalog {
                 cluster: "m1".into(),
                 generation: 1,
                 services: Vec::new(),
-            },
+            }),
             &remotes,
         )
     }
@@ -308,10 +308,12 @@ mod tests {
     #[test]
     fn imports_cover_every_exported_service_and_ignore_the_views_copy_of_this_cluster() {
         let mut stale = view(vec![("m2", true, vec![web(80, None)])]);
-        stale.clusters[0].catalog.services.push(ExportedService {
-            name: "old".into(),
-            ..web(80, None)
-        });
+        std::sync::Arc::make_mut(&mut stale.clusters[0].catalog)
+            .services
+            .push(ExportedService {
+                name: "old".into(),
+                ..web(80, None)
+            });
         let mut db = web(5432, Some("2026-01-01T00:00:00Z"));
         db.name = "db".into();
         let imports = wanted_imports("m1", &[db], &stale);

@@ -13,6 +13,7 @@ use super::status::Verdict;
 use crate::discovery::catalog::{
     is_dns_label, Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
 };
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -40,11 +41,13 @@ pub(crate) fn rfc3339(time: &Time) -> String {
     time.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// Decides every ServiceExport; the verdicts come sorted by namespace and name.
+/// Decides every ServiceExport; the verdicts come sorted by namespace and name. With
+/// `local_cidrs`, an export that hands out an address outside them is not valid.
 pub(crate) fn decide(
     exports: &[Arc<DynamicObject>],
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
+    local_cidrs: &[IpNet],
 ) -> Vec<ExportVerdict> {
     let services: HashMap<(&str, &str), &Service> = services
         .iter()
@@ -86,11 +89,35 @@ pub(crate) fn decide(
                 .get(&(namespace, name))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            Some(decide_one(namespace, name, exported_at, service, slices))
+            let verdict = decide_one(namespace, name, exported_at, service, slices);
+            Some(inside(verdict, local_cidrs))
         })
         .collect();
     verdicts.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     verdicts
+}
+
+/// The verdict, or a refusal when the service hands out an address outside `local_cidrs` (a
+/// misconfigured `local_cidrs`, or an endpoint on the host network of a node outside them): the
+/// peers would quarantine it anyway, and the export's owner should see why here.
+fn inside(verdict: ExportVerdict, local_cidrs: &[IpNet]) -> ExportVerdict {
+    let Some(stray) = verdict.service.as_ref().and_then(|s| {
+        s.addresses()
+            .find(|ip| !local_cidrs.is_empty() && !local_cidrs.iter().any(|n| n.contains(ip)))
+    }) else {
+        return verdict;
+    };
+    let (namespace, name) = (&verdict.namespace, &verdict.name);
+    let valid = Verdict::no(
+        "AddressOutsideCluster",
+        format!("Service {namespace}/{name} hands out {stray}, which is outside this cluster's local_cidrs: add the range to local_cidrs in meshd's configuration, or export a Service whose IPs and endpoints are inside it"),
+    );
+    ExportVerdict {
+        service: None,
+        ready: Verdict::no("Failed", format!("not exported: {}", valid.message)),
+        valid,
+        ..verdict
+    }
 }
 
 fn decide_one(
@@ -217,6 +244,15 @@ fn decide_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`decide`] with no `local_cidrs` to check against.
+    fn decide_all(
+        exports: &[Arc<DynamicObject>],
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+    ) -> Vec<ExportVerdict> {
+        decide(exports, services, slices, &[])
+    }
     use serde_json::json;
 
     fn export(ns: &str, name: &str) -> Arc<DynamicObject> {
@@ -257,9 +293,48 @@ mod tests {
         )
     }
 
+    /// An endpoint outside `local_cidrs` (a host-network pod on a node outside them): the export
+    /// is not valid here, with the fix, and stays out of the catalog the peers get.
+    #[test]
+    fn an_export_handing_out_addresses_outside_the_cluster_is_not_valid() {
+        let cidrs: Vec<IpNet> = vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "10.96.0.0/16".parse().unwrap(),
+        ];
+        let decided = |endpoint: &str| {
+            decide(
+                &[export("demo", "web")],
+                &[service(
+                    "demo",
+                    "web",
+                    json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+                )],
+                &[slice(
+                    "demo",
+                    "web",
+                    "IPv4",
+                    json!([{"addresses": [endpoint]}]),
+                )],
+                &cidrs,
+            )
+            .remove(0)
+        };
+        let inside = decided("10.244.1.10");
+        assert!(inside.valid.status && inside.service.is_some());
+        let outside = decided("192.168.1.20");
+        assert!(!outside.valid.status);
+        assert_eq!(outside.valid.reason, "AddressOutsideCluster");
+        assert!(
+            outside.valid.message.contains("192.168.1.20"),
+            "{}",
+            outside.valid.message
+        );
+        assert!(outside.service.is_none());
+    }
+
     #[test]
     fn a_cluster_ip_service_exports_its_ips_ports_and_ready_endpoints() {
-        let v = decide(
+        let v = decide_all(
             &[export("demo", "web")],
             &[service(
                 "demo",
@@ -327,7 +402,7 @@ mod tests {
                          {"addresses": ["10.244.1.21"], "hostname": "db-1", "conditions": {"ready": false}},
                          {"addresses": ["10.244.1.22"], "hostname": "Not_A_Label"}]);
         let decide_with = |publish: bool| {
-            decide(
+            decide_all(
                 &[export("demo", "db")],
                 &[service("demo", "db", json!({"clusterIP": "None", "publishNotReadyAddresses": publish, "ports": [{"name": "pg", "port": 5432}]}))],
                 &[slice("demo", "db", "IPv4", eps.clone())],
@@ -358,7 +433,7 @@ mod tests {
 
     #[test]
     fn missing_and_external_name_services_are_not_valid() {
-        let v = decide(
+        let v = decide_all(
             &[export("demo", "gone"), export("demo", "ext")],
             &[service(
                 "demo",
@@ -382,7 +457,7 @@ mod tests {
 
     #[test]
     fn a_service_without_a_cluster_ip_yet_is_valid_but_pending() {
-        let v = decide(
+        let v = decide_all(
             &[export("demo", "web")],
             &[service("demo", "web", json!({"ports": [{"port": 80}]}))],
             &[],

@@ -120,6 +120,7 @@ struct McsResources {
 pub async fn run(
     client: Client,
     cluster: String,
+    local_cidrs: Vec<ipnet::IpNet>,
     local: watch::Sender<ExportCatalog>,
     mut view: watch::Receiver<Arc<ClustersetView>>,
 ) -> Result<(), WatcherError> {
@@ -180,7 +181,7 @@ pub async fn run(
             _ = view_closed(&mut view) => return Ok(()),
         }
         tracing::info!("initial lists done");
-        let mut pass = writes::Pass::new(client, cluster, mcs.exports, mcs.imports);
+        let mut pass = writes::Pass::new(client, cluster, local_cidrs, mcs.exports, mcs.imports);
         loop {
             let snapshot = view.borrow_and_update().clone();
             pass.run(&stores, &snapshot, &mut catalog).await;

@@ -27,6 +27,8 @@ type Key = (String, String);
 pub(super) struct Pass {
     client: Client,
     cluster: String,
+    /// What this cluster's exports may hand out (empty: not checked).
+    local_cidrs: Vec<ipnet::IpNet>,
     exports: ApiResource,
     imports: ApiResource,
     /// Status written per export: the resourceVersion it was written over, and the conditions.
@@ -39,12 +41,14 @@ impl Pass {
     pub fn new(
         client: Client,
         cluster: String,
+        local_cidrs: Vec<ipnet::IpNet>,
         exports: ApiResource,
         imports: ApiResource,
     ) -> Self {
         Pass {
             client,
             cluster,
+            local_cidrs,
             exports,
             imports,
             written: HashMap::new(),
@@ -59,7 +63,12 @@ impl Pass {
 
     pub async fn run(&mut self, stores: &Stores, view: &ClustersetView, catalog: &mut Publisher) {
         let exports = stores.exports.state();
-        let verdicts = local::decide(&exports, &stores.services.state(), &stores.slices.state());
+        let verdicts = local::decide(
+            &exports,
+            &stores.services.state(),
+            &stores.slices.state(),
+            &self.local_cidrs,
+        );
         let services: Vec<ExportedService> =
             verdicts.iter().filter_map(|v| v.service.clone()).collect();
         catalog.publish(&services);
