@@ -464,7 +464,8 @@ fn garbage_flood_is_dropped_and_counted_while_iperf3_runs() {
         .unwrap_or(0.0)
     };
     let garbage = dropped("garbage");
-    let strangers_dropped = dropped("unknown_peer") + dropped("under_load");
+    let strangers_dropped =
+        dropped("unknown_peer") + dropped("under_load") + dropped("rate_limited");
     let replayed = dropped("replay");
     let too_long = dropped("oversized");
     let sent = (random + truncated + handshakes + replays + oversized) as f64;

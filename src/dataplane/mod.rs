@@ -21,6 +21,7 @@ mod pair;
 mod peer;
 pub mod pmtu;
 pub mod routing;
+pub mod sources;
 mod table;
 pub mod udp;
 
@@ -666,6 +667,7 @@ impl Dataplane {
             if ticks.is_multiple_of(4) {
                 if let Some(identity) = &table.identity {
                     identity.rate_limiter.reset_count();
+                    identity.sources.forget_idle(std::time::Instant::now());
                 }
                 self.measure_paths(&table);
             }

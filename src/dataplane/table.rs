@@ -9,6 +9,7 @@
 use super::delivery::DestinationFilter;
 use super::peer::Peer;
 use super::routing::CryptokeyRouter;
+use super::sources::SourceLimiter;
 use crate::keys::PublicKey;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Handshake initiations per second before cookies are demanded (boringtun's default).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -56,10 +58,13 @@ pub enum DropReason {
     /// Decrypted fine, but its inner destination is not this cluster (`local_cidrs`,
     /// `deliver_cidrs`) nor a service of this gateway on its tunnel address.
     BadDestination,
+    /// A handshake message from an address that sent more than its share
+    /// ([`super::sources`]), dropped before any DH work.
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Garbage,
         DropReason::UnknownPeer,
         DropReason::Replay,
@@ -72,6 +77,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::Oversized,
         DropReason::BadDestination,
+        DropReason::RateLimited,
     ];
 
     /// The label used in logs and metrics.
@@ -89,6 +95,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::Oversized => "oversized",
             DropReason::BadDestination => "bad_destination",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 
@@ -132,6 +139,8 @@ pub struct Identity {
     /// before the message reaches a `Tunn`; a second count inside boringtun could cross the
     /// threshold between the two checks and answer an unauthenticated handshake with a cookie.
     mac_checker: Arc<RateLimiter>,
+    /// A token bucket per source address, in front of the shared limiter.
+    pub(crate) sources: SourceLimiter,
 }
 
 impl Identity {
@@ -140,6 +149,7 @@ impl Identity {
         Identity {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             mac_checker: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            sources: SourceLimiter::default(),
             secret,
             public,
         }
@@ -307,6 +317,18 @@ impl PeerTable {
         let packet = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => return Err(Rejection::Drop(DropReason::Garbage)),
             Ok(packet @ (Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))) => {
+                // MAC1 first (anyone who knows our public key can make one, but nothing else
+                // can), then the sender's own bucket, then the shared limiter.
+                if identity
+                    .mac_checker
+                    .verify_packet(Some(src.ip()), datagram, out)
+                    .is_err()
+                {
+                    return Err(Rejection::Drop(DropReason::Garbage));
+                }
+                if !identity.sources.allow(src.ip(), Instant::now()) {
+                    return Err(Rejection::Drop(DropReason::RateLimited));
+                }
                 match identity
                     .rate_limiter
                     .verify_packet(Some(src.ip()), datagram, out)
@@ -454,6 +476,14 @@ mod tests {
     /// The receive slots' size for a 1420-byte tunnel (what the dataplane gives decapsulate).
     const SLOT: usize = 1420 + 256;
 
+    /// The `i`th of many attacker addresses (each has its own handshake bucket).
+    fn attacker(i: u32) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::from(std::net::Ipv4Addr::from(0xc633_6400u32 + i)),
+            4444,
+        )
+    }
+
     fn only_peer(table: &PeerTable) -> Arc<Peer> {
         table.peers().next().unwrap().clone()
     }
@@ -516,7 +546,7 @@ mod tests {
         let (mut dropped, mut cookies) = (0, 0);
         for i in 0..600 {
             let forged = if i % 3 == 0 { &b_response } else { &init };
-            match b.decapsulate(forged, addr(ATTACKER), &mut out) {
+            match b.decapsulate(forged, attacker(i), &mut out) {
                 Inbound::Drop(_) => dropped += 1,
                 Inbound::Reply(_, None) => cookies += 1,
                 Inbound::Reply(_, Some(_)) => panic!("replay {i} was processed as a handshake"),
@@ -542,8 +572,8 @@ mod tests {
         // Push B under load with replays of an initiation it has seen.
         let seen = initiation(&a);
         let _ = b.decapsulate(&seen, addr(A_ADDR), &mut out);
-        for _ in 0..(2 * HANDSHAKE_RATE_LIMIT) {
-            let _ = b.decapsulate(&seen, addr(ATTACKER), &mut out);
+        for i in 0..(2 * HANDSHAKE_RATE_LIMIT as u32) {
+            let _ = b.decapsulate(&seen, attacker(i), &mut out);
         }
         // A's next initiation gets a cookie reply, which the attacker delivers from its address.
         let init = initiation(&a);
@@ -557,6 +587,31 @@ mod tests {
             Inbound::Done
         ));
         assert_eq!(only_peer(&a).endpoint(), Some(addr(B_ADDR)));
+    }
+
+    /// Handshake messages from one address beyond its bucket are dropped before the DH step
+    /// and before they count against the shared limiter: the real peer's handshake still goes
+    /// through without a cookie round.
+    #[test]
+    fn one_address_flooding_handshakes_is_limited_alone() {
+        let (a, b) = connected_tables();
+        let mut out = vec![0u8; BUF];
+        let seen = initiation(&a);
+        let _ = b.decapsulate(&seen, addr(A_ADDR), &mut out);
+        let mut limited = 0;
+        for _ in 0..1000 {
+            if let Inbound::Drop(DropReason::RateLimited) =
+                b.decapsulate(&seen, addr(ATTACKER), &mut out)
+            {
+                limited += 1;
+            }
+        }
+        assert!(limited >= 990, "only {limited} of 1000 were limited");
+        let init = initiation(&a);
+        assert!(matches!(
+            b.decapsulate(&init, addr(A_ADDR), &mut out),
+            Inbound::Reply(_, Some(_))
+        ));
     }
 
     /// Every message type, far longer than a receive slot, for the live receiver index and a
