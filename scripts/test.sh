@@ -27,6 +27,8 @@ if [ "$(id -u)" -eq 0 ]; then
   MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
   # And of the DNS benchmark: dnsperf against meshd's responder and knot, same answers checked first.
   MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/dns-qps.sh --smoke
+  # And of the handshake flood: iperf3 alone and under 20,000 valid-MAC2 initiations a second.
+  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/handshake-flood.sh --smoke
 fi
 
 # The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).
