@@ -671,6 +671,11 @@ mod tests {
         let key_path = dir.path().join("private.key");
         let mut f = std::fs::File::create(&key_path).unwrap();
         writeln!(f, "{}", PrivateKey::generate().to_base64().as_str()).unwrap();
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Fixture { dir, key_path }
     }
 
@@ -789,6 +794,21 @@ mod tests {
         let text = err_text(load(&fx, ""));
         assert!(text.contains("private.key"), "{text}");
         assert!(text.contains("not a WireGuard key"), "{text}");
+    }
+
+    /// A key file that group or others can read is refused, with the chmod that fixes it.
+    #[test]
+    fn a_private_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let fx = fixture();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&fx.key_path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let text = err_text(load(&fx, ""));
+            assert!(text.contains("readable by group or others"), "{text}");
+            assert!(text.contains("chmod 600"), "{text}");
+        }
+        std::fs::set_permissions(&fx.key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(load(&fx, "").is_ok());
     }
 
     #[test]

@@ -641,6 +641,11 @@ mod tests {
         let key = PrivateKey::generate();
         let key_path = dir.path().join("m1.key");
         std::fs::write(&key_path, format!("{}\n", key.to_base64().as_str())).unwrap();
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Fixture { dir, key, key_path }
     }
 

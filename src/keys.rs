@@ -17,7 +17,9 @@ use zeroize::Zeroizing;
 pub enum KeyError {
     #[error("{what} is not a WireGuard key: expected 44 characters of base64 encoding 32 bytes (as `wg genkey` and `wg pubkey` write), found {found}")]
     Malformed { what: String, found: String },
-    #[error("cannot read {what} from {path}: {source}; create one with `meshctl genkey > {path}` (mode 0600)")]
+    #[error("the private key file {path} is readable by group or others (mode {mode:o}): run `chmod 600 {path}` (in Kubernetes, mount the Secret with mode 0400), then start again")]
+    Exposed { path: String, mode: u32 },
+    #[error("cannot read {what} from {path}: {source}; create one with `(umask 077; meshctl genkey > {path})`")]
     Unreadable {
         what: String,
         path: String,
@@ -124,9 +126,20 @@ impl PrivateKey {
         PrivateKey(Zeroizing::new(bytes))
     }
 
-    /// Reads a key file as `wg genkey` writes it (base64 and a newline).
+    /// Reads a key file as `wg genkey` writes it. The file must not be readable by group or
+    /// others (a key anyone on the node can read is no secret).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
         let what = format!("private key file {}", path.display());
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(KeyError::Exposed {
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+        }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
             KeyError::Unreadable {
                 what: "the private key".into(),

@@ -89,6 +89,7 @@ fn config_errors_exit_non_zero_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, stdout(&meshctl().arg("genkey").output().unwrap())).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cases = [
         ("private_key_file = \"/nonexistent\"\n", "/nonexistent"),
         ("listen_port = \"x\"\n", "listen_port"),

@@ -66,6 +66,7 @@ fn load_overlay(overlay: &str) -> Config {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("private.key");
     std::fs::write(&key, PrivateKey::generate().to_base64().as_str()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     file.private_key_file = Some(key);
     Config::from_parts(file, &ConfigArgs::default())
         .unwrap_or_else(|e| panic!("{}: {e}\n{toml}", path.display()))

@@ -39,6 +39,8 @@ fn configuration_reference_example_loads() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("private.key");
         std::fs::write(&key, PrivateKey::generate().to_base64().as_str()).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         assert_eq!(
             file.private_key_file.as_deref(),
             Some(Path::new("/etc/meshd/private.key"))
@@ -313,6 +315,11 @@ fn load_overlay_with(path: &Path, key: &PrivateKey, scratch: &Path) -> Config {
     let mut file = ConfigFile::parse(path, &toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     let key_path = scratch.join("mounted.key");
     std::fs::write(&key_path, key.to_base64().as_str()).unwrap();
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     file.private_key_file = Some(key_path);
     Config::from_parts(file, &ConfigArgs::default()).unwrap_or_else(|e| panic!("{e}\n{toml}"))
 }

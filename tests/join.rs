@@ -28,6 +28,7 @@ fn ok_stdout(out: &Output) -> String {
 fn genkey(dir: &Path, name: &str) -> (PathBuf, PrivateKey) {
     let path = dir.join(name);
     std::fs::write(&path, ok_stdout(&run(dir, &["genkey"]))).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let key = PrivateKey::from_file(&path).unwrap();
     (path, key)
 }
@@ -419,6 +420,11 @@ fn bad_input_exits_2_naming_the_flag() {
     assert!(!d.join("s.yaml").exists());
     // A key file that is not a key is described, never echoed.
     std::fs::write(d.join("bad.key"), "not-a-key\n").unwrap();
+    std::fs::set_permissions(
+        d.join("bad.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let out = run(
         d,
         &["secret", "--private-key-file", "bad.key", "--out", "s.yaml"],

@@ -570,3 +570,82 @@ fn gateways_reach_each_other_over_an_ipv6_underlay() {
     assert_eq!(lab.wg_dump(1)[1][2], "[fd00:192::2]:51820");
     assert_eq!(lab.wg_dump(2)[1][2], "[fd00:192::1]:51820");
 }
+
+/// `wg set IFACE fwmark N` marks the tunnel's UDP packets: with a policy rule that sends marked
+/// packets to a table where the peer is unreachable, the tunnel stops; with the mark cleared it
+/// carries traffic again.
+#[test]
+fn fwmark_set_with_wg_marks_the_tunnels_packets() {
+    if !root_or_skip("fwmark_set_with_wg_marks_the_tunnels_packets") {
+        return;
+    }
+    let lab = Lab::up("tf", "meshd", "meshd");
+    let iface = lab.iface(1);
+    assert!(lab.ping("m1pod", M2_POD));
+    lab.exec_ok(
+        "m1gw",
+        &["ip", "rule", "add", "fwmark", "0x51", "lookup", "51"],
+    );
+    lab.exec_ok(
+        "m1gw",
+        &[
+            "ip",
+            "route",
+            "add",
+            "unreachable",
+            M2_UNDERLAY,
+            "table",
+            "51",
+        ],
+    );
+    lab.exec_ok("m1gw", &["wg", "set", &iface, "fwmark", "0x51"]);
+    let shown = lab.exec_ok("m1gw", &["wg", "show", &iface, "fwmark"]);
+    assert_eq!(shown.trim(), "0x51");
+    assert!(
+        !lab.ping("m1pod", M2_POD),
+        "marked packets still reached the peer: the mark was not applied"
+    );
+    lab.exec_ok("m1gw", &["wg", "set", &iface, "fwmark", "0"]);
+    assert!(lab.ping("m1pod", M2_POD), "the tunnel did not recover");
+}
+
+/// A route for a peer's CIDR that already goes through another device is a conflict meshd
+/// refuses to start with (naming the route and the fix), not a route it counts as its own.
+#[test]
+fn a_route_through_another_device_is_a_conflict() {
+    if !root_or_skip("a_route_through_another_device_is_a_conflict") {
+        return;
+    }
+    let lab = Lab::up("tr", "meshd", "meshd");
+    lab.kill_meshd(1);
+    lab.exec_ok(
+        "m1gw",
+        &["ip", "route", "add", "10.245.0.0/16", "via", M2_UNDERLAY],
+    );
+    let config = lab.state.join("m1.toml");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("m1gw")])
+        .arg(env!("CARGO_BIN_EXE_meshd"))
+        .args(["--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("meshd kept running over a conflicting route");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("route 10.245.0.0/16 already goes through ul0"),
+        "{stderr}"
+    );
+}

@@ -130,10 +130,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// As `wg genkey` does: a key written to a file that group or others can read is no secret, and
+/// meshd will refuse it.
+fn warn_if_stdout_is_readable_by_others() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/1") else {
+        return;
+    };
+    if meta.file_type().is_file() && meta.mode() & 0o077 != 0 {
+        eprintln!(
+            "meshctl: warning: writing a private key to a file that group or others can read (mode {:o}); meshd refuses such a key file: run `(umask 077; meshctl genkey > FILE)` or chmod 600 it",
+            meta.mode() & 0o777
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match cli.command {
         Command::Genkey => {
+            warn_if_stdout_is_readable_by_others();
             let key = PrivateKey::generate();
             writeln!(stdout, "{}", key.to_base64().as_str())?;
         }

@@ -29,6 +29,10 @@ struct Cli {
 }
 
 fn main() {
+    // Everything meshd creates (the admin and UAPI sockets, their directories) is for root
+    // alone from the moment it exists, not after a chmod.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")

@@ -10,15 +10,23 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// A route change the kernel refused.
+/// A route that could not be put in place.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action} route {prefix} via {interface}: {source}")]
-pub struct RouteError {
-    action: &'static str,
-    prefix: IpNet,
-    interface: String,
-    #[source]
-    source: rtnetlink::Error,
+pub enum RouteError {
+    #[error("cannot {action} route {prefix} via {interface}: {source}")]
+    Kernel {
+        action: &'static str,
+        prefix: IpNet,
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("route {prefix} already goes through {other}, not {interface}: traffic for it would not enter the tunnel; remove that route (ip route del {prefix} dev {other}) or take {prefix} out of the peer's allowed CIDRs")]
+    Conflict {
+        prefix: IpNet,
+        interface: String,
+        other: String,
+    },
 }
 
 /// The routes meshd installed through its interface.
@@ -101,10 +109,26 @@ impl RouteTable {
                     tracing::info!(prefix = %prefix, interface = %self.interface, "route added")
                 }
                 Err(e) if is_exists(&e) => {
+                    let holders =
+                        self.holders(prefix)
+                            .await
+                            .map_err(|source| RouteError::Kernel {
+                                action: "look up",
+                                prefix,
+                                interface: self.interface.clone(),
+                                source,
+                            })?;
+                    if let Some(other) = holders.into_iter().find(|i| *i != self.ifindex) {
+                        return Err(RouteError::Conflict {
+                            prefix,
+                            interface: self.interface.clone(),
+                            other: interface_name(other),
+                        });
+                    }
                     tracing::info!(prefix = %prefix, "route already present")
                 }
                 Err(source) => {
-                    return Err(RouteError {
+                    return Err(RouteError::Kernel {
                         action: "add",
                         prefix,
                         interface: self.interface.clone(),
@@ -119,6 +143,28 @@ impl RouteTable {
 
     /// Lists the prefixes the kernel currently routes through our interface (for checks and tests).
     pub async fn present(&self) -> Result<Vec<IpNet>, rtnetlink::Error> {
+        Ok(self
+            .routes()
+            .await?
+            .into_iter()
+            .filter(|(_, oif)| *oif == Some(self.ifindex))
+            .map(|(net, _)| net)
+            .collect())
+    }
+
+    /// The interfaces of the main table's routes for exactly `prefix`.
+    async fn holders(&self, prefix: IpNet) -> Result<Vec<u32>, rtnetlink::Error> {
+        Ok(self
+            .routes()
+            .await?
+            .into_iter()
+            .filter(|(net, _)| *net == prefix)
+            .map(|(_, oif)| oif.unwrap_or(0))
+            .collect())
+    }
+
+    /// Every route of the main table, both families: its prefix and output interface.
+    async fn routes(&self) -> Result<Vec<(IpNet, Option<u32>)>, rtnetlink::Error> {
         let mut found = Vec::new();
         for family in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -127,13 +173,14 @@ impl RouteTable {
             let mut routes = self.handle.route().get(family).execute();
             while let Some(route) = routes.try_next().await? {
                 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+                if route.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+                {
+                    continue;
+                }
                 let oif = route.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(i) => Some(*i),
                     _ => None,
                 });
-                if oif != Some(self.ifindex) {
-                    continue;
-                }
                 let len = route.header.destination_prefix_length;
                 let net = route.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
@@ -144,11 +191,23 @@ impl RouteTable {
                     }
                     _ => None,
                 });
-                found.extend(net);
+                found.extend(net.map(|n| (n, oif)));
             }
         }
         Ok(found)
     }
+}
+
+/// An interface's name for messages (its index when it has none, e.g. a blackhole route's 0).
+fn interface_name(index: u32) -> String {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if name.is_null() {
+        return format!("interface #{index} (or no interface: a blackhole or unreachable route)");
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 /// The MTU of the underlay: the interface holding the IPv4 default route, or else the smallest MTU

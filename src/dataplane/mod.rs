@@ -110,6 +110,8 @@ pub enum ApplyError {
     Thread(&'static str, io::Error),
     #[error("cannot set up the TUN device's queues (non-blocking mode, extra queues): {0}")]
     TunMode(io::Error),
+    #[error("cannot set fwmark {mark:#x} on the WireGuard socket (SO_MARK needs CAP_NET_ADMIN): {source}")]
+    Mark { mark: u32, source: io::Error },
 }
 
 /// What [`Dataplane::apply`] reconciles against.
@@ -274,8 +276,18 @@ impl Dataplane {
         if spec.listen_port == 0 {
             spec.listen_port = current_port;
         }
+        let mark = |port: &UdpPort| {
+            port.set_mark(spec.fwmark)
+                .map_err(|source| ApplyError::Mark {
+                    mark: spec.fwmark,
+                    source,
+                })
+        };
         if spec.listen_port != current_port {
             let port = Arc::new(UdpPort::bind(spec.listen_port)?);
+            if spec.fwmark != 0 {
+                mark(&port)?;
+            }
             self.spawn_rx(port.clone())?;
             let old = self.udp.swap(port);
             old.close();
@@ -284,6 +296,9 @@ impl Dataplane {
                 new = spec.listen_port,
                 "listen port changed"
             );
+        } else if spec.fwmark != running.spec.fwmark {
+            mark(&self.udp.load())?;
+            tracing::info!(fwmark = spec.fwmark, "fwmark set on the WireGuard socket");
         }
 
         let identity_changed = spec.private_key != running.spec.private_key;

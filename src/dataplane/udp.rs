@@ -114,6 +114,12 @@ impl UdpPort {
         self.port
     }
 
+    /// Marks every datagram sent from now on with `mark` (`SO_MARK`, 0 for none), for policy
+    /// routing (`wg set IFACE fwmark N`). Needs CAP_NET_ADMIN.
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_mark(mark)
+    }
+
     /// Marks the port as replaced: its receive loop ends at its next wake-up.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);

@@ -274,12 +274,15 @@ pub async fn fetch(
     })?;
     match status {
         200 => {
-            let tag = header(&raw, "etag").ok_or_else(|| {
-                fail(
-                    SyncFailure::Malformed,
-                    format!("{to} sent a catalog without an ETag"),
-                )
-            })?;
+            // The tag goes back in our next request: printable ASCII only.
+            let tag = header(&raw, "etag")
+                .filter(|t| t.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| {
+                    fail(
+                        SyncFailure::Malformed,
+                        format!("{to} sent a catalog without a valid ETag"),
+                    )
+                })?;
             Ok(Answer::Changed(
                 accept_catalog(peer, body)?,
                 tag.to_string(),
@@ -289,7 +292,7 @@ pub async fn fetch(
         other => Err(fail(
             SyncFailure::Refused,
             format!(
-                "{to} answered {other}: {}",
+                "{to} answered {other}: {:?}",
                 String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
             ),
         )),
