@@ -174,9 +174,11 @@ wait_for() {  # port: until the server answers dns-version TXT (30 s: valgrind s
 
 # Arguments: a command to run the server under (taskset ..., valgrind ...), or none. Not through
 # a function's $(...): $! must be the server's PID (ip netns exec, taskset and valgrind exec).
+# Response-rate limiting off, as knot runs without it: dnsperf asks each name many times a second
+# from one address, which is what RRL exists to hold back.
 start_meshd() {
   ip netns exec "$ns" "$@" "$meshd_bin" --interface "$dev" --cluster "$cluster" \
-    --exports-file "$state/exports.toml" --dns-listen "127.0.0.1:$meshd_port" \
+    --exports-file "$state/exports.toml" --dns-listen "127.0.0.1:$meshd_port" --dns-rate-limit 0 \
     --metrics-listen off --health-listen off --admin-socket "$state/admin.sock" \
     >"$state/meshd.log" 2>&1 &
   meshd_pid=$!

@@ -56,6 +56,7 @@ pub struct ConfigFile {
     pub kubernetes: Option<bool>,
     pub dns_listen: Option<String>,
     pub dns_ttl: Option<u32>,
+    pub dns_rate_limit: Option<u32>,
     pub discovery_port: Option<u16>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
@@ -137,6 +138,9 @@ pub struct ConfigArgs {
     /// TTL of DNS answers in seconds [default: 5].
     #[arg(long, env = "MESHD_DNS_TTL")]
     pub dns_ttl: Option<u32>,
+    /// Identical UDP answers a second to one client prefix before response-rate limiting [default: 20]; 0 turns it off.
+    #[arg(long, env = "MESHD_DNS_RATE_LIMIT")]
+    pub dns_rate_limit: Option<u32>,
     /// Port on the tunnel address for the catalog sync (TCP) and the health probe (UDP) [default: 51821].
     #[arg(long, env = "MESHD_DISCOVERY_PORT")]
     pub discovery_port: Option<u16>,
@@ -225,6 +229,8 @@ pub struct Config {
     /// `None`: the DNS responder is off.
     pub dns_listen: Option<SocketAddr>,
     pub dns_ttl: u32,
+    /// Identical UDP answers a second per client prefix; 0: no response-rate limiting.
+    pub dns_rate_limit: u32,
     pub discovery_port: u16,
     pub peers: Vec<PeerConfig>,
 }
@@ -647,6 +653,10 @@ impl Config {
             kubernetes,
             dns_listen,
             dns_ttl,
+            dns_rate_limit: args
+                .dns_rate_limit
+                .or(file.dns_rate_limit)
+                .unwrap_or(crate::dns::rrl::DEFAULT_PER_SECOND),
             discovery_port: args
                 .discovery_port
                 .or(file.discovery_port)

@@ -143,6 +143,16 @@ impl Collector for DnsCollector {
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
+        let mut family = encoder.encode_descriptor(
+            "meshd_dns_rate_limited",
+            "UDP answers held back by response-rate limiting: sent truncated (slip) or not sent (drop).",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        let (slipped, dropped) = self.counters.limited();
+        for (action, count) in [("slip", slipped), ("drop", dropped)] {
+            ConstCounter::new(count).encode(family.encode_family(&[("action", action)])?)?;
+        }
         Ok(())
     }
 }

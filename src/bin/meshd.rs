@@ -265,9 +265,15 @@ async fn control_plane(
 
     let mut dns_task = match config.dns_listen {
         Some(addr) => {
-            let (mut server, local) =
-                dns::serve(addr, view.clone(), config.dns_ttl, dns_counters.clone()).await?;
-            tracing::info!(listen = %local, ttl = config.dns_ttl, "clusterset.local DNS responder is up");
+            let (mut server, local) = dns::serve(
+                addr,
+                view.clone(),
+                config.dns_ttl,
+                config.dns_rate_limit,
+                dns_counters.clone(),
+            )
+            .await?;
+            tracing::info!(listen = %local, ttl = config.dns_ttl, rate_limit = config.dns_rate_limit, "clusterset.local DNS responder is up");
             tokio::spawn(async move { server.block_until_done().await })
         }
         None => tokio::spawn(futures::future::pending()),
@@ -398,9 +404,10 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) -> Optio
         || config.tx_threads != running.tx_threads
         || config.dns_listen != running.dns_listen
         || config.dns_ttl != running.dns_ttl
+        || config.dns_rate_limit != running.dns_rate_limit
     {
         tracing::warn!(
-            "SIGHUP: interface, tunnel_address, mtu, offload, tx_threads, dns_listen and dns_ttl changes take effect only after a restart"
+            "SIGHUP: interface, tunnel_address, mtu, offload, tx_threads, dns_listen, dns_ttl and dns_rate_limit changes take effect only after a restart"
         );
     }
     match controller.apply(spec_from_config(&config)) {

@@ -10,6 +10,7 @@
 //! Every query is counted in [`QueryCounters`]; nothing is logged per query above debug.
 
 use super::answer::{answer, Answer, Rcode, RecordData, Snapshot, ZONE};
+use super::rrl::{ResponseRateLimiter, Verdict};
 use super::{QueryCounters, QueryRcode, QueryType};
 use crate::discovery::ClustersetView;
 use arc_swap::{ArcSwap, Guard};
@@ -17,6 +18,7 @@ use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCo
 use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub struct ClustersetResponder {
     ttl: u32,
     counters: Arc<QueryCounters>,
     zone: Name,
+    /// Response-rate limiting of UDP answers.
+    rrl: ResponseRateLimiter,
 }
 
 /// What goes into one reply, before encoding.
@@ -55,8 +59,14 @@ impl Reply {
 }
 
 impl ClustersetResponder {
-    /// A responder reading `view` on every query; answers carry `ttl` seconds.
-    pub fn new(view: Arc<ArcSwap<ClustersetView>>, ttl: u32, counters: Arc<QueryCounters>) -> Self {
+    /// A responder reading `view` on every query; answers carry `ttl` seconds; UDP answers are
+    /// rate-limited to `rate_limit` identical ones a second per client prefix (0: not limited).
+    pub fn new(
+        view: Arc<ArcSwap<ClustersetView>>,
+        ttl: u32,
+        rate_limit: u32,
+        counters: Arc<QueryCounters>,
+    ) -> Self {
         let zone = Name::from_ascii(ZONE).unwrap_or_else(|_| Name::root());
         let snapshot = ArcSwap::from_pointee(Snapshot::new(view.load_full()));
         ClustersetResponder {
@@ -65,6 +75,7 @@ impl ClustersetResponder {
             ttl,
             counters,
             zone,
+            rrl: ResponseRateLimiter::new(rate_limit),
         }
     }
 
@@ -169,6 +180,24 @@ fn soa_record(zone: &Name, ttl: u32, serial: u32) -> Record {
     )
 }
 
+impl ClustersetResponder {
+    /// UDP answers to one question pass response-rate limiting; TCP ones always go.
+    fn rate_limit(&self, request: &Request) -> Verdict {
+        if request.protocol() != Protocol::Udp {
+            return Verdict::Send;
+        }
+        match request.request_info() {
+            Ok(info) => self.rrl.check(
+                request.src().ip(),
+                info.query.name(),
+                info.query.query_type(),
+                std::time::Instant::now(),
+            ),
+            Err(_) => Verdict::Send,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for ClustersetResponder {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -182,10 +211,26 @@ impl RequestHandler for ClustersetResponder {
             edns.set_version(0);
             edns
         });
-        let (qtype, reply) = self.reply(request);
+        let (qtype, mut reply) = self.reply(request);
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = reply.authoritative;
         metadata.response_code = reply.rcode;
+        match self.rate_limit(request) {
+            Verdict::Send => {}
+            Verdict::Slip => {
+                self.counters.count_limited(true);
+                metadata.truncation = true;
+                reply.answers.clear();
+                reply.soa = None;
+            }
+            Verdict::Drop => {
+                self.counters.count_limited(false);
+                return ResponseInfo::from(Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                });
+            }
+        }
         let rcode = QueryRcode::of(reply.rcode);
         let response = MessageResponseBuilder::new(&request.queries, response_edns.as_ref()).build(
             metadata,
@@ -271,6 +316,7 @@ mod tests {
                 "127.0.0.1:0".parse().unwrap(),
                 view.clone(),
                 5,
+                crate::dns::rrl::DEFAULT_PER_SECOND,
                 counters.clone(),
             ))
             .unwrap();
@@ -480,5 +526,35 @@ mod tests {
         assert_eq!(good().answers.len(), 1);
         assert_eq!(dns.counters.get(QueryType::Other, QueryRcode::FormErr), 2);
         assert_eq!(dns.counters.get(QueryType::Txt, QueryRcode::NotImp), 1);
+    }
+
+    /// A flood of one question over UDP from one address (as a spoofed-source amplification
+    /// would aim it at a victim): 20 full answers, then every second one truncated and the
+    /// rest unsent, all counted; TCP still gets the full answer.
+    #[test]
+    fn identical_udp_answers_are_rate_limited_and_tcp_is_not() {
+        let dns = start(view(3));
+        let q = query("many.demo.svc.clusterset.local.", RecordType::A, None);
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        for _ in 0..100 {
+            s.send_to(&q.to_vec().unwrap(), dns.addr).unwrap();
+        }
+        let (mut full, mut truncated) = (0, 0);
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = s.recv(&mut buf) {
+            let reply = Message::from_vec(&buf[..n]).unwrap();
+            if reply.metadata.truncation {
+                assert!(reply.answers.is_empty());
+                truncated += 1;
+            } else {
+                assert_eq!(reply.answers.len(), 3);
+                full += 1;
+            }
+        }
+        assert_eq!((full, truncated), (20, 40));
+        assert_eq!(dns.counters.limited(), (40, 40));
+        assert_eq!(tcp(dns.addr, &q).answers.len(), 3);
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod answer;
 pub mod handler;
+pub mod rrl;
 
 use crate::discovery::ClustersetView;
 use arc_swap::ArcSwap;
@@ -132,9 +133,31 @@ impl QueryRcode {
 #[derive(Debug, Default)]
 pub struct QueryCounters {
     counts: [[AtomicU64; QueryRcode::ALL.len()]; QueryType::ALL.len()],
+    /// Answers held back by response-rate limiting: sent truncated, and not sent
+    /// (`meshd_dns_rate_limited_total`).
+    slipped: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl QueryCounters {
+    /// Counts an answer that response-rate limiting sent truncated (`slipped`) or not at all.
+    pub fn count_limited(&self, slipped: bool) {
+        let counter = if slipped {
+            &self.slipped
+        } else {
+            &self.dropped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers sent truncated and answers not sent by response-rate limiting.
+    pub fn limited(&self) -> (u64, u64) {
+        (
+            self.slipped.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn count(&self, qtype: QueryType, rcode: QueryRcode) {
         self.counts[qtype as usize][rcode as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -157,12 +180,14 @@ pub enum DnsError {
 }
 
 /// Binds `listen` (UDP and TCP on the same port; port 0 picks one) and returns the running server
-/// and its address; it answers from `view` until dropped. Await `block_until_done` on the server
-/// to learn if a listener dies.
+/// and its address; it answers from `view` until dropped, UDP answers rate-limited to
+/// `rate_limit` identical ones a second per client prefix ([`rrl`]; 0: off). Await
+/// `block_until_done` on the server to learn if a listener dies.
 pub async fn serve(
     listen: SocketAddr,
     view: Arc<ArcSwap<ClustersetView>>,
     ttl: u32,
+    rate_limit: u32,
     counters: Arc<QueryCounters>,
 ) -> Result<(Server<ClustersetResponder>, SocketAddr), DnsError> {
     let bind_error = |proto| {
@@ -179,7 +204,7 @@ pub async fn serve(
     let tcp = tokio::net::TcpListener::bind(local)
         .await
         .map_err(bind_error("tcp"))?;
-    let mut server = Server::new(ClustersetResponder::new(view, ttl, counters));
+    let mut server = Server::new(ClustersetResponder::new(view, ttl, rate_limit, counters));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
     Ok((server, local))

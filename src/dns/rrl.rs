@@ -1,0 +1,189 @@
+//! Response-rate limiting for DNS over UDP, as authoritative servers do (BIND's RRL).
+//!
+//! meshd's responder listens on node addresses. Over UDP the source address is not proven, so a
+//! sender can aim the answers at someone else: a flood of identical queries with a victim's
+//! address turns the responder into an amplifier. The limiter counts identical answers (same
+//! name, same type) per client prefix (/24 for IPv4, /56 for IPv6) and allows a configured number
+//! a second ([`DEFAULT_PER_SECOND`]). Past that, every [`SLIP`]th answer goes out truncated (TC set, no records), so that a
+//! real client asks again over TCP, and the rest is not sent. TCP is never limited: its source is
+//! proven by the handshake. A resolver in front of meshd (the cluster's CoreDNS) caches answers
+//! for their TTL and so asks the same question far less often than the limit.
+
+use hickory_proto::rr::{LowerName, RecordType};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// Identical answers a second to one client prefix, unless configured (`dns_rate_limit`).
+pub const DEFAULT_PER_SECOND: u32 = 20;
+/// Every this many limited answers, one is sent truncated instead of dropped.
+pub const SLIP: u32 = 2;
+/// Entries tracked at once; beyond it, the oldest are forgotten first.
+const MAX_ENTRIES: usize = 65_536;
+
+/// What to do with one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// Send it truncated: TC set, no records (the client may ask over TCP).
+    Slip,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    started: Instant,
+    answers: u32,
+    limited: u32,
+}
+
+/// The limiter's state: answer counts per (client prefix, name, type) in one-second windows.
+#[derive(Debug)]
+pub struct ResponseRateLimiter {
+    per_second: u32,
+    windows: Mutex<HashMap<(IpAddr, LowerName, RecordType), Window>>,
+}
+
+/// The client's prefix: /24 for IPv4, /56 for IPv6 (one site); IPv4-mapped addresses as IPv4.
+fn prefix(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => prefix(IpAddr::V4(v4)),
+            None => IpAddr::V6((u128::from(v6) & (u128::MAX << 72)).into()),
+        },
+    }
+}
+
+impl ResponseRateLimiter {
+    /// A limiter allowing `per_second` identical answers to a prefix; 0 allows everything.
+    pub fn new(per_second: u32) -> Self {
+        ResponseRateLimiter {
+            per_second,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Decides the answer to `client` about `name`/`qtype` at `now`.
+    pub fn check(
+        &self,
+        client: IpAddr,
+        name: &LowerName,
+        qtype: RecordType,
+        now: Instant,
+    ) -> Verdict {
+        if self.per_second == 0 {
+            return Verdict::Send;
+        }
+        let mut windows = self.windows.lock();
+        if windows.len() >= MAX_ENTRIES {
+            windows
+                .retain(|_, w| now.saturating_duration_since(w.started) < Duration::from_secs(1));
+            if windows.len() >= MAX_ENTRIES {
+                // Every entry is live: a flood of distinct questions. Answer, as without state.
+                return Verdict::Send;
+            }
+        }
+        let window = windows
+            .entry((prefix(client), name.clone(), qtype))
+            .or_insert(Window {
+                started: now,
+                answers: 0,
+                limited: 0,
+            });
+        if now.saturating_duration_since(window.started) >= Duration::from_secs(1) {
+            *window = Window {
+                started: now,
+                answers: 0,
+                limited: 0,
+            };
+        }
+        window.answers += 1;
+        if window.answers <= self.per_second {
+            return Verdict::Send;
+        }
+        window.limited += 1;
+        if window.limited % SLIP == 0 {
+            Verdict::Slip
+        } else {
+            Verdict::Drop
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::Name;
+
+    fn name(s: &str) -> LowerName {
+        LowerName::new(&Name::from_ascii(s).unwrap())
+    }
+
+    fn verdicts(
+        l: &ResponseRateLimiter,
+        client: &str,
+        q: &str,
+        at: Instant,
+        n: usize,
+    ) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for _ in 0..n {
+            let i = match l.check(client.parse().unwrap(), &name(q), RecordType::A, at) {
+                Verdict::Send => 0,
+                Verdict::Slip => 1,
+                Verdict::Drop => 2,
+            };
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn identical_answers_to_one_prefix_are_limited_with_slip() {
+        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let t0 = Instant::now();
+        assert_eq!(
+            verdicts(&l, "192.0.2.7", "web.demo.svc.clusterset.local.", t0, 1000),
+            [20, 490, 490]
+        );
+        // Same /24, same question: the same window.
+        assert_eq!(
+            verdicts(&l, "192.0.2.200", "web.demo.svc.clusterset.local.", t0, 10),
+            [0, 5, 5]
+        );
+        // Another question, or another prefix: its own.
+        assert_eq!(
+            verdicts(&l, "192.0.2.7", "db.demo.svc.clusterset.local.", t0, 10),
+            [10, 0, 0]
+        );
+        assert_eq!(
+            verdicts(&l, "198.51.100.7", "web.demo.svc.clusterset.local.", t0, 10),
+            [10, 0, 0]
+        );
+        // A second later, the window starts over.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            verdicts(&l, "192.0.2.7", "web.demo.svc.clusterset.local.", t1, 20),
+            [20, 0, 0]
+        );
+    }
+
+    #[test]
+    fn zero_turns_it_off() {
+        let l = ResponseRateLimiter::new(0);
+        let t0 = Instant::now();
+        assert_eq!(verdicts(&l, "192.0.2.7", "web.", t0, 1000), [1000, 0, 0]);
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_56() {
+        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let t0 = Instant::now();
+        let sent: usize = (0..40)
+            .map(|i| verdicts(&l, &format!("2001:db8:0:{i:x}::1"), "web.", t0, 1)[0])
+            .sum();
+        assert_eq!(sent, 20);
+    }
+}
