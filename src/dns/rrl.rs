@@ -104,7 +104,7 @@ impl ResponseRateLimiter {
             return Verdict::Send;
         }
         window.limited += 1;
-        if window.limited % SLIP == 0 {
+        if window.limited.is_multiple_of(SLIP) {
             Verdict::Slip
         } else {
             Verdict::Drop
