@@ -711,6 +711,49 @@ mod tests {
         assert_eq!(hub.build().clusters[1].catalog, Arc::new(catalog()));
     }
 
+    /// A peer whose catalog changes on every request (a new generation each time): it is asked
+    /// at most once a second, not as fast as it answers.
+    #[tokio::test]
+    async fn a_peer_that_keeps_changing_is_asked_at_most_once_a_second() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.7:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicU64::new(0));
+        let counter = asked.clone();
+        let app = axum::Router::new().route(
+            "/v1/catalog",
+            axum::routing::get(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    let c = ExportCatalog {
+                        generation: n,
+                        ..catalog()
+                    };
+                    ([(header::ETAG, format!("\"a-{n}\""))], axum::Json(c)).into_response()
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let prober = Prober::new(port, vec![]);
+        let hub = Clusterset::new("m1", prober.clone());
+        let peer = SyncPeer {
+            tunnel_address: "127.0.0.7".parse().unwrap(),
+            ..peer()
+        };
+        let task = tokio::spawn(follow_peer(
+            hub,
+            prober,
+            SyncErrors::default(),
+            "127.0.0.8".parse().unwrap(),
+            port,
+            peer,
+        ));
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        task.abort();
+        let n = asked.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&n), "asked {n} times in 3.5 s");
+    }
+
     /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
     /// is held and answered as soon as it changes, and a stranger is refused.
     #[tokio::test]
