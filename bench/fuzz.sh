@@ -46,8 +46,8 @@ for t in "${targets[@]}"; do
     result="CRASH (input in fuzz/artifacts/$t/; log $log)"
     failed=1
   fi
-  execs=$(awk -F: '/stat::average_exec_per_sec/ {gsub(/ /, "", $2); print $2}' "$log")
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+  execs=$(awk '/stat::average_exec_per_sec/ {print $NF}' "$log")
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
   printf '%-12s %8s %10s %8s %s\n' "$t" "$seconds" "${execs:--}" "${cov:--}" "$result"
   [ "$result" = ok ] && rm -f "$log"
 done

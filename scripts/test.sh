@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on Debian:
 # installs the packages it needs when missing, checks formatting and lints, smoke-runs the lab
-# throughput and DNS benchmarks, validates the Kubernetes manifests offline (deploy/validate.sh),
+# throughput, DNS and handshake-flood benchmarks and of each fuzz target, validates the
+# Kubernetes manifests offline (deploy/validate.sh),
 # then runs every test (unit, CLI, lab end-to-end, deploy configs, benchmark smoke runs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,4 +39,6 @@ deploy/validate.sh
 # it, then the unit, CLI and lab tests.
 cargo test --bench hot_path
 bench/hot-path.sh --smoke
+# Ten seconds of coverage-guided fuzzing per parser fed from the network (nightly, cargo-fuzz).
+bench/fuzz.sh --smoke
 cargo test --lib --bins --tests

@@ -120,12 +120,16 @@ fn fix_tcp_checksum(packet: &mut [u8], tcp_start: usize) {
     packet[tcp_start + 16..tcp_start + 18].copy_from_slice(&checksum.to_be_bytes());
 }
 
-/// Whether a TCP segment's checksum is right (for tests and checks).
+/// Whether a TCP segment's checksum is right (for tests and checks); false for anything that is
+/// not an IPv4 or IPv6 packet with room for its headers.
 pub fn tcp_checksum_ok(packet: &[u8]) -> bool {
-    let (tcp_start, pseudo_src) = if packet[0] >> 4 == 4 {
-        (usize::from(packet[0] & 0x0f) * 4, &packet[12..20])
-    } else {
-        (40, &packet[8..40])
+    let (tcp_start, pseudo_src) = match packet.first().map(|b| b >> 4) {
+        Some(4) => (usize::from(packet[0] & 0x0f) * 4, packet.get(12..20)),
+        Some(6) => (40, packet.get(8..40)),
+        _ => return false,
+    };
+    let Some(pseudo_src) = pseudo_src.filter(|_| packet.len() >= tcp_start) else {
+        return false;
     };
     let tcp_len = packet.len() - tcp_start;
     let pseudo = sum16(pseudo_src, u32::from(TCP) + tcp_len as u32);
@@ -135,6 +139,21 @@ pub fn tcp_checksum_ok(packet: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the mss_clamp fuzz target: an empty or truncated packet is no valid segment,
+    /// not a panic.
+    #[test]
+    fn checksum_check_of_garbage_is_false() {
+        for bad in [
+            &[][..],
+            &[0x45][..],
+            &[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 6][..],
+            &[0x60; 39][..],
+            &[0x4f; 30][..],
+        ] {
+            assert!(!tcp_checksum_ok(bad), "{bad:?}");
+        }
+    }
 
     fn clamp(packet: &mut [u8], mtu: u16) -> bool {
         clamp_with(packet, |_| mtu)
