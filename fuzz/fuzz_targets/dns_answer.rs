@@ -44,16 +44,36 @@ fn snapshot() -> &'static Snapshot {
             cluster: "m1".into(),
             generation: 1,
             services: vec![
-                service("web", ServiceType::ClusterSetIP, &["10.96.0.10", "fd00:96::10"], &["10.244.1.10"]),
-                service("db", ServiceType::Headless, &[], &["10.244.1.20", "10.244.1.21"]),
+                service(
+                    "web",
+                    ServiceType::ClusterSetIP,
+                    &["10.96.0.10", "fd00:96::10"],
+                    &["10.244.1.10"],
+                ),
+                service(
+                    "db",
+                    ServiceType::Headless,
+                    &[],
+                    &["10.244.1.20", "10.244.1.21"],
+                ),
             ],
         };
         let remote = ExportCatalog {
             cluster: "m2".into(),
             generation: 1,
             services: vec![
-                service("web", ServiceType::ClusterSetIP, &["10.97.0.10"], &["10.245.1.10"]),
-                service("db", ServiceType::Headless, &[], &["10.245.1.20", "fd00:245::20"]),
+                service(
+                    "web",
+                    ServiceType::ClusterSetIP,
+                    &["10.97.0.10"],
+                    &["10.245.1.10"],
+                ),
+                service(
+                    "db",
+                    ServiceType::Headless,
+                    &[],
+                    &["10.245.1.20", "fd00:245::20"],
+                ),
             ],
         };
         let remotes = BTreeMap::from([(
