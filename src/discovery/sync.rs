@@ -10,11 +10,13 @@
 //! anyone else); since the request arrives through WireGuard, whose cryptokey routing only lets
 //! a peer send from its allowed CIDRs, the address proves which peer is asking.
 //!
-//! The client side ([`follow_peer`]) connects from our own tunnel address. A catalog is taken
-//! only when it is at most [`MAX_CATALOG_BYTES`], parses, passes [`ExportCatalog::check`], names
-//! the peer's cluster, and hands out only addresses inside the peer's allowed CIDRs (anything
-//! else would route nowhere, or into another cluster). A refused catalog is logged, counted in
-//! `meshd_catalog_sync_errors_total{peer,reason}`, and the last good one stays.
+//! The client side ([`follow_peer`]) connects from our own tunnel address, at most once a second
+//! per peer. A catalog is taken only when it is at most [`MAX_CATALOG_BYTES`], parses, names the
+//! peer's cluster and passes [`ExportCatalog::check_outline`]; a refused catalog is logged,
+//! counted in `meshd_catalog_sync_errors_total{peer,reason}`, and the last good one stays. Inside
+//! a taken catalog, a service that fails [`ExportedService::check`](super::catalog::ExportedService::check)
+//! or hands out an address outside the peer's allowed CIDRs (it would route nowhere, or into
+//! another cluster) is quarantined: left out, logged and counted, and the others are taken.
 
 use super::catalog::ExportCatalog;
 use super::clusterset::Clusterset;
