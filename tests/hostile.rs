@@ -144,7 +144,7 @@ fn a_peer_reaches_this_cluster_and_nothing_else_of_the_gateway() {
     if !root_or_skip("a_peer_reaches_this_cluster_and_nothing_else_of_the_gateway") {
         return;
     }
-    let lab = Lab::up("th", "meshd", "meshd");
+    let lab = Lab::up("tj", "meshd", "meshd");
     // M1's gateway node has a LAN side too, and something listening on every address.
     lab.exec_ok(
         "m1gw",
@@ -225,7 +225,7 @@ fn probes_are_answered_while_2000_slow_clients_hold_sockets() {
         return;
     }
     raise_fd_limit();
-    let lab = Lab::up("ts", "meshd", "meshd");
+    let lab = Lab::up("tl", "meshd", "meshd");
     let slow = in_netns(&lab.ns("m1gw"), || {
         use std::io::Write;
         let mut held = Vec::new();

@@ -616,7 +616,7 @@ fn a_route_through_another_device_is_a_conflict() {
     if !root_or_skip("a_route_through_another_device_is_a_conflict") {
         return;
     }
-    let lab = Lab::up("tr", "meshd", "meshd");
+    let lab = Lab::up("tc", "meshd", "meshd");
     lab.kill_meshd(1);
     lab.exec_ok(
         "m1gw",

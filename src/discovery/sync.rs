@@ -314,12 +314,14 @@ pub async fn follow_peer(
 ) {
     let mut known: Option<String> = None;
     let mut probes = prober.changes();
-    let mut last_fetch: Option<tokio::time::Instant> = None;
+    // After a new catalog, the next request waits until a second has passed since the last
+    // one began; a failure has its own pause, and a probe change (a peer came up) asks at once.
+    let mut not_before: Option<tokio::time::Instant> = None;
     loop {
-        if let Some(last) = last_fetch {
-            tokio::time::sleep_until(last + MIN_FETCH_INTERVAL).await;
+        if let Some(at) = not_before.take() {
+            tokio::time::sleep_until(at).await;
         }
-        last_fetch = Some(tokio::time::Instant::now());
+        let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
             r = fetch(local, &peer, port, known.as_deref()) => r,
             _ = probes.changed() => continue,
@@ -339,6 +341,7 @@ pub async fn follow_peer(
                 }
                 known = Some(tag);
                 hub.remote_answered(&peer.name, Some(catalog));
+                not_before = Some(started + MIN_FETCH_INTERVAL);
                 continue;
             }
             Ok(Answer::Unchanged) => {
