@@ -579,7 +579,7 @@ fn fwmark_set_with_wg_marks_the_tunnels_packets() {
     if !root_or_skip("fwmark_set_with_wg_marks_the_tunnels_packets") {
         return;
     }
-    let lab = Lab::up("tf", "meshd", "meshd");
+    let lab = Lab::up("ty", "meshd", "meshd");
     let iface = lab.iface(1);
     assert!(lab.ping("m1pod", M2_POD));
     lab.exec_ok(
@@ -616,7 +616,7 @@ fn a_route_through_another_device_is_a_conflict() {
     if !root_or_skip("a_route_through_another_device_is_a_conflict") {
         return;
     }
-    let lab = Lab::up("tc", "meshd", "meshd");
+    let lab = Lab::up("tk", "meshd", "meshd");
     lab.kill_meshd(1);
     lab.exec_ok(
         "m1gw",
