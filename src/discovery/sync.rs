@@ -651,50 +651,69 @@ mod tests {
         }
     }
 
-    /// A peer that sends a good catalog, then garbage: the garbage is counted and logged, and
-    /// the good catalog stays in the view.
-    #[tokio::test]
-    async fn a_bad_catalog_is_counted_and_the_last_good_one_stays() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.5:0").await.unwrap();
+    /// A follower of a fake peer at `ip` (from `ip` + 1) whose catalog server answers its `n`th
+    /// request (from 0) with `answer(n)`: the hub, the error counters, the follower's task and
+    /// how many requests the server has had.
+    async fn follow_fake_peer(
+        ip: [u8; 4],
+        answer: fn(u64) -> Response,
+    ) -> (
+        Arc<Clusterset>,
+        SyncErrors,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let addr = IpAddr::from(ip);
+        let listener = tokio::net::TcpListener::bind((addr, 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let asked = Arc::new(AtomicUsize::new(0));
+        let asked = Arc::new(AtomicU64::new(0));
         let counter = asked.clone();
         let app = axum::Router::new().route(
             "/v1/catalog",
             axum::routing::get(move || {
                 let n = counter.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if n == 0 {
-                        ([(header::ETAG, "\"a-3\"")], axum::Json(catalog())).into_response()
-                    } else {
-                        ([(header::ETAG, "\"a-4\"")], "{\"cluster\": 42}").into_response()
-                    }
-                }
+                async move { answer(n) }
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
         let m2 = crate::discovery::probe::ProbeTarget {
             name: "m2".into(),
             key: crate::keys::PrivateKey::generate().public_key(),
-            addr: "127.0.0.5".parse().unwrap(),
+            addr,
         };
         let prober = Prober::new(port, vec![]);
         let hub = Clusterset::new("m1", prober.clone());
         hub.set_peers(&[m2]);
         let errors = SyncErrors::default();
         let peer = SyncPeer {
-            tunnel_address: "127.0.0.5".parse().unwrap(),
+            tunnel_address: addr,
             ..peer()
         };
+        let local = IpAddr::from([ip[0], ip[1], ip[2], ip[3] + 1]);
         let task = tokio::spawn(follow_peer(
             hub.clone(),
             prober,
             errors.clone(),
-            "127.0.0.6".parse().unwrap(),
+            local,
             port,
             peer,
         ));
+        (hub, errors, task, asked)
+    }
+
+    /// A peer that sends a good catalog, then garbage: the garbage is counted and logged, and
+    /// the good catalog stays in the view.
+    #[tokio::test]
+    async fn a_bad_catalog_is_counted_and_the_last_good_one_stays() {
+        let (hub, errors, task, _) = follow_fake_peer([127, 0, 0, 5], |n| {
+            if n == 0 {
+                ([(header::ETAG, "\"a-3\"")], axum::Json(catalog())).into_response()
+            } else {
+                ([(header::ETAG, "\"a-4\"")], "{\"cluster\": 42}").into_response()
+            }
+        })
+        .await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while errors.get("m2", SyncFailure::Malformed) == 0 {
             assert!(
@@ -720,42 +739,17 @@ mod tests {
     /// at most once a second, not as fast as it answers.
     #[tokio::test]
     async fn a_peer_that_keeps_changing_is_asked_at_most_once_a_second() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.7:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let asked = Arc::new(AtomicU64::new(0));
-        let counter = asked.clone();
-        let app = axum::Router::new().route(
-            "/v1/catalog",
-            axum::routing::get(move || {
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    let c = ExportCatalog {
-                        generation: n,
-                        ..catalog()
-                    };
-                    ([(header::ETAG, format!("\"a-{n}\""))], axum::Json(c)).into_response()
-                }
-            }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let prober = Prober::new(port, vec![]);
-        let hub = Clusterset::new("m1", prober.clone());
-        let peer = SyncPeer {
-            tunnel_address: "127.0.0.7".parse().unwrap(),
-            ..peer()
-        };
-        let task = tokio::spawn(follow_peer(
-            hub,
-            prober,
-            SyncErrors::default(),
-            "127.0.0.8".parse().unwrap(),
-            port,
-            peer,
-        ));
+        let (_, _, task, asked) = follow_fake_peer([127, 0, 0, 7], |n| {
+            let c = ExportCatalog {
+                generation: n + 1,
+                ..catalog()
+            };
+            ([(header::ETAG, format!("\"a-{}\"", n + 1))], axum::Json(c)).into_response()
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(3500)).await;
         task.abort();
-        let n = asked.load(Ordering::SeqCst);
+        let n = asked.load(std::sync::atomic::Ordering::SeqCst);
         assert!((2..=4).contains(&n), "asked {n} times in 3.5 s");
     }
 

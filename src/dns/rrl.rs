@@ -144,24 +144,22 @@ mod tests {
     fn identical_answers_to_one_prefix_are_limited_with_slip() {
         let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
         let t0 = Instant::now();
-        assert_eq!(
-            verdicts(&l, "192.0.2.7", "web.demo.svc.clusterset.local.", t0, 1000),
-            [20, 490, 490]
-        );
-        // Same /24, same question: the same window.
-        assert_eq!(
-            verdicts(&l, "192.0.2.200", "web.demo.svc.clusterset.local.", t0, 10),
-            [0, 5, 5]
-        );
-        // Another question, or another prefix: its own.
-        assert_eq!(
-            verdicts(&l, "192.0.2.7", "db.demo.svc.clusterset.local.", t0, 10),
-            [10, 0, 0]
-        );
-        assert_eq!(
-            verdicts(&l, "198.51.100.7", "web.demo.svc.clusterset.local.", t0, 10),
-            [10, 0, 0]
-        );
+        let web = "web.demo.svc.clusterset.local.";
+        let cases = [
+            ("192.0.2.7", web, 1000, [20, 490, 490]),
+            // Same /24, same question: the same window.
+            ("192.0.2.200", web, 10, [0, 5, 5]),
+            // Another question, or another prefix: its own.
+            ("192.0.2.7", "db.demo.svc.clusterset.local.", 10, [10, 0, 0]),
+            ("198.51.100.7", web, 10, [10, 0, 0]),
+        ];
+        for (client, question, n, want) in cases {
+            assert_eq!(
+                verdicts(&l, client, question, t0, n),
+                want,
+                "{client} {question}"
+            );
+        }
         // A second later, the window starts over.
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(
