@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_PER_SECOND: u32 = 20;
 /// Every this many limited answers, one is sent truncated instead of dropped.
 pub const SLIP: u32 = 2;
-/// Entries tracked at once; beyond it, the oldest are forgotten first.
+/// Entries tracked at once. A new one beyond it first sweeps out the windows that have ended (at
+/// most once a second); while every entry is live, new questions are answered untracked.
 const MAX_ENTRIES: usize = 65_536;
+/// How long a window counts answers.
+const WINDOW: Duration = Duration::from_secs(1);
 
 /// What to do with one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +45,14 @@ struct Window {
 #[derive(Debug)]
 pub struct ResponseRateLimiter {
     per_second: u32,
-    windows: Mutex<HashMap<(IpAddr, LowerName, RecordType), Window>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    windows: HashMap<(IpAddr, LowerName, RecordType), Window>,
+    /// When ended windows were last swept out of a full table.
+    swept: Instant,
 }
 
 /// The client's prefix: /24 for IPv4, /56 for IPv6 (one site); IPv4-mapped addresses as IPv4.
@@ -61,7 +71,10 @@ impl ResponseRateLimiter {
     pub fn new(per_second: u32) -> Self {
         ResponseRateLimiter {
             per_second,
-            windows: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                windows: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -76,23 +89,27 @@ impl ResponseRateLimiter {
         if self.per_second == 0 {
             return Verdict::Send;
         }
-        let mut windows = self.windows.lock();
-        if windows.len() >= MAX_ENTRIES {
-            windows
-                .retain(|_, w| now.saturating_duration_since(w.started) < Duration::from_secs(1));
-            if windows.len() >= MAX_ENTRIES {
-                // Every entry is live: a flood of distinct questions. Answer, as without state.
+        let mut state = self.state.lock();
+        let key = (prefix(client), name.clone(), qtype);
+        // A question already tracked is always counted, so a table filled with other questions
+        // lets no tracked flood through; only a new one may find the table full.
+        if state.windows.len() >= MAX_ENTRIES && !state.windows.contains_key(&key) {
+            if now.saturating_duration_since(state.swept) >= WINDOW {
+                state.swept = now;
+                state
+                    .windows
+                    .retain(|_, w| now.saturating_duration_since(w.started) < WINDOW);
+            }
+            if state.windows.len() >= MAX_ENTRIES {
                 return Verdict::Send;
             }
         }
-        let window = windows
-            .entry((prefix(client), name.clone(), qtype))
-            .or_insert(Window {
-                started: now,
-                answers: 0,
-                limited: 0,
-            });
-        if now.saturating_duration_since(window.started) >= Duration::from_secs(1) {
+        let window = state.windows.entry(key).or_insert(Window {
+            started: now,
+            answers: 0,
+            limited: 0,
+        });
+        if now.saturating_duration_since(window.started) >= WINDOW {
             *window = Window {
                 started: now,
                 answers: 0,
@@ -183,5 +200,23 @@ mod tests {
             .map(|i| verdicts(&l, &format!("2001:db8:0:{i:x}::1"), "web.", t0, 1)[0])
             .sum();
         assert_eq!(sent, 20);
+    }
+
+    /// A table filled with distinct questions (a flood of random names) neither lets a tracked
+    /// question's flood through nor grows past its bound; a second later the ended windows go.
+    #[test]
+    fn a_full_table_still_limits_what_it_tracks() {
+        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let t0 = Instant::now();
+        assert_eq!(verdicts(&l, "192.0.2.7", "web.", t0, 20), [20, 0, 0]);
+        for i in 0..MAX_ENTRIES {
+            let client = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + (i as u32) * 256));
+            l.check(client, &name("x."), RecordType::A, t0);
+        }
+        assert_eq!(l.state.lock().windows.len(), MAX_ENTRIES);
+        assert_eq!(verdicts(&l, "192.0.2.7", "web.", t0, 10), [0, 5, 5]);
+        let t1 = t0 + WINDOW;
+        assert_eq!(verdicts(&l, "198.51.100.7", "web.", t1, 1), [1, 0, 0]);
+        assert_eq!(l.state.lock().windows.len(), 1);
     }
 }
