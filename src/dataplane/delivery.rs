@@ -148,10 +148,11 @@ fn destination(packet: &[u8]) -> Option<(IpAddr, Transport)> {
             let dst = <[u8; 4]>::try_from(packet.get(16..20)?).ok()?;
             let header = usize::from(packet[0] & 0x0f) * 4;
             let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
-            let payload = (fragment_offset == 0)
-                .then(|| packet.get(header..))
-                .flatten();
-            let protocol = if fragment_offset == 0 { packet[9] } else { 0 };
+            // A later fragment shows no ports, and a header shorter than IPv4's 20 bytes would
+            // have its "ports" read from the IP header itself: neither reaches a service.
+            let whole = fragment_offset == 0 && header >= 20;
+            let payload = whole.then(|| packet.get(header..)).flatten();
+            let protocol = if whole { packet[9] } else { 0 };
             Some((IpAddr::from(dst), transport(protocol, payload)))
         }
         6 => {
@@ -243,6 +244,10 @@ mod tests {
         assert!(!f.allows(&v4([100, 64, 0, 1], TCP, 51821, 8)));
         assert!(!f.allows(&v6("fd00:245::10", TCP, 80)));
         assert!(!f.allows(&[0x45, 0, 0]));
+        // A header length below 5 words: the "ports" would be the IP header's own bytes.
+        let mut short = v4([100, 64, 0, 1], ICMP, 51821, 0);
+        short[0] = 0x40;
+        assert!(!f.allows(&short));
     }
 
     #[test]
