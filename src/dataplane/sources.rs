@@ -49,16 +49,15 @@ fn key(addr: IpAddr) -> IpAddr {
 impl SourceLimiter {
     /// True when a handshake message from `addr` may be processed now.
     pub fn allow(&self, addr: IpAddr, now: Instant) -> bool {
+        let key = key(addr);
         let mut buckets = self.buckets.lock();
-        let full = buckets.len() >= MAX_SOURCES;
-        let bucket = match buckets.get_mut(&key(addr)) {
-            Some(bucket) => bucket,
-            None if full => return false,
-            None => buckets.entry(key(addr)).or_insert(Bucket {
-                credit: BURST * COST,
-                last: now,
-            }),
-        };
+        if buckets.len() >= MAX_SOURCES && !buckets.contains_key(&key) {
+            return false;
+        }
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            credit: BURST * COST,
+            last: now,
+        });
         let refill = now.saturating_duration_since(bucket.last).as_nanos();
         bucket.credit = (u128::from(bucket.credit) + refill).min(u128::from(BURST * COST)) as u64;
         bucket.last = now;
