@@ -49,8 +49,8 @@ impl Limits {
 #[derive(Default)]
 struct Occupancy {
     next_id: u64,
-    /// Open connections by admission order: the client, and how to close the connection.
-    open: BTreeMap<u64, (IpAddr, Arc<Notify>)>,
+    /// Open connections by admission order, each with how to close it.
+    open: BTreeMap<u64, Arc<Notify>>,
     by_client: HashMap<IpAddr, usize>,
 }
 
@@ -85,14 +85,14 @@ fn admit(occupancy: &Arc<Mutex<Occupancy>>, client: IpAddr, limits: &Limits) -> 
         return None;
     }
     if o.open.len() >= limits.connections {
-        if let Some((_, (_, oldest))) = o.open.pop_first() {
+        if let Some((_, oldest)) = o.open.pop_first() {
             oldest.notify_one();
         }
     }
     let id = o.next_id;
     o.next_id += 1;
     let evicted = Arc::new(Notify::new());
-    o.open.insert(id, (client, evicted.clone()));
+    o.open.insert(id, evicted.clone());
     o.by_client.insert(client, mine + 1);
     Some(Admitted {
         occupancy: occupancy.clone(),
