@@ -21,3 +21,4 @@ pub mod dns;
 pub mod http;
 pub mod join;
 pub mod keys;
+pub mod listener;

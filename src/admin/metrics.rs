@@ -286,5 +286,5 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std
             }
         }),
     );
-    crate::http::serve(listener, app, crate::http::Limits::PROBES, "metrics").await
+    crate::http::serve(listener, app, crate::listener::Limits::PROBES, "metrics").await
 }

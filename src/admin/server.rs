@@ -263,7 +263,7 @@ pub async fn serve_health(
     crate::http::serve(
         listener,
         health_router(health),
-        crate::http::Limits::PROBES,
+        crate::listener::Limits::PROBES,
         "health",
     )
     .await

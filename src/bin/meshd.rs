@@ -265,7 +265,7 @@ async fn control_plane(
 
     let mut dns_task = match config.dns_listen {
         Some(addr) => {
-            let (mut server, local) = dns::serve(
+            let (server, local) = dns::serve(
                 addr,
                 view.clone(),
                 config.dns_ttl,
@@ -274,7 +274,7 @@ async fn control_plane(
             )
             .await?;
             tracing::info!(listen = %local, ttl = config.dns_ttl, rate_limit = config.dns_rate_limit, "clusterset.local DNS responder is up");
-            tokio::spawn(async move { server.block_until_done().await })
+            tokio::spawn(server.run())
         }
         None => tokio::spawn(futures::future::pending()),
     };

@@ -500,10 +500,10 @@ pub async fn serve(
 
 /// The catalog sync port's limits: a few peers, each with one long-poll (held
 /// [`HOLD`]) at a time.
-const SYNC_LIMITS: crate::http::Limits = crate::http::Limits {
+const SYNC_LIMITS: crate::listener::Limits = crate::listener::Limits {
     connections: 64,
     per_client: 4,
-    header_timeout: Duration::from_secs(5),
+    request_timeout: Duration::from_secs(5),
     connection_lifetime: Duration::from_secs(60),
 };
 

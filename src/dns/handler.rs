@@ -320,10 +320,7 @@ mod tests {
                 counters.clone(),
             ))
             .unwrap();
-        runtime.spawn(async move {
-            let mut server = server;
-            server.block_until_done().await
-        });
+        runtime.spawn(server.run());
         Running {
             addr,
             counters,

@@ -4,7 +4,8 @@
 //! Three layers, as in hickory-dns: [`answer`] is the answer logic, a pure function over a
 //! [`ClustersetView`] snapshot indexed by service name; [`handler`] is the hickory-server
 //! [`RequestHandler`] that reads the view from an `ArcSwap`, indexes it once per view and encodes
-//! replies; [`serve`] binds UDP and TCP and runs hickory's [`Server`]. The responder knows nothing
+//! replies; [`serve`] binds UDP and TCP, runs hickory's [`Server`] on UDP and our own [`tcp`]
+//! listener (with connection limits) on TCP. The responder knows nothing
 //! of Kubernetes: whoever owns the catalogs (today `meshd` with the static exports file) stores a
 //! new view and the next query sees it.
 //!
@@ -13,24 +14,22 @@
 pub mod answer;
 pub mod handler;
 pub mod rrl;
+pub mod tcp;
 
 use crate::discovery::ClustersetView;
 use arc_swap::ArcSwap;
 use handler::ClustersetResponder;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::Server;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Default TTL of answers, in seconds: short, so a failover shows within seconds.
 pub const DEFAULT_TTL: u32 = 5;
-/// How long a TCP client may stay silent before its connection is closed.
-const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Replies queued per TCP connection.
-const TCP_RESPONSE_BUFFER: usize = 32;
 
 /// The query types counted by name; everything else is `other` (bounded label cardinality).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,19 +176,21 @@ pub enum DnsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the DNS responder's {proto} listener stopped: {reason}; meshd exits so that the kubelet restarts it")]
+    Stopped { proto: &'static str, reason: String },
 }
 
 /// Binds `listen` (UDP and TCP on the same port; port 0 picks one) and returns the running server
 /// and its address; it answers from `view` until dropped, UDP answers rate-limited to
-/// `rate_limit` identical ones a second per client prefix ([`rrl`]; 0: off). Await
-/// `block_until_done` on the server to learn if a listener dies.
+/// `rate_limit` identical ones a second per client prefix ([`rrl`]; 0: off), TCP connections
+/// within [`tcp::LIMITS`]. Await [`DnsServer::run`] to learn if a listener dies.
 pub async fn serve(
     listen: SocketAddr,
     view: Arc<ArcSwap<ClustersetView>>,
     ttl: u32,
     rate_limit: u32,
     counters: Arc<QueryCounters>,
-) -> Result<(Server<ClustersetResponder>, SocketAddr), DnsError> {
+) -> Result<(DnsServer, SocketAddr), DnsError> {
     let bind_error = |proto| {
         move |source| DnsError::Bind {
             addr: listen,
@@ -204,8 +205,50 @@ pub async fn serve(
     let tcp = tokio::net::TcpListener::bind(local)
         .await
         .map_err(bind_error("tcp"))?;
-    let mut server = Server::new(ClustersetResponder::new(view, ttl, rate_limit, counters));
+    let responder = Arc::new(ClustersetResponder::new(view, ttl, rate_limit, counters));
+    let mut server = Server::new(Shared(responder.clone()));
     server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-    Ok((server, local))
+    let tcp = tokio::spawn(tcp::serve(tcp, responder, tcp::LIMITS));
+    Ok((DnsServer { udp: server, tcp }, local))
+}
+
+/// The running responder: hickory's UDP server and our TCP listener.
+pub struct DnsServer {
+    udp: Server<Shared>,
+    tcp: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl DnsServer {
+    /// Serves until a listener stops, and says which and why.
+    pub async fn run(mut self) -> Result<(), DnsError> {
+        let stopped = tokio::select! {
+            udp = self.udp.block_until_done() => ("udp", udp.err().map(|e| e.to_string())),
+            tcp = &mut self.tcp => ("tcp", match tcp {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("the task ended: {e}")),
+            }),
+        };
+        self.tcp.abort();
+        Err(DnsError::Stopped {
+            proto: stopped.0,
+            reason: stopped.1.unwrap_or_else(|| "it stopped".into()),
+        })
+    }
+}
+
+/// The responder as hickory's UDP server holds it, shared with the TCP listener.
+struct Shared(Arc<ClustersetResponder>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
 }
