@@ -28,17 +28,17 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-fn wg_available() -> bool {
-    let found = Command::new("wg").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: `wg` (wireguard-tools) is not installed; scripts/test.sh installs it");
-    }
-    found
+fn wg_available(test: &str) -> bool {
+    Command::new("wg").arg("--version").output().is_ok()
+        || support::skip(
+            test,
+            "`wg` (wireguard-tools) is not installed; scripts/test.sh installs it",
+        )
 }
 
 #[test]
 fn keys_are_compatible_with_wg_both_ways() {
-    if !wg_available() {
+    if !wg_available("keys_are_compatible_with_wg_both_ways") {
         return;
     }
     for _ in 0..5 {

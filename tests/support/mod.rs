@@ -18,17 +18,27 @@ pub const M2_POD: &str = "10.245.1.10";
 pub const M1_UNDERLAY: &str = "192.0.2.1";
 pub const M2_UNDERLAY: &str = "192.0.2.2";
 
-/// True when the test may build labs; otherwise says why the test is skipped.
+/// True when the test may build labs; otherwise the test is skipped ([`skip`]).
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        true
-    } else {
-        eprintln!(
-            "SKIPPED {test}: needs root (network namespaces, TUN devices); run the suite as root"
-        );
-        false
+    let root = unsafe { libc::geteuid() } == 0;
+    root || skip(
+        test,
+        "needs root (network namespaces, TUN devices); run the suite as root",
+    )
+}
+
+/// Skips `test` for `why`: says so on the terminal (past the test harness's output capture, so
+/// a passing run still shows it), or fails the test when `MESHD_NO_SKIP` is set, as
+/// scripts/test.sh sets it when run as root, so that a green suite always exercised the lab.
+/// Returns false, for `if !... { return; }`.
+pub fn skip(test: &str, why: &str) -> bool {
+    if std::env::var_os("MESHD_NO_SKIP").is_some_and(|v| !v.is_empty()) {
+        panic!("{test} would be skipped ({why}), and MESHD_NO_SKIP is set: nothing may be skipped in this run");
     }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    false
 }
 
 pub fn repo_root() -> PathBuf {
