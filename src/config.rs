@@ -501,14 +501,14 @@ impl Config {
             .admin_socket
             .clone()
             .or(file.admin_socket)
-            .unwrap_or_else(|| PathBuf::from(crate::admin::api::DEFAULT_ADMIN_SOCKET));
+            .unwrap_or_else(|| PathBuf::from(crate::defaults::ADMIN_SOCKET));
         if admin_socket.as_os_str().is_empty() || admin_socket.is_dir() {
             return Err(field(
                 "admin_socket",
                 format!(
                     "'{}' is not a socket path; write a file path such as {}",
                     admin_socket.display(),
-                    crate::admin::api::DEFAULT_ADMIN_SOCKET
+                    crate::defaults::ADMIN_SOCKET
                 ),
             ));
         }
@@ -529,11 +529,11 @@ impl Config {
         let dns_ttl = args
             .dns_ttl
             .or(file.dns_ttl)
-            .unwrap_or(crate::dns::DEFAULT_TTL);
+            .unwrap_or(crate::defaults::DNS_TTL);
         if dns_ttl > MAX_DNS_TTL {
             return Err(field(
                 "dns_ttl",
-                format!("{dns_ttl} s is above the maximum of {MAX_DNS_TTL} s; keep it short (default {}) so answers follow failovers", crate::dns::DEFAULT_TTL),
+                format!("{dns_ttl} s is above the maximum of {MAX_DNS_TTL} s; keep it short (default {}) so answers follow failovers", crate::defaults::DNS_TTL),
             ));
         }
 
@@ -656,7 +656,7 @@ impl Config {
             dns_rate_limit: args
                 .dns_rate_limit
                 .or(file.dns_rate_limit)
-                .unwrap_or(crate::dns::rrl::DEFAULT_PER_SECOND),
+                .unwrap_or(crate::defaults::DNS_RATE_LIMIT),
             discovery_port: args
                 .discovery_port
                 .or(file.discovery_port)

@@ -492,3 +492,19 @@ fn links_between_the_docs_resolve() {
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
+
+/// The module graph in docs/architecture.md is the code's, and it has no cycle.
+#[test]
+fn module_graph_is_current_and_acyclic() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/module-graph.py"))
+        .arg("--check")
+        .output()
+        .expect("python3 runs scripts/module-graph.py (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -12,9 +12,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Default path of meshd's admin socket.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshd/meshd.sock";
-
 /// WireGuard's REJECT_AFTER_TIME: session keys older than this are refused, so a peer whose last
 /// handshake is older has no usable session (a live peer rekeys every 120 s while in use).
 pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);

@@ -1,18 +1,18 @@
-//! A minimal, blocking client for meshd's admin API, for meshctl and the tests.
-//!
-//! One HTTP/1.0 `GET` per connection over the Unix socket (the server closes it after the
-//! answer), so no HTTP library is needed on the client side. Errors say which socket was tried
-//! and what to do.
+//! A blocking client for meshd's admin API, for meshctl and the tests: one `GET` per connection
+//! over the Unix socket, with [`crate::http::client`] on a runtime of its own. Errors say which
+//! socket was tried and what to do.
 
 use super::api::{ErrorBody, ExportsResponse, PeersResponse, StatusView};
+use crate::http::client::HttpError;
 use serde::de::DeserializeOwned;
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long a request may take before meshd is presumed stuck.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer taken (the exports of a large clusterset fit many times over).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Why the admin API could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -71,21 +71,33 @@ impl AdminClient {
             path: self.path.clone(),
             source,
         };
-        let mut stream = UnixStream::connect(&self.path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ClientError::NotFound(self.path.clone()),
-            io::ErrorKind::PermissionDenied => ClientError::Permission(self.path.clone()),
-            io::ErrorKind::ConnectionRefused => ClientError::Refused(self.path.clone()),
-            _ => io_err(e),
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_err)?;
+        let answer = runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.path)
+                .await
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => ClientError::NotFound(self.path.clone()),
+                    io::ErrorKind::PermissionDenied => ClientError::Permission(self.path.clone()),
+                    io::ErrorKind::ConnectionRefused => ClientError::Refused(self.path.clone()),
+                    _ => io_err(e),
+                })?;
+            crate::http::client::get(stream, "meshd", target, &[], MAX_ANSWER_BYTES, TIMEOUT)
+                .await
+                .map_err(|e| match e {
+                    HttpError::Timeout(_) => io_err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {TIMEOUT:?}"),
+                    )),
+                    other => ClientError::Malformed {
+                        path: self.path.clone(),
+                        problem: other.to_string(),
+                    },
+                })
         })?;
-        stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-        stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
-        write!(stream, "GET {target} HTTP/1.0\r\nHost: meshd\r\n\r\n").map_err(io_err)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(io_err)?;
-        let (status, body) = split_response(&raw).ok_or_else(|| ClientError::Malformed {
-            path: self.path.clone(),
-            problem: "not an HTTP response".into(),
-        })?;
+        let (status, body) = (answer.status, &answer.body[..]);
         if status != 200 {
             let message = serde_json::from_slice::<ErrorBody>(body)
                 .map(|e| e.error)
@@ -103,31 +115,9 @@ impl AdminClient {
     }
 }
 
-/// The status code and body of a complete HTTP/1.x response.
-pub(crate) fn split_response(raw: &[u8]) -> Option<(u16, &[u8])> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let status_line = head.lines().next()?;
-    let mut parts = status_line.split_whitespace();
-    if !parts.next()?.starts_with("HTTP/1.") {
-        return None;
-    }
-    let status = parts.next()?.parse().ok()?;
-    Some((status, &raw[end + 4..]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_split_into_status_and_body() {
-        let raw =
-            b"HTTP/1.0 404 Not Found\r\ncontent-type: application/json\r\n\r\n{\"error\":\"x\"}";
-        assert_eq!(split_response(raw), Some((404, &b"{\"error\":\"x\"}"[..])));
-        assert_eq!(split_response(b"garbage"), None);
-        assert_eq!(split_response(b"SSH-2.0 x\r\n\r\n"), None);
-    }
 
     #[test]
     fn a_missing_socket_names_the_path_and_the_fix() {

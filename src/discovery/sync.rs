@@ -21,6 +21,7 @@
 use super::catalog::ExportCatalog;
 use super::clusterset::Clusterset;
 use super::probe::Prober;
+use crate::http::client::HttpError;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +33,6 @@ use prometheus_client::registry::Registry;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// How long the server holds a request for an unchanged catalog.
@@ -199,18 +199,6 @@ pub enum Answer {
     Unchanged,
 }
 
-/// The value of header `name` in a raw HTTP response's head.
-fn header<'a>(raw: &'a [u8], name: &str) -> Option<&'a str> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    std::str::from_utf8(&raw[..end])
-        .ok()?
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-}
-
 /// Asks `peer` once for its catalog, from `local` (our tunnel address); with `known`, the tag
 /// of the catalog we have, the peer holds the request while that is still current.
 pub async fn fetch(
@@ -234,7 +222,7 @@ pub async fn fetch(
     socket
         .bind(SocketAddr::new(local, 0))
         .map_err(unreachable)?;
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
         .await
         .map_err(|_| {
             unreachable(std::io::Error::new(
@@ -243,41 +231,36 @@ pub async fn fetch(
             ))
         })?
         .map_err(unreachable)?;
-    let exchange = async {
-        let condition = known
-            .map(|tag| format!("If-None-Match: {tag}\r\n"))
-            .unwrap_or_default();
-        stream
-            .write_all(
-                format!("GET /v1/catalog HTTP/1.0\r\nHost: {to}\r\n{condition}\r\n").as_bytes(),
-            )
-            .await?;
-        let mut raw = Vec::new();
-        (&mut stream)
-            .take(MAX_CATALOG_BYTES as u64 + 4096)
-            .read_to_end(&mut raw)
-            .await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(ANSWER_TIMEOUT, exchange)
-        .await
-        .map_err(|_| {
-            unreachable(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer",
-            ))
-        })?
-        .map_err(unreachable)?;
-    let (status, body) = crate::admin::client::split_response(&raw).ok_or_else(|| {
-        fail(
+    let condition = known.map(|tag| [("if-none-match", tag)]);
+    let answer = crate::http::client::get(
+        stream,
+        &to.to_string(),
+        "/v1/catalog",
+        condition.as_ref().map_or(&[][..], |c| &c[..]),
+        MAX_CATALOG_BYTES,
+        ANSWER_TIMEOUT,
+    )
+    .await
+    .map_err(|e| match e {
+        HttpError::Timeout(_) => unreachable(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer",
+        )),
+        HttpError::TooLarge(_) => fail(
+            SyncFailure::Oversized,
+            format!("{to} sent a catalog over the {MAX_CATALOG_BYTES}-byte limit"),
+        ),
+        HttpError::Protocol(_) | HttpError::Header { .. } => fail(
             SyncFailure::Malformed,
-            format!("{to} did not answer HTTP (is something else on discovery_port?)"),
-        )
+            format!("{to} did not answer HTTP (is something else on discovery_port?): {e}"),
+        ),
     })?;
+    let (status, body) = (answer.status, &answer.body[..]);
     match status {
         200 => {
             // The tag goes back in our next request: printable ASCII only.
-            let tag = header(&raw, "etag")
+            let tag = answer
+                .header("etag")
                 .filter(|t| t.bytes().all(|b| b.is_ascii_graphic()))
                 .ok_or_else(|| {
                     fail(

@@ -316,7 +316,7 @@ mod tests {
                 "127.0.0.1:0".parse().unwrap(),
                 view.clone(),
                 5,
-                crate::dns::rrl::DEFAULT_PER_SECOND,
+                crate::defaults::DNS_RATE_LIMIT,
                 counters.clone(),
             ))
             .unwrap();

@@ -28,9 +28,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Default TTL of answers, in seconds: short, so a failover shows within seconds.
-pub const DEFAULT_TTL: u32 = 5;
-
 /// The query types counted by name; everything else is `other` (bounded label cardinality).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueryType {

@@ -4,7 +4,7 @@
 //! sender can aim the answers at someone else: a flood of identical queries with a victim's
 //! address turns the responder into an amplifier. The limiter counts identical answers (same
 //! name, same type) per client prefix (/24 for IPv4, /56 for IPv6) and allows a configured number
-//! a second ([`DEFAULT_PER_SECOND`]). Past that, every [`SLIP`]th answer goes out truncated (TC set, no records), so that a
+//! a second ([`crate::defaults::DNS_RATE_LIMIT`]). Past that, every [`SLIP`]th answer goes out truncated (TC set, no records), so that a
 //! real client asks again over TCP, and the rest is not sent. TCP is never limited: its source is
 //! proven by the handshake. A resolver in front of meshd (the cluster's CoreDNS) caches answers
 //! for their TTL and so asks the same question far less often than the limit.
@@ -15,8 +15,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Identical answers a second to one client prefix, unless configured (`dns_rate_limit`).
-pub const DEFAULT_PER_SECOND: u32 = 20;
 /// Every this many limited answers, one is sent truncated instead of dropped.
 pub const SLIP: u32 = 2;
 /// Entries tracked at once. A new one beyond it first sweeps out the windows that have ended (at
@@ -159,7 +157,7 @@ mod tests {
 
     #[test]
     fn identical_answers_to_one_prefix_are_limited_with_slip() {
-        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let l = ResponseRateLimiter::new(crate::defaults::DNS_RATE_LIMIT);
         let t0 = Instant::now();
         let web = "web.demo.svc.clusterset.local.";
         let cases = [
@@ -194,7 +192,7 @@ mod tests {
 
     #[test]
     fn ipv6_clients_share_their_56() {
-        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let l = ResponseRateLimiter::new(crate::defaults::DNS_RATE_LIMIT);
         let t0 = Instant::now();
         let sent: usize = (0..40)
             .map(|i| verdicts(&l, &format!("2001:db8:0:{i:x}::1"), "web.", t0, 1)[0])
@@ -206,7 +204,7 @@ mod tests {
     /// question's flood through nor grows past its bound; a second later the ended windows go.
     #[test]
     fn a_full_table_still_limits_what_it_tracks() {
-        let l = ResponseRateLimiter::new(DEFAULT_PER_SECOND);
+        let l = ResponseRateLimiter::new(crate::defaults::DNS_RATE_LIMIT);
         let t0 = Instant::now();
         assert_eq!(verdicts(&l, "192.0.2.7", "web.", t0, 20), [20, 0, 0]);
         for i in 0..MAX_ENTRIES {

@@ -1,17 +1,21 @@
 //! meshctl: the command line for meshd: keys, joining clusters (`meshctl stanza`,
-//! `meshctl secret`, `meshctl check-config`; the logic is in `meshd::join`), and what a
+//! `meshctl secret`, `meshctl check-config`; the logic is in `join.rs` beside this file), and what a
 //! running meshd serves on its admin socket: peers, exports, DNS explanations, diagnostics
 //! (docs/meshctl.md).
 
+mod diagnose;
+mod join;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use diagnose::Outcome;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use meshd::admin::api::{ExportsResponse, PeerState, PeerView, DEFAULT_ADMIN_SOCKET};
+use join::{CheckConfigArgs, JoinError, SecretArgs, StanzaArgs};
+use meshd::admin::api::{ExportsResponse, PeerState, PeerView};
 use meshd::admin::client::AdminClient;
-use meshd::diagnose::{self, Outcome};
+use meshd::defaults::ADMIN_SOCKET;
 use meshd::discovery::catalog::ServiceType;
-use meshd::join::{self, CheckConfigArgs, JoinError, SecretArgs, StanzaArgs};
 use meshd::keys::PrivateKey;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -66,7 +70,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct SocketArgs {
     /// meshd's admin socket (its admin_socket setting).
-    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = ADMIN_SOCKET)]
     socket: PathBuf,
 }
 
@@ -99,7 +103,7 @@ struct ResolveArgs {
 #[derive(Debug, clap::Args)]
 struct PeersArgs {
     /// meshd's admin socket (its admin_socket setting).
-    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, env = "MESHD_ADMIN_SOCKET", default_value = ADMIN_SOCKET)]
     socket: PathBuf,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]

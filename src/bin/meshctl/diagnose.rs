@@ -4,14 +4,13 @@
 //! the kernel's routes, a DNS answer, a `/metrics` scrape), so each can be tested alone; the
 //! gathering is the small I/O part at the bottom. Every failing check says what to do.
 
-use crate::admin::api::{ExportsResponse, PeerState, PeerView, StatusView, REJECT_AFTER_TIME};
-use crate::config::{check_overlaps, TUNNEL_OVERHEAD};
-use crate::discovery::catalog::{ClustersetView, ServiceType};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use ipnet::IpNet;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use meshd::admin::api::{ExportsResponse, PeerState, PeerView, StatusView, REJECT_AFTER_TIME};
+use meshd::config::{check_overlaps, TUNNEL_OVERHEAD};
+use meshd::discovery::catalog::{ClustersetView, ServiceType};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -390,23 +389,35 @@ fn rand_id() -> u16 {
 /// `GET /metrics` from `addr` (a wildcard address means loopback).
 pub fn scrape(listen: &str) -> Result<String, String> {
     let addr = listen_target("metrics_listen", listen)?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("cannot connect to /metrics on {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .map_err(|e| format!("cannot ask {addr}: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("no answer from {addr}: {e}"))?;
-    match crate::admin::client::split_response(&raw) {
-        Some((200, body)) => Ok(String::from_utf8_lossy(body).into_owned()),
-        Some((code, _)) => Err(format!("/metrics on {addr} answered {code}")),
-        None => Err(format!("{addr} did not answer HTTP")),
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start an I/O runtime: {e}"))?;
+    let answer = runtime.block_on(async {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("cannot connect to /metrics on {addr}: timed out"))?
+                .map_err(|e| format!("cannot connect to /metrics on {addr}: {e}"))?;
+        meshd::http::client::get(
+            stream,
+            &addr.to_string(),
+            "/metrics",
+            &[],
+            MAX_METRICS_BYTES,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| format!("no usable answer from /metrics on {addr}: {e}"))
+    })?;
+    match answer.status {
+        200 => Ok(String::from_utf8_lossy(&answer.body).into_owned()),
+        code => Err(format!("/metrics on {addr} answered {code}")),
     }
 }
+
+/// The largest /metrics page read (meshd's is a few kilobytes per peer).
+const MAX_METRICS_BYTES: usize = 16 << 20;
 
 /// The kernel's routes (IPv4 and IPv6) in this network namespace: (interface, prefix).
 pub fn kernel_routes() -> Vec<(String, IpNet)> {
@@ -584,9 +595,9 @@ pub fn explain(view: &ClustersetView, name: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::api::HealthView;
-    use crate::discovery::catalog::{ClusterEntry, Endpoint, ExportCatalog, ExportedService};
-    use crate::discovery::clusterset::SyncStatus;
+    use meshd::admin::api::HealthView;
+    use meshd::discovery::catalog::{ClusterEntry, Endpoint, ExportCatalog, ExportedService};
+    use meshd::discovery::clusterset::SyncStatus;
 
     const NOW: u64 = 1_800_000_000;
 

@@ -14,11 +14,11 @@
 //! it is never part of anything returned for printing. I/O is limited to the files named on the
 //! command line; meshctl prints the results.
 
-use crate::config::{resolve_endpoint, Config, ConfigArgs, ConfigError, ConfigFile};
-use crate::keys::{KeyError, PrivateKey, PublicKey};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ipnet::IpNet;
+use meshd::config::{resolve_endpoint, Config, ConfigArgs, ConfigError, ConfigFile};
+use meshd::keys::{KeyError, PrivateKey, PublicKey};
 use serde::Serialize;
 use std::io::Write;
 use std::net::IpAddr;

@@ -1,5 +1,8 @@
-//! Serving HTTP on a TCP port that anyone on the network may reach, within the limits of
-//! [`crate::listener`], plus a deadline for the request headers (slowloris).
+//! HTTP, both ways, on hyper 1: serving it on a TCP port that anyone on the network may reach,
+//! within the limits of [`crate::listener`] plus a deadline for the request headers (slowloris)
+//! ([`serve`]); and asking for it ([`client`]).
+
+pub mod client;
 
 use crate::listener::Limits;
 use axum::Router;
