@@ -2,9 +2,10 @@
 //!
 //! Two halves share a few handles: the [`dataplane`] (synchronous threads, packets) and the
 //! [`control`] plane (tokio: configuration, routes, the WireGuard UAPI). Beside them, [`discovery`]
-//! (the exported-services catalog) and [`dns`] (the `clusterset.local` responder); [`join`] is what
-//! meshctl needs to join two clusters (peer stanzas, the key's Secret). See docs/architecture.md and
-//! docs/dns.md.
+//! (the exported-services catalog) and [`dns`] (the `clusterset.local` responder), [`admin`] (the
+//! admin API, metrics, health), the limits of every TCP listener ([`listener`]) and HTTP both ways
+//! ([`http`]). What only meshctl needs lives under `src/bin/meshctl/`. See docs/architecture.md
+//! (with the module graph) and docs/dns.md.
 
 // The in-memory peer pair of tests/support/pair.rs names this crate `meshd`, as the integration
 // tests see it; the unit tests include the same file.
