@@ -265,7 +265,7 @@ async fn control_plane(
 
     let mut dns_task = match config.dns_listen {
         Some(addr) => {
-            let (server, local) = dns::serve(
+            let (thread, local) = dns::spawn(
                 addr,
                 view.clone(),
                 config.dns_ttl,
@@ -274,7 +274,7 @@ async fn control_plane(
             )
             .await?;
             tracing::info!(listen = %local, ttl = config.dns_ttl, rate_limit = config.dns_rate_limit, "clusterset.local DNS responder is up");
-            tokio::spawn(server.run())
+            tokio::spawn(thread.stopped())
         }
         None => tokio::spawn(futures::future::pending()),
     };
@@ -305,10 +305,28 @@ async fn control_plane(
     let result = loop {
         tokio::select! {
             _ = hangup.recv() => {
-                if let Some(new) = reload(&args, &config, &controller) {
+                // Reading files, resolving endpoint names and reconciling the dataplane block:
+                // off the runtime, so that the health port and catalog sync keep answering.
+                let reloaded = {
+                    let (args, running, controller, clusterset) =
+                        (args.clone(), config.clone(), controller.clone(), clusterset.clone());
+                    let next_generation = generation + 1;
+                    tokio::task::spawn_blocking(move || {
+                        let new = reload(&args, &running, &controller)?;
+                        if !running.kubernetes {
+                            reload_exports(&new, next_generation, &clusterset);
+                        }
+                        Some(new)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "SIGHUP: the reload failed; keeping the running configuration");
+                        None
+                    })
+                };
+                if let Some(new) = reloaded {
                     if !config.kubernetes {
                         generation += 1;
-                        reload_exports(&new, generation, &clusterset);
                     }
                     if let Some(followers) = followers.as_mut() {
                         let (targets, peers) = discovery_peers(&new);
@@ -364,8 +382,7 @@ async fn control_plane(
             }
             r = &mut dns_task => {
                 break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the DNS responder stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the DNS responder failed")),
+                    Ok(e) => Err(anyhow::Error::new(e).context("the DNS responder failed")),
                     Err(e) => Err(anyhow::anyhow!("DNS task panicked: {e}")),
                 };
             }

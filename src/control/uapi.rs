@@ -320,11 +320,17 @@ async fn handle(
                 while read_line(&mut reader, &mut line).await? && !line.is_empty() {
                     lines.push(line.clone());
                 }
-                match device.set(&lines) {
-                    Ok(()) => "errno=0\n\n".to_string(),
-                    Err(e) => {
+                // Reconciling the dataplane may block (resolving names, netlink): off the runtime.
+                let device = device.clone();
+                match tokio::task::spawn_blocking(move || device.set(&lines)).await {
+                    Ok(Ok(())) => "errno=0\n\n".to_string(),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "UAPI set refused");
                         format!("errno={}\n\n", e.errno)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "UAPI set failed");
+                        format!("errno={}\n\n", libc::EIO)
                     }
                 }
             }

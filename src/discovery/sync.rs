@@ -268,10 +268,18 @@ pub async fn fetch(
                         format!("{to} sent a catalog without a valid ETag"),
                     )
                 })?;
-            Ok(Answer::Changed(
-                accept_catalog(peer, body)?,
-                tag.to_string(),
-            ))
+            let tag = tag.to_string();
+            // Parsing and checking up to 8 MiB takes a while: off the runtime.
+            let (peer, body) = (peer.clone(), answer.body.clone());
+            let accepted = tokio::task::spawn_blocking(move || accept_catalog(&peer, &body))
+                .await
+                .map_err(|e| {
+                    fail(
+                        SyncFailure::Malformed,
+                        format!("checking the catalog of {to} failed: {e}"),
+                    )
+                })??;
+            Ok(Answer::Changed(accepted, tag))
         }
         304 => Ok(Answer::Unchanged),
         other => Err(fail(
