@@ -22,3 +22,4 @@ pub mod dns;
 pub mod http;
 pub mod keys;
 pub mod listener;
+pub mod netlink;

@@ -649,3 +649,126 @@ fn a_route_through_another_device_is_a_conflict() {
         "{stderr}"
     );
 }
+
+/// The kernel's routes and the underlay's MTU are read over netlink in both families: in a
+/// namespace whose only default route is IPv6's (through a 1400-byte interface, beside a
+/// smaller one without a default route; veth pairs, as this machine has no dummy module), the underlay MTU is that route's interface's, and the
+/// main table's routes of both families are listed with their interfaces.
+#[test]
+fn routes_and_underlay_mtu_are_read_over_netlink_in_both_families() {
+    if !root_or_skip("routes_and_underlay_mtu_are_read_over_netlink_in_both_families") {
+        return;
+    }
+    let ns = "tu-netlink";
+    let ip = |args: &str| {
+        let out = std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args}: {}", text(&out));
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", ns])
+        .output();
+    ip(&format!("netns add {ns}"));
+    struct Gone(&'static str);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", self.0])
+                .output();
+        }
+    }
+    let _gone = Gone(ns);
+    for cmd in [
+        "link add wan0 type veth peer name wan1",
+        "link set wan0 mtu 1400 up",
+        "link set wan1 up",
+        "link add side0 type veth peer name side1",
+        "link set side0 mtu 1300 up",
+        "link set side1 up",
+        "-6 addr add 2001:db8:1::2/64 dev wan0 nodad",
+        "-6 route add default via 2001:db8:1::1 dev wan0",
+        "addr add 198.51.100.2/24 dev side0",
+        "route add 10.99.0.0/16 dev side0",
+        "-6 route add 2001:db8:99::/48 dev side0",
+    ] {
+        ip(&format!("-n {ns} {cmd}"));
+    }
+    let (mtu, why, routes) = in_netns(ns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mtu, why) = runtime.block_on(meshd::netlink::underlay_mtu("meshd0"));
+        drop(runtime);
+        (mtu, why, meshd::netlink::main_routes_blocking().unwrap())
+    });
+    assert_eq!(mtu, 1400, "{why}");
+    assert!(why.contains("wan0") && why.contains("IPv6"), "{why}");
+    for (dev, prefix) in [
+        ("side0", "10.99.0.0/16"),
+        ("side0", "2001:db8:99::/48"),
+        ("wan0", "::/0"),
+        ("wan0", "2001:db8:1::/64"),
+    ] {
+        assert!(
+            routes
+                .iter()
+                .any(|(d, p)| d == dev && p.to_string() == prefix),
+            "{dev} {prefix} not in {routes:?}"
+        );
+    }
+}
+
+/// A gateway on a host without IPv6 (booted with `ipv6.disable=1`, where every AF_INET6 socket
+/// fails with EAFNOSUPPORT): the kernel flag cannot be set per namespace, so meshd runs with a
+/// preloaded shim that fails AF_INET6 sockets the same way, in a namespace with IPv6 turned off.
+/// meshd says its port is IPv4 only, and the tunnel carries traffic both ways.
+#[test]
+fn a_gateway_without_ipv6_binds_ipv4_and_carries_traffic() {
+    if !root_or_skip("a_gateway_without_ipv6_binds_ipv4_and_carries_traffic") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("no_ipv6.c");
+    let shim = dir.path().join("no_ipv6.so");
+    std::fs::write(
+        &source,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <sys/socket.h>
+int socket(int domain, int type, int protocol) {
+    static int (*real)(int, int, int);
+    if (domain == AF_INET6) { errno = EAFNOSUPPORT; return -1; }
+    if (!real) real = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
+    return real(domain, type, protocol);
+}
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("cc (build-essential) builds the shim");
+    assert!(out.status.success(), "{}", text(&out));
+
+    let lab = Lab::up("tv", "meshd", "meshd");
+    lab.exec_ok(
+        "m1gw",
+        &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+    );
+    let mut m1 = lab.restart_meshd_env(1, &[("LD_PRELOAD", shim.to_str().unwrap())], |c| c);
+    let log = lab.log(1);
+    assert!(log.contains("IPv4 only"), "{log}");
+    assert!(lab.ping("m1pod", M2_POD), "m1pod cannot reach m2pod\n{log}");
+    assert!(lab.ping("m2pod", M1_POD), "m2pod cannot reach m1pod\n{log}");
+    let dump = lab.wg_dump(1);
+    assert_eq!(dump[0][2], "51820", "{dump:?}");
+    let _ = m1.kill();
+    let _ = m1.wait();
+}

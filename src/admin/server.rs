@@ -7,7 +7,6 @@
 
 use super::api::{ErrorBody, ExportsResponse, HealthView, PeersResponse, StatusView};
 use super::monitor::PeerMonitor;
-use crate::control::routes::underlay_mtu;
 use crate::discovery::clusterset::Clusterset;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -108,7 +107,7 @@ async fn peers(State(state): State<AdminState>) -> Json<PeersResponse> {
 
 async fn status(State(state): State<AdminState>) -> Json<StatusView> {
     let dataplane = state.monitor.dataplane();
-    let (underlay_mtu, underlay) = underlay_mtu(&state.identity.interface);
+    let (underlay_mtu, underlay) = crate::netlink::underlay_mtu(&state.identity.interface).await;
     Json(StatusView {
         cluster: state.identity.cluster.clone(),
         interface: state.identity.interface.clone(),

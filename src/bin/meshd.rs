@@ -8,7 +8,7 @@ use meshd::admin::metrics;
 use meshd::admin::monitor::PeerMonitor;
 use meshd::admin::server::{self as admin, Health};
 use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
-use meshd::control::routes::{underlay_mtu, RouteTable};
+use meshd::control::routes::RouteTable;
 use meshd::control::{spec_from_config, uapi, Controller};
 use meshd::dataplane::{open_tun, Dataplane, TunSettings};
 use meshd::discovery::clusterset::Clusterset;
@@ -51,6 +51,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control plane runtime")?;
     let config = Config::load(&cli.config)?;
     let catalog = exports::load(config.exports_file.as_deref(), &config.cluster, 1)?;
     if config.local_cidrs.is_empty() {
@@ -59,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     let mtu = match config.mtu {
         Some(mtu) => mtu,
         None => {
-            let (underlay, why) = underlay_mtu(&config.interface);
+            let (underlay, why) = runtime.block_on(meshd::netlink::underlay_mtu(&config.interface));
             let mtu = underlay.saturating_sub(TUNNEL_OVERHEAD);
             tracing::info!(underlay, mtu, source = %why, "tunnel MTU derived from the underlay");
             mtu
@@ -98,10 +102,6 @@ fn run(cli: Cli) -> Result<()> {
         "meshd is up"
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the control plane runtime")?;
     runtime.block_on(control_plane(
         cli.config, config, catalog, dataplane, ifindex, mtu, health,
     ))

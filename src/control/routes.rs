@@ -4,7 +4,6 @@
 //! it adds what is missing and deletes only routes it added itself. Default routes (/0) are never
 //! installed: taking over a host's default route is a decision for the operator, not a side effect.
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::collections::BTreeSet;
@@ -69,12 +68,17 @@ impl RouteTable {
 
     /// Adds routes for `wanted` prefixes and removes the ones no longer wanted.
     pub async fn sync(&mut self, wanted: &[IpNet]) -> Result<(), RouteError> {
+        let ipv6 = crate::netlink::ipv6_enabled();
         let wanted: BTreeSet<IpNet> = wanted
             .iter()
             .filter(|p| {
                 if p.prefix_len() == 0 {
                     tracing::warn!(prefix = %p, interface = %self.interface,
                         "not installing a default route through the tunnel; add it yourself if you mean it");
+                    false
+                } else if p.addr().is_ipv6() && !ipv6 {
+                    tracing::warn!(prefix = %p, interface = %self.interface,
+                        "IPv6 is off on this host: no route for this prefix (nothing here can send to it)");
                     false
                 } else {
                     true
@@ -122,7 +126,7 @@ impl RouteTable {
                         return Err(RouteError::Conflict {
                             prefix,
                             interface: self.interface.clone(),
-                            other: interface_name(other),
+                            other: crate::netlink::interface_name(other),
                         });
                     }
                     tracing::info!(prefix = %prefix, "route already present")
@@ -165,104 +169,10 @@ impl RouteTable {
 
     /// Every route of the main table, both families: its prefix and output interface.
     async fn routes(&self) -> Result<Vec<(IpNet, Option<u32>)>, rtnetlink::Error> {
-        let mut found = Vec::new();
-        for family in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let mut routes = self.handle.route().get(family).execute();
-            while let Some(route) = routes.try_next().await? {
-                use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
-                if route.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
-                {
-                    continue;
-                }
-                let oif = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                });
-                let len = route.header.destination_prefix_length;
-                let net = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                        IpNet::new((*ip).into(), len).ok()
-                    }
-                    RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
-                        IpNet::new((*ip).into(), len).ok()
-                    }
-                    _ => None,
-                });
-                found.extend(net.map(|n| (n, oif)));
-            }
-        }
-        Ok(found)
-    }
-}
-
-/// An interface's name for messages (its index when it has none, e.g. a blackhole route's 0).
-fn interface_name(index: u32) -> String {
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
-    if name.is_null() {
-        return format!("interface #{index} (or no interface: a blackhole or unreachable route)");
-    }
-    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..len]).into_owned()
-}
-
-/// The MTU of the underlay: the interface holding the IPv4 default route, or else the smallest MTU
-/// of the other interfaces that are up (never loopback, never `exclude`). Returns it with a note
-/// saying where it came from, for the log.
-pub fn underlay_mtu(exclude: &str) -> (u16, String) {
-    let read_mtu = |ifname: &str| -> Option<u16> {
-        std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    if let Ok(routes) = std::fs::read_to_string("/proc/net/route") {
-        for line in routes.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 7
-                && cols[1] == "00000000"
-                && cols[7] == "00000000"
-                && cols[0] != exclude
-            {
-                if let Some(mtu) = read_mtu(cols[0]) {
-                    return (
-                        mtu,
-                        format!("interface {} holds the default route", cols[0]),
-                    );
-                }
-            }
-        }
-    }
-    let mut best: Option<(u16, String)> = None;
-    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name == "lo" || name == exclude {
-                continue;
-            }
-            let up = std::fs::read_to_string(format!("/sys/class/net/{name}/operstate"))
-                .map(|s| s.trim() != "down")
-                .unwrap_or(false);
-            if let (true, Some(mtu)) = (up, read_mtu(&name)) {
-                if best.as_ref().is_none_or(|(m, _)| mtu < *m) {
-                    best = Some((mtu, name));
-                }
-            }
-        }
-    }
-    match best {
-        Some((mtu, name)) => (
-            mtu,
-            format!("no default route; {name} has the smallest MTU of the interfaces that are up"),
-        ),
-        None => (
-            1500,
-            "no interface found up; assuming Ethernet's 1500".to_string(),
-        ),
+        Ok(crate::netlink::main_routes(&self.handle)
+            .await?
+            .into_iter()
+            .map(|r| (r.prefix, r.oif))
+            .collect())
     }
 }

@@ -199,6 +199,12 @@ impl Dataplane {
         spec: DeviceSpec,
     ) -> Result<Arc<Self>, ApplyError> {
         let udp = UdpPort::bind(spec.listen_port)?;
+        if udp.is_ipv4_only() {
+            tracing::warn!(
+                port = udp.port(),
+                "this host has no IPv6 (booted with ipv6.disable=1?): the WireGuard port is IPv4 only, and peers with IPv6 endpoints cannot be reached"
+            );
+        }
         let mut tx_queues = Vec::with_capacity(queues.max(1) - 1);
         for _ in 1..queues {
             tx_queues.push(tun.try_clone().map_err(ApplyError::TunMode)?);

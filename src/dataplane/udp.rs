@@ -38,6 +38,9 @@ pub struct UdpPort {
     socket: UdpSocket,
     state: UdpSocketState,
     port: u16,
+    /// An IPv4 socket, on a host without IPv6 (booted with `ipv6.disable=1`); otherwise
+    /// dual-stack.
+    ipv4_only: bool,
     closed: AtomicBool,
 }
 
@@ -85,9 +88,24 @@ impl UdpPort {
     /// Binds `[::]:port` (IPv4 too). Port 0 picks a free port.
     pub fn bind(port: u16) -> Result<Self, BindError> {
         let other = |source| BindError::Other { port, source };
-        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).map_err(other)?;
-        socket.set_only_v6(false).map_err(other)?;
-        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        // Dual-stack, unless the kernel has no IPv6 at all: then IPv4 alone.
+        let (socket, addr, ipv4_only) =
+            match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
+                Ok(socket) => {
+                    socket.set_only_v6(false).map_err(other)?;
+                    (
+                        socket,
+                        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+                        false,
+                    )
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => (
+                    Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(other)?,
+                    SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+                    true,
+                ),
+                Err(e) => return Err(other(e)),
+            };
         socket.bind(&addr.into()).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 BindError::InUse { port }
@@ -106,12 +124,27 @@ impl UdpPort {
             socket,
             state,
             port,
+            ipv4_only,
             closed: AtomicBool::new(false),
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// True on a host without IPv6: the port is IPv4 only, and IPv6 endpoints cannot be reached.
+    pub fn is_ipv4_only(&self) -> bool {
+        self.ipv4_only
+    }
+
+    /// `addr` as this socket takes it: IPv4-mapped on a dual-stack socket.
+    fn socket_form(&self, addr: SocketAddr) -> SocketAddr {
+        if self.ipv4_only {
+            addr
+        } else {
+            to_socket_form(addr)
+        }
     }
 
     /// Marks every datagram sent from now on with `mark` (`SO_MARK`, 0 for none), for policy
@@ -148,7 +181,7 @@ impl UdpPort {
         dst: SocketAddr,
     ) -> io::Result<()> {
         let transmit = Transmit {
-            destination: to_socket_form(dst),
+            destination: self.socket_form(dst),
             ecn: None,
             contents,
             segment_size: (contents.len() > segment).then_some(segment),
@@ -182,7 +215,7 @@ impl UdpPort {
             let chunk = &datagrams[sent..datagrams.len().min(sent + SEND_BATCH)];
             let unspecified = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
             let names: [SockAddr; SEND_BATCH] = std::array::from_fn(|i| {
-                SockAddr::from(to_socket_form(chunk.get(i).map_or(unspecified, |d| d.1)))
+                SockAddr::from(self.socket_form(chunk.get(i).map_or(unspecified, |d| d.1)))
             });
             let mut iovs: [libc::iovec; SEND_BATCH] = std::array::from_fn(|i| libc::iovec {
                 iov_base: chunk

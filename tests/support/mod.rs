@@ -216,8 +216,18 @@ impl Lab {
     /// starts a new meshd on it; returns once the new one serves its UAPI socket. The caller
     /// owns (and must reap) the new process.
     pub fn restart_meshd(&self, i: u8, edit: impl FnOnce(String) -> String) -> std::process::Child {
+        self.restart_meshd_env(i, &[], edit)
+    }
+
+    /// As [`Lab::restart_meshd`], with `env` added to the new meshd's environment.
+    pub fn restart_meshd_env(
+        &self,
+        i: u8,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> std::process::Child {
         self.kill_meshd(i);
-        self.start_meshd(i, edit)
+        self.start_meshd_env(i, env, edit)
     }
 
     /// Kills gateway `i`'s meshd (SIGKILL: no goodbye to its peer) and waits until it is gone.
@@ -238,6 +248,16 @@ impl Lab {
     /// Starts meshd in gateway `i` (after [`Lab::kill_meshd`]) with its config rewritten by
     /// `edit`; returns once it serves its UAPI socket. The caller owns (and must reap) it.
     pub fn start_meshd(&self, i: u8, edit: impl FnOnce(String) -> String) -> std::process::Child {
+        self.start_meshd_env(i, &[], edit)
+    }
+
+    /// As [`Lab::start_meshd`], with `env` added to meshd's environment.
+    pub fn start_meshd_env(
+        &self,
+        i: u8,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> std::process::Child {
         let socket = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.iface(i)));
         let _ = std::fs::remove_file(&socket);
         let config = self.state.join(format!("m{i}.toml"));
@@ -247,6 +267,7 @@ impl Lab {
             .args(["netns", "exec", &self.ns(&format!("m{i}gw"))])
             .arg(env!("CARGO_BIN_EXE_meshd"))
             .args(["--config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .stderr(log)
             .spawn()
             .unwrap();

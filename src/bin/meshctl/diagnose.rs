@@ -69,8 +69,8 @@ pub struct Gathered {
     pub status: StatusView,
     pub peers: Vec<PeerView>,
     pub exports: ExportsResponse,
-    /// Kernel routes: (interface, prefix).
-    pub routes: Vec<(String, IpNet)>,
+    /// Kernel routes: (interface, prefix), or why they could not be read.
+    pub routes: Result<Vec<(String, IpNet)>, String>,
     /// The answer to `dns-version.clusterset.local TXT`, or why there is none; `None`: DNS off.
     pub dns: Option<Result<DnsAnswer, String>>,
     /// A `/metrics` scrape, or why it failed; `None`: metrics off.
@@ -206,11 +206,19 @@ fn handshakes(g: &Gathered) -> Check {
 
 fn routes(g: &Gathered) -> Check {
     let iface = &g.status.interface;
+    let routes = match &g.routes {
+        Ok(routes) => routes,
+        Err(e) => return fail(
+            "routes",
+            format!("cannot read the kernel's routes: {e}"),
+            "run meshctl diagnose in the node's network namespace (on the node, or in meshd's pod)"
+                .to_string(),
+        ),
+    };
     let mut missing = Vec::new();
     for p in &g.peers {
         for cidr in &p.allowed_cidrs {
-            let covered = g
-                .routes
+            let covered = routes
                 .iter()
                 .any(|(dev, net)| dev == iface && net.contains(cidr));
             if !covered {
@@ -419,48 +427,10 @@ pub fn scrape(listen: &str) -> Result<String, String> {
 /// The largest /metrics page read (meshd's is a few kilobytes per peer).
 const MAX_METRICS_BYTES: usize = 16 << 20;
 
-/// The kernel's routes (IPv4 and IPv6) in this network namespace: (interface, prefix).
-pub fn kernel_routes() -> Vec<(String, IpNet)> {
-    let mut routes = Vec::new();
-    if let Ok(text) = std::fs::read_to_string("/proc/net/route") {
-        routes.extend(parse_ipv4_routes(&text));
-    }
-    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
-        routes.extend(parse_ipv6_routes(&text));
-    }
-    routes
-}
-
-/// `/proc/net/route`: Iface, Destination, Gateway, Flags, RefCnt, Use, Metric, Mask (hex, in
-/// host byte order, which is little-endian on the machines meshd runs on).
-fn parse_ipv4_routes(text: &str) -> Vec<(String, IpNet)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let dest = u32::from_str_radix(cols.get(1)?, 16).ok()?;
-            let mask = u32::from_str_radix(cols.get(7)?, 16).ok()?;
-            let addr = std::net::Ipv4Addr::from(u32::from_be(dest));
-            let prefix = u32::from_be(mask).count_ones() as u8;
-            Some((cols[0].to_string(), IpNet::new(addr.into(), prefix).ok()?))
-        })
-        .collect()
-}
-
-/// `/proc/net/ipv6_route`: destination (32 hex digits), prefix length (hex), ..., interface last.
-fn parse_ipv6_routes(text: &str) -> Vec<(String, IpNet)> {
-    text.lines()
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let dest = u128::from_str_radix(cols.first()?, 16).ok()?;
-            let prefix = u8::from_str_radix(cols.get(1)?, 16).ok()?;
-            let addr = std::net::Ipv6Addr::from(dest);
-            Some((
-                cols.last()?.to_string(),
-                IpNet::new(addr.into(), prefix).ok()?,
-            ))
-        })
-        .collect()
+/// The kernel's routes (main table, IPv4 and IPv6) in this network namespace: (interface,
+/// prefix).
+pub fn kernel_routes() -> Result<Vec<(String, IpNet)>, String> {
+    meshd::netlink::main_routes_blocking().map_err(|e| e.to_string())
 }
 
 /// What a `clusterset.local` name refers to.
@@ -695,10 +665,10 @@ mod tests {
                     last_error: None,
                 }],
             },
-            routes: vec![
+            routes: Ok(vec![
                 ("m1wg".into(), "10.245.0.0/16".parse().unwrap()),
                 ("m1wg".into(), "100.64.0.0/24".parse().unwrap()),
-            ],
+            ]),
             dns: Some(Ok(DnsAnswer {
                 server: "10.244.1.1:53".parse().unwrap(),
                 rcode: ResponseCode::NoError,
@@ -761,7 +731,10 @@ mod tests {
         assert_eq!(outcome(&g, "handshakes"), Outcome::Fail);
 
         let mut g = healthy();
-        g.routes.remove(0);
+        g.routes = Err("netlink: permission denied".into());
+        assert_eq!(outcome(&g, "routes"), Outcome::Fail);
+        let mut g = healthy();
+        g.routes.as_mut().unwrap().remove(0);
         let c = run_checks(&g)
             .into_iter()
             .find(|c| c.name == "routes")
@@ -789,22 +762,6 @@ mod tests {
         let mut g = healthy();
         g.status.health.ready = false;
         assert_eq!(outcome(&g, "admin"), Outcome::Fail);
-    }
-
-    #[test]
-    fn proc_routes_parse() {
-        let v4 =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                  m1wg\t0000F50A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
-        assert_eq!(
-            parse_ipv4_routes(v4),
-            vec![("m1wg".to_string(), "10.245.0.0/16".parse().unwrap())]
-        );
-        let v6 = "fd000245000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     m1wg\n";
-        assert_eq!(
-            parse_ipv6_routes(v6),
-            vec![("m1wg".to_string(), "fd00:245::/64".parse().unwrap())]
-        );
     }
 
     #[test]
