@@ -214,8 +214,7 @@ fn flag_for(field: &str, flags: &ConfigArgs) -> Option<&'static str> {
 const CONFIGMAP_KEY: &str = "meshd.toml";
 
 /// Reads a cluster's configuration: a meshd.toml, or (for a `.yaml` / `.yml` file) a ConfigMap
-/// manifest holding it under `meshd.toml: |` as a literal block, as deploy/overlays/*/
-/// meshd-config.yaml do.
+/// manifest holding it under `meshd.toml`, as deploy/overlays/*/meshd-config.yaml do.
 fn read_cluster_config(path: &Path) -> Result<ConfigFile, JoinError> {
     let is_manifest = matches!(
         path.extension().and_then(|e| e.to_str()),
@@ -239,45 +238,38 @@ fn read_cluster_config(path: &Path) -> Result<ConfigFile, JoinError> {
     ConfigFile::parse(path, &toml).map_err(JoinError::Input)
 }
 
-/// The `meshd.toml: |` literal block of a YAML manifest, without its indentation.
+/// The `meshd.toml` entry of the one ConfigMap in a YAML file (one document or several, as
+/// `kubectl kustomize` prints them) that has it.
 fn configmap_block(text: &str) -> Result<String, String> {
-    let spaces = |line: &str| line.len() - line.trim_start_matches(' ').len();
-    let mut lines = text.lines().enumerate();
-    let key_indent = lines
-        .by_ref()
-        .find(|(_, line)| {
-            let entry = line.trim();
-            entry
-                .strip_prefix(CONFIGMAP_KEY)
-                .and_then(|rest| rest.strip_prefix(':'))
-                .is_some_and(|value| matches!(value.trim(), "|" | "|-" | "|+"))
-        })
-        .map(|(_, line)| spaces(line))
-        .ok_or_else(|| {
-            format!("it holds no `{CONFIGMAP_KEY}: |` literal block; give meshd.toml itself, or a ConfigMap manifest holding it as deploy/overlays/*/meshd-config.yaml do")
-        })?;
-    let mut block = String::new();
-    let mut indent = None;
-    for (number, line) in lines {
-        if line.trim().is_empty() {
-            block.push('\n');
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use serde::Deserialize;
+    let mut found: Vec<(String, String)> = Vec::new();
+    for (number, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml_ng::Value::deserialize(document)
+            .map_err(|e| format!("document {} is not valid YAML: {e}", number + 1))?;
+        if value.get("kind").and_then(|k| k.as_str()) != Some("ConfigMap") {
             continue;
         }
-        let this = spaces(line);
-        if this <= key_indent {
-            break;
+        let map: ConfigMap = serde_yaml_ng::from_value(value)
+            .map_err(|e| format!("document {} is not a valid ConfigMap: {e}", number + 1))?;
+        if let Some(toml) = map.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY)) {
+            let name = map
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_else(|| "(no name)".into());
+            found.push((name, toml.clone()));
         }
-        let indent = *indent.get_or_insert(this);
-        if this < indent {
-            return Err(format!(
-                "line {} is indented less than the first line of the `{CONFIGMAP_KEY}` block; indent every line of the block alike",
-                number + 1
-            ));
-        }
-        block.push_str(&line[indent..]);
-        block.push('\n');
     }
-    Ok(block)
+    match found.len() {
+        0 => Err(format!("it holds no ConfigMap with a `{CONFIGMAP_KEY}` entry; give meshd.toml itself, or a ConfigMap manifest holding it as deploy/overlays/*/meshd-config.yaml do")),
+        1 => Ok(found.remove(0).1),
+        _ => Err(format!(
+            "it holds {} ConfigMaps with a `{CONFIGMAP_KEY}` entry ({}); give the file of one cluster",
+            found.len(),
+            found.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// Checks a cluster's configuration with meshd's loader, `flags` winning over the file's fields.
@@ -896,17 +888,48 @@ mod tests {
     }
 
     #[test]
-    fn a_configmap_manifest_gives_its_meshd_toml_block() {
-        let yaml = "apiVersion: v1\nkind: ConfigMap\ndata:\n  meshd.toml: |\n    cluster = \"m1\"\n\n    [[peers]]\n      name = \"m2\"\n  other: x\n";
+    fn a_configmap_manifest_gives_its_meshd_toml_entry() {
+        let literal = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: meshd-config\ndata:\n  meshd.toml: |\n    cluster = \"m1\"\n\n    [[peers]]\n      name = \"m2\"\n  other: x\n";
         assert_eq!(
-            configmap_block(yaml).unwrap(),
+            configmap_block(literal).unwrap(),
             "cluster = \"m1\"\n\n[[peers]]\n  name = \"m2\"\n"
         );
-        let text = configmap_block("data:\n  meshd.toml: \"cluster = 1\"\n").unwrap_err();
-        assert!(text.contains("no `meshd.toml: |` literal block"), "{text}");
-        let text =
-            configmap_block("data:\n  meshd.toml: |\n      a = 1\n     b = 2\n").unwrap_err();
-        assert!(text.starts_with("line 4 is indented less"), "{text}");
+        // What a hand-written parser of literal blocks got wrong: a quoted key and a quoted
+        // value, an indentation indicator, and a ConfigMap after other documents.
+        let quoted = "kind: ConfigMap\napiVersion: v1\ndata:\n  \"meshd.toml\": \"cluster = \\\"m1\\\"\\n\"\n";
+        assert_eq!(configmap_block(quoted).unwrap(), "cluster = \"m1\"\n");
+        let indicator = "kind: ConfigMap\napiVersion: v1\ndata:\n  meshd.toml: |2\n      indented = 1\n    cluster = \"m1\"\n";
+        assert_eq!(
+            configmap_block(indicator).unwrap(),
+            "  indented = 1\ncluster = \"m1\"\n"
+        );
+        let several = format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: meshd\n---\n{literal}"
+        );
+        assert!(configmap_block(&several)
+            .unwrap()
+            .starts_with("cluster = \"m1\""));
+
+        let none =
+            configmap_block("kind: ConfigMap\napiVersion: v1\ndata:\n  other: x\n").unwrap_err();
+        assert!(
+            none.contains("no ConfigMap with a `meshd.toml` entry"),
+            "{none}"
+        );
+        let two = configmap_block(&format!(
+            "{literal}---\n{}",
+            literal.replace("meshd-config", "other")
+        ))
+        .unwrap_err();
+        assert!(
+            two.contains("2 ConfigMaps") && two.contains("meshd-config, other"),
+            "{two}"
+        );
+        let broken = configmap_block("kind: ConfigMap\ndata: [unclosed\n").unwrap_err();
+        assert!(
+            broken.starts_with("document 1 is not valid YAML"),
+            "{broken}"
+        );
     }
 
     #[test]
