@@ -31,50 +31,6 @@ const BUILTIN_VARIABLES: [&str; 6] = [
 /// The data source variable every panel and query uses.
 const DATASOURCE_VARIABLE: &str = "DS_PROMETHEUS";
 
-/// PromQL words that are neither metric names nor functions.
-const PROMQL_KEYWORDS: [&str; 12] = [
-    "and",
-    "or",
-    "unless",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "offset",
-    "atan2",
-];
-
-/// PromQL aggregation operators, which may take `by (...)` before their parentheses.
-const AGGREGATIONS: [&str; 14] = [
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
-];
-
-/// PromQL modifiers followed by a parenthesised list of label names.
-const LABEL_LIST_KEYWORDS: [&str; 6] = [
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-];
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -212,160 +168,103 @@ struct Usage {
     variables: Vec<String>,
 }
 
-fn is_ident_start(c: char) -> bool {
-    c.is_ascii_alphabetic() || c == '_' || c == ':'
+/// The Grafana variables of `expr` (`$name`, `${name}`, `${name:format}`), and the expression
+/// with each replaced by what PromQL accepts in its place: a duration inside `[...]`, a plain
+/// word elsewhere (the dashboard uses them inside matcher strings).
+fn substitute_variables(expr: &str) -> (Vec<String>, String) {
+    let mut variables = Vec::new();
+    let mut out = String::with_capacity(expr.len());
+    let mut in_range = false;
+    let mut rest = expr;
+    while let Some(c) = rest.chars().next() {
+        if c == '$' {
+            let (name, len) = match rest[1..].strip_prefix('{') {
+                Some(braced) => {
+                    let end = braced.find('}').unwrap_or(braced.len());
+                    let inner = &braced[..end];
+                    (inner.split(':').next().unwrap_or("").to_string(), end + 3)
+                }
+                None => {
+                    let end = rest[1..]
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len() - 1);
+                    (rest[1..1 + end].to_string(), end + 1)
+                }
+            };
+            variables.push(name);
+            out.push_str(if in_range { "5m" } else { "x" });
+            rest = &rest[len.min(rest.len())..];
+            continue;
+        }
+        match c {
+            '[' => in_range = true,
+            ']' => in_range = false,
+            _ => {}
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    (variables, out)
 }
 
-fn is_ident(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == ':'
-}
-
-/// A small PromQL scanner: enough to find metric names, matcher and grouping labels, and
-/// Grafana variables. Syntax errors beyond unbalanced braces are Prometheus's to report.
+/// What `expr` uses, read from its syntax tree (promql-parser) after its Grafana variables are
+/// set aside: syntax errors are reported, as Prometheus would.
 fn scan(expr: &str) -> Result<Usage, String> {
-    let chars: Vec<char> = expr.chars().collect();
-    let mut usage = Usage::default();
-    let mut i = 0;
-    let skip_space = |mut i: usize| {
-        while i < chars.len() && chars[i].is_whitespace() {
-            i += 1;
-        }
-        i
+    use promql_parser::parser::{self, Expr, LabelModifier};
+    let (variables, promql) = substitute_variables(expr);
+    let tree = parser::parse(&promql).map_err(|e| format!("{expr:?} is not valid PromQL: {e}"))?;
+    let mut usage = Usage {
+        variables,
+        ..Usage::default()
     };
-    let ident_at = |mut i: usize| {
-        let start = i;
-        while i < chars.len() && is_ident(chars[i]) {
-            i += 1;
-        }
-        (chars[start..i].iter().collect::<String>(), i)
-    };
-    let string_end = |i: usize| {
-        // chars[i] is the opening quote; returns the index after the closing one.
-        let quote = chars[i];
-        let mut j = i + 1;
-        while j < chars.len() && chars[j] != quote {
-            if chars[j] == '\\' && quote != '`' {
-                j += 1;
-            }
-            j += 1;
-        }
-        j + 1
-    };
-    let variable_at = |i: usize, usage: &mut Usage| -> usize {
-        // chars[i] == '$'
-        if chars.get(i + 1) == Some(&'{') {
-            let end = chars[i..]
-                .iter()
-                .position(|&c| c == '}')
-                .map_or(chars.len(), |p| i + p);
-            let inner: String = chars[i + 2..end.min(chars.len())].iter().collect();
-            let name = inner.split(':').next().unwrap_or("").to_string();
-            usage.variables.push(name);
-            end + 1
-        } else {
-            let (name, end) = ident_at(i + 1);
-            usage.variables.push(name);
-            end
-        }
-    };
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '"' || c == '\'' || c == '`' {
-            // Variables inside strings (matcher values) count too.
-            let end = string_end(i);
-            let mut j = i + 1;
-            while j < end.min(chars.len()) {
-                if chars[j] == '$' {
-                    j = variable_at(j, &mut usage);
-                } else {
-                    j += 1;
-                }
-            }
-            i = end;
-        } else if c == '$' {
-            i = variable_at(i, &mut usage);
-        } else if c.is_ascii_digit()
-            || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit))
-        {
-            // A number or a duration (0.99, 5m, 1e3).
-            while i < chars.len() && (is_ident(chars[i]) || chars[i] == '.') {
-                i += 1;
-            }
-        } else if c == '[' {
-            // A range or subquery: durations and variables only.
-            while i < chars.len() && chars[i] != ']' {
-                if chars[i] == '$' {
-                    i = variable_at(i, &mut usage);
-                } else {
-                    i += 1;
-                }
-            }
-            i += 1;
-        } else if c == '{' {
-            return Err(format!(
-                "a selector without a metric name at {i}: {expr}; name the meshd_ metric"
-            ));
-        } else if is_ident_start(c) {
-            let (word, end) = ident_at(i);
-            let next = skip_space(end);
-            if LABEL_LIST_KEYWORDS.contains(&word.as_str()) && chars.get(next) == Some(&'(') {
-                let close = chars[next..]
+    let mut stack = vec![&tree];
+    let modifier_labels = |m: &LabelModifier| m.labels().labels.clone();
+    while let Some(node) = stack.pop() {
+        match node {
+            Expr::VectorSelector(vs) | Expr::MatrixSelector(parser::MatrixSelector { vs, .. }) => {
+                let name = vs.name.clone().ok_or_else(|| {
+                    format!("a selector without a metric name in {expr:?}; name the meshd_ metric")
+                })?;
+                let labels = vs
+                    .matchers
+                    .matchers
                     .iter()
-                    .position(|&c| c == ')')
-                    .map(|p| next + p)
-                    .ok_or_else(|| format!("unclosed ( after {word}: {expr}"))?;
-                let list: String = chars[next + 1..close].iter().collect();
-                usage.grouping.extend(
-                    list.split(',')
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from),
-                );
-                i = close + 1;
-            } else if chars.get(next) == Some(&'(')
-                || PROMQL_KEYWORDS.contains(&word.as_str())
-                || AGGREGATIONS.contains(&word.as_str())
-            {
-                // A function or aggregation, or a keyword.
-                i = end;
-            } else {
-                // A metric name, perhaps with matchers.
-                let mut labels = Vec::new();
-                i = end;
-                if chars.get(next) == Some(&'{') {
-                    let mut j = next + 1;
-                    loop {
-                        j = skip_space(j);
-                        match chars.get(j) {
-                            None => return Err(format!("unclosed {{ after {word}: {expr}")),
-                            Some('}') => break,
-                            Some(',') => j += 1,
-                            Some(&q) if q == '"' || q == '\'' || q == '`' => {
-                                let end = string_end(j);
-                                let mut k = j + 1;
-                                while k < end.min(chars.len()) {
-                                    if chars[k] == '$' {
-                                        k = variable_at(k, &mut usage);
-                                    } else {
-                                        k += 1;
-                                    }
-                                }
-                                j = end;
-                            }
-                            Some(&c) if is_ident_start(c) => {
-                                let (label, end) = ident_at(j);
-                                labels.push(label);
-                                j = end;
-                            }
-                            Some(_) => j += 1, // =, !=, =~, !~
-                        }
-                    }
-                    i = j + 1;
-                }
-                usage.selectors.push((word, labels));
+                    .chain(vs.matchers.or_matchers.iter().flatten())
+                    .map(|m| m.name.clone())
+                    .filter(|l| l != "__name__")
+                    .collect();
+                usage.selectors.push((name, labels));
             }
-        } else {
-            i += 1;
+            Expr::Aggregate(agg) => {
+                usage.grouping.extend(
+                    agg.modifier
+                        .as_ref()
+                        .map(modifier_labels)
+                        .unwrap_or_default(),
+                );
+                stack.push(&agg.expr);
+                stack.extend(agg.param.as_deref());
+            }
+            Expr::Binary(bin) => {
+                if let Some(m) = &bin.modifier {
+                    usage
+                        .grouping
+                        .extend(m.matching.as_ref().map(modifier_labels).unwrap_or_default());
+                    usage.grouping.extend(
+                        m.card
+                            .labels()
+                            .map(|l| l.labels.clone())
+                            .unwrap_or_default(),
+                    );
+                }
+                stack.push(&bin.lhs);
+                stack.push(&bin.rhs);
+            }
+            Expr::Paren(p) => stack.push(&p.expr),
+            Expr::Unary(u) => stack.push(&u.expr),
+            Expr::Subquery(sq) => stack.push(&sq.expr),
+            Expr::Call(call) => stack.extend(call.args.args.iter().map(|a| &**a)),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
         }
     }
     Ok(usage)
@@ -705,6 +604,21 @@ fn checks_catch_broken_dashboards() {
         ),
         ("\"title\": \"Peers up\"", "\"title\": \"\"", "no title"),
         (
+            "sum by (qtype, rcode) (rate(",
+            "sum by (qtype, rcode) (rate((",
+            "is not valid PromQL",
+        ),
+        (
+            "count by (version) (meshd_build_info{",
+            "count by (version) ({",
+            "a selector without a metric name",
+        ),
+        (
+            "count(meshd_peer_up{",
+            "count(meshd_peer_up{} * on (peers) group_left (hostname) meshd_build_info{} * meshd_peer_up{",
+            "groups by \"peers\"",
+        ),
+        (
             "label_values(meshd_build_info, cluster)",
             "label_values(meshd_build_info, cluster_name)",
             "lists values of \"cluster_name\"",
@@ -757,7 +671,9 @@ fn registered_names(dir: &Path, names: &mut BTreeSet<String>) {
             let text = read(&path);
             for (at, _) in text.match_indices("\"meshd_") {
                 let rest = &text[at + 1..];
-                let len = rest.find(|c: char| !is_ident(c)).unwrap_or(rest.len());
+                let len = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
                 if rest[len..].starts_with('"') {
                     names.insert(rest[..len].to_string());
                 }
