@@ -30,6 +30,18 @@ declare -A MESHD_PYTHON_MODULES=(
   [yaml]=python3-yaml
 )
 
+# Installs the Debian packages named (none: nothing to do); needs root.
+install_debs() {
+  [ $# -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: $*; run as root (or: apt-get install $*)" >&2
+    return 1
+  fi
+  echo "installing: $*" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 ensure_packages() {
   local missing=()
   for cmd in "${!MESHD_PACKAGES[@]}"; do
@@ -41,14 +53,7 @@ ensure_packages() {
   for module in "${!MESHD_PYTHON_MODULES[@]}"; do
     python3 -c "import $module" >/dev/null 2>&1 || missing+=("${MESHD_PYTHON_MODULES[$module]}")
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing packages: ${missing[*]}; run as root (or: apt-get install ${missing[*]})" >&2
-    return 1
-  fi
-  echo "installing: ${missing[*]}" >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  install_debs "${missing[@]}"
 }
 
 ensure_cargo() {
@@ -59,4 +64,33 @@ ensure_cargo() {
     echo "cargo not found: install Rust (rustup) first" >&2
     return 1
   }
+}
+
+# Installs the Debian packages in "$@" that are missing (by package name).
+ensure_debs() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  install_debs "${missing[@]}"
+}
+
+# Builds and runs images without a daemon (scripts/image.sh, the lab's --from-image).
+ensure_image_tools() {
+  ensure_debs podman buildah runc
+}
+
+# Cross-compiles for arm64 (scripts/build-static.sh arm64) and runs arm64 binaries here.
+ensure_arm64_cross() {
+  ensure_debs gcc-aarch64-linux-gnu qemu-user-static
+}
+
+# podman and buildah as this kind of machine runs them: runc (crun fails here on setrlimit and
+# cgroups) and no default ulimits. Kept when CONTAINERS_CONF is already set.
+use_containers_conf() {
+  [ -n "${CONTAINERS_CONF:-}" ] && return 0
+  local conf="${XDG_CACHE_HOME:-$HOME/.cache}/meshd/containers.conf"
+  mkdir -p "$(dirname "$conf")"
+  printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' >"$conf"
+  export CONTAINERS_CONF=$conf
 }

@@ -19,6 +19,12 @@
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
 #   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
 #   --tx-threads N   meshd's transmit threads (TUN queues), default 1
+#   --from-image IMAGE  run each meshd gateway from IMAGE (scripts/image.sh) with podman, given
+#                    exactly what the rendered DaemonSet (kubectl kustomize deploy/overlays/mI)
+#                    gives its pod: the gateway's namespace as the node's network, its security
+#                    context, its volumes (meshd.toml and the key at /etc/meshd, /run, the TUN
+#                    device), its command; DNS on 5353 with 53 redirected, as the meshd-dns
+#                    Service maps it; meshctl run from the image
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 #      BORINGTUN_THREADS  threads for boringtun-cli (default 1)
 set -euo pipefail
@@ -30,7 +36,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0 TX_THREADS=1
+M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -40,6 +46,7 @@ while [ $# -gt 0 ]; do
     --no-offload) OFFLOAD=false; shift ;;
     --ipv6-underlay) UNDERLAY6=1; shift ;;
     --tx-threads) TX_THREADS=$2; shift 2 ;;
+    --from-image) FROM_IMAGE=$2; shift 2 ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +55,9 @@ for impl in "$M1" "$M2"; do
     echo "unknown implementation '$impl': use meshd, meshd-wg, wireguard-go, boringtun or none" >&2; exit 2 ;;
   esac
 done
+if [ -n "$FROM_IMAGE" ] && { [ "$M1" != meshd ] || [ "$M2" != meshd ]; }; then
+  echo "--from-image runs meshd gateways: it needs --m1 meshd --m2 meshd" >&2; exit 2
+fi
 if [ "$M1" = none ] || [ "$M2" = none ]; then
   [ "$M1" = "$M2" ] || { echo "--m1 none needs --m2 none (plain routing has no tunnel)" >&2; exit 2; }
 fi
@@ -89,7 +99,33 @@ meshd_bin() {
   fi
 }
 
+# meshctl: the image's when the gateways run from one, else the one built here.
+meshctl() {
+  if [ -n "$FROM_IMAGE" ]; then
+    podman run --rm -i --network none "$FROM_IMAGE" meshctl "$@"
+  else
+    "$(meshd_bin)/meshctl" "$@"
+  fi
+}
+
+container() { echo "${P}m$1-meshd"; }
+
+# kubectl for `kubectl kustomize`: the one on PATH, else the one deploy/validate.sh installs
+# (running it once installs it, and checks the manifests the lab is about to use).
+kubectl_bin() {
+  local venv=${MESHD_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-$root/target}/.cache}/meshd/deploy-venv}
+  if command -v kubectl >/dev/null 2>&1; then command -v kubectl; return; fi
+  [ -x "$venv/bin/kubectl" ] || "$root/deploy/validate.sh" >&2
+  echo "$venv/bin/kubectl"
+}
+
+# The rendered manifests of cluster i's overlay.
+rendered() { "$(kubectl_bin)" kustomize "$root/deploy/overlays/m$1"; }
+
 down() {
+  if command -v podman >/dev/null 2>&1; then
+    for i in 1 2; do podman rm -f -t 0 "$(container "$i")" >/dev/null 2>&1 || true; done
+  fi
   for i in 1 2; do
     for n in gw pod; do
       local name; name=$(ns "m$i$n")
@@ -145,10 +181,9 @@ topology() {
 }
 
 keys() {
-  local bin=$1
   for i in 1 2; do
-    (umask 077 && "$bin/meshctl" genkey >"$state/m$i.key")
-    "$bin/meshctl" pubkey <"$state/m$i.key" >"$state/m$i.pub"
+    (umask 077 && meshctl genkey >"$state/m$i.key")
+    meshctl pubkey <"$state/m$i.key" >"$state/m$i.pub"
   done
 }
 
@@ -240,6 +275,57 @@ start_meshd() {
   echo $! >"$state/m$i.pid"
 }
 
+# meshd from $FROM_IMAGE in a container that gets what the DaemonSet's pod gets (read from the
+# rendered manifest by scripts/pod-to-podman.py): the gateway's namespace is the node's network.
+start_meshd_container() {
+  local i=$1 name etc run dev line after=0 opts=() cmd=()
+  name=$(container "$i") etc="$state/m$i.etc" run="$state/m$i.run" dev=$(iface "$i")
+  meshd_config "$i"
+  mkdir -p "$etc" "$run"
+  # The ConfigMap's meshd.toml and the Secret's private.key, as the projected volume holds them;
+  # the lab's exports file beside them (the lab has no Kubernetes API for the watcher).
+  sed -e "s|$state/m$i.key|/etc/meshd/private.key|" \
+      -e "s|$state/m$i.exports.toml|/etc/meshd/exports.toml|" \
+      -e '/^admin_socket/d' -e 's|:53"$|:5353"|' "$state/m$i.toml" >"$etc/meshd.toml"
+  install -m 0444 "$state/m$i.exports.toml" "$etc/exports.toml"
+  install -m 0400 "$state/m$i.key" "$etc/private.key"
+  chmod 0444 "$etc/meshd.toml"
+  # Port 53 to meshd's 5353, as the meshd-dns Service maps it for CoreDNS.
+  for proto in udp tcp; do
+    in_ns "m${i}gw" iptables -t nat -A PREROUTING -d "$(gw_pod_ip "$i")" -p "$proto" --dport 53 -j REDIRECT --to-ports 5353
+  done
+  while IFS= read -r line; do
+    if [ "$line" = "--" ]; then after=1
+    elif [ "$after" = 1 ]; then cmd+=("$line")
+    else opts+=("$line")
+    fi
+  done < <(rendered "$i" \
+    | python3 "$here/pod-to-podman.py" --netns "$(ns "m${i}gw")" --volume config="$etc" --volume run="$run")
+  podman run -d --name "$name" "${opts[@]}" "$FROM_IMAGE" "${cmd[@]}" >/dev/null
+  podman inspect -f '{{.State.Pid}}' "$name" >"$state/m$i.pid"
+  podman logs -f "$name" >"$state/m$i.log" 2>&1 &
+  # The sockets where the host's tools look for them.
+  for _ in $(seq 100); do [ -S "$run/wireguard/$dev.sock" ] && break; sleep 0.1; done
+  [ -S "$run/wireguard/$dev.sock" ] || { log "meshd in $name did not start; its log:"; podman logs "$name" >&2; return 1; }
+  mkdir -p /var/run/wireguard
+  ln -sfn "$run/wireguard/$dev.sock" "/var/run/wireguard/$dev.sock"
+  ln -sfn "$run/meshd/meshd.sock" "$state/m$i.admin.sock"
+}
+
+# The rendered DaemonSet's HTTP probes of gateway i answer 200 (as the kubelet would ask them).
+probes_pass() {
+  local i=$1 kind probe_port path code
+  while read -r kind probe_port path; do
+    for _ in $(seq 100); do
+      code=$(in_ns "m${i}gw" curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$probe_port$path" || true)
+      [ "$code" = 200 ] && break
+      sleep 0.1
+    done
+    [ "$code" = 200 ] || { log "m$i: the $kind probe (:$probe_port$path) answers $code"; return 1; }
+    log "m$i: $kind probe :$probe_port$path answers 200"
+  done < <(rendered "$i" | python3 "$here/pod-to-podman.py" --probes)
+}
+
 # wireguard-go, boringtun-cli or an empty meshd, configured with wg and ip, as an operator would.
 start_userspace() {
   local i=$1 impl=$2 bin=$3 o dev; o=$(other "$1"); dev=$(iface "$i")
@@ -282,8 +368,16 @@ wait_for_tunnel() {
 
 up() {
   ensure_packages
-  local bin
-  bin=$(meshd_bin)  # meshctl makes the keys for every implementation
+  local bin=""
+  if [ -n "$FROM_IMAGE" ]; then
+    ensure_image_tools
+    ensure_debs iptables
+    use_containers_conf
+    podman image exists "$FROM_IMAGE" || { echo "no image $FROM_IMAGE: build it with scripts/image.sh --offline --arch amd64" >&2; exit 1; }
+  else
+    bin=$(meshd_bin)  # meshctl makes the keys for every implementation
+    MESHD_BIN_DIR=$bin
+  fi
   down
   mkdir -p "$state"
   echo "$M1 $M2" >"$state/impls"
@@ -296,16 +390,17 @@ up() {
     in_ns m1gw ip -6 route add "$(pod6_cidr 2)" via "$(underlay6_ip 2)"
     in_ns m2gw ip -6 route add "$(pod6_cidr 1)" via "$(underlay6_ip 1)"
   else
-    keys "$bin"
+    keys
     for i in 1 2; do
       case "$(impl_of "$i")" in
-        meshd) start_meshd "$i" "$bin" ;;
+        meshd) if [ -n "$FROM_IMAGE" ]; then start_meshd_container "$i"; else start_meshd "$i" "$bin"; fi ;;
         *) start_userspace "$i" "$(impl_of "$i")" "$bin" ;;
       esac
     done
   fi
   web_servers
   wait_for_tunnel
+  if [ -n "$FROM_IMAGE" ]; then probes_pass 1; probes_pass 2; fi
   log "lab up: m1 ($M1) <-> m2 ($M2); state in $state"
 }
 
@@ -351,7 +446,11 @@ demo() {
     in_ns m1pod curl -sS --max-time 5 "http://$name/"
     echo
     echo "== meshctl peers on M1"
-    "$(meshd_bin)/meshctl" peers --socket "$state/m1.admin.sock"
+    if [ -n "$FROM_IMAGE" ]; then
+      podman exec "$(container 1)" meshctl peers
+    else
+      meshctl peers --socket "$state/m1.admin.sock"
+    fi
   fi
   echo
   echo "lab demo passed: pods in 10.244.0.0/16 and 10.245.0.0/16 reach each other through meshd"

@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on Debian:
 # installs the packages it needs when missing, checks formatting and lints, smoke-runs the lab
 # throughput, DNS and handshake-flood benchmarks and of each fuzz target, validates the
-# Kubernetes manifests offline (deploy/validate.sh),
+# Kubernetes manifests offline (deploy/validate.sh), builds the amd64 image (scripts/image.sh),
 # then runs every test (unit, CLI, lab end-to-end, deploy configs, benchmark smoke runs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,6 +39,12 @@ fi
 
 # The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).
 deploy/validate.sh
+
+if [ "$(id -u)" -eq 0 ]; then
+  # The amd64 image (static release binaries built here, no registry), which tests/image.rs runs
+  # the lab from under the DaemonSet's security context.
+  scripts/image.sh --offline --arch amd64
+fi
 
 # One iteration of each criterion benchmark (a smoke run) and of the OpenSSL references beside
 # it, then the unit, CLI and lab tests.
