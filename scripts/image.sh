@@ -89,7 +89,9 @@ case "$builder" in
   podman|buildah)
     $builder manifest rm "$tag" >/dev/null 2>&1 || true
     $builder manifest create "$tag" >/dev/null
-    for arch in $archs; do
+    # Every architecture built so far (one run may build one, the next the other).
+    for arch in amd64 arm64; do
+      podman image exists "localhost/$tag-$arch" || continue
       $builder manifest add "$tag" "containers-storage:localhost/$tag-$arch" >/dev/null
     done ;;
 esac

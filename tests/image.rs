@@ -178,6 +178,17 @@ fn the_lab_runs_from_the_image_as_the_daemonset_runs_it() {
         ],
     );
     assert_eq!(answer.trim(), "10.97.0.20", "DNS through port 53 -> 5353");
+    let page = lab.exec_ok(
+        "m1pod",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://hello.demo.svc.clusterset.local/",
+        ],
+    );
+    assert_eq!(page.trim(), "hello from m2");
     let wg = lab.exec_ok("m1gw", &["wg", "show", &lab.iface(1), "latest-handshakes"]);
     assert!(!wg.trim().ends_with("\t0"), "no handshake: {wg}");
     let peers = podman(&["exec", name, "meshctl", "peers"]);
