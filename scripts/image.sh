@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the meshd container image (deploy/Dockerfile) for linux/amd64 and linux/arm64 with the
 # builder that is present (docker buildx, else podman, else buildah), tags one image per
-# architecture and a manifest list over them, and reports each image's size.
+# architecture, writes them and a manifest list over them to DIR, and reports each image's size.
 #
 # usage: scripts/image.sh [--arch amd64|arm64|all] [--offline] [--builder docker|podman|buildah]
 #                         [--tag NAME:VERSION] [--out DIR]
@@ -11,9 +11,12 @@
 #              from Docker Hub, as a user's own `docker buildx build` would.
 #   --tag      the manifest list's name (default meshd:VERSION from Cargo.toml); each
 #              architecture's image is NAME:VERSION-ARCH
-#   --out      also write DIR/meshd-VERSION-ARCH.tar (docker-archive: `docker load -i`,
-#              `kind load image-archive`) and, with podman, DIR/meshd-VERSION.oci.tar (the
-#              manifest list and both images, OCI layout)
+#   --out DIR  where to write DIR/meshd-VERSION-ARCH.tar (docker-archive: `docker load -i`,
+#              `kind load image-archive`) and, with podman or buildah, DIR/meshd-VERSION.oci.tar
+#              (the manifest list over every architecture built so far, with their images, OCI
+#              layout: `podman manifest push --all` to a registry, or `skopeo copy --all`).
+#              Default target/image. (The list is not kept in podman's storage: podman 4.3's
+#              `podman images` fails while a manifest list is stored.)
 # Installs podman, buildah and runc (when there is no docker), and gcc-aarch64-linux-gnu for an
 # offline arm64 build, when missing (Debian, as root).
 set -euo pipefail
@@ -23,7 +26,7 @@ root=$(dirname "$here")
 . "$here/deps.sh"
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
-archs="amd64 arm64" offline=0 builder="" tag="meshd:$version" out=""
+archs="amd64 arm64" offline=0 builder="" tag="meshd:$version" out="$root/target/image"
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) case "$2" in all) archs="amd64 arm64" ;; amd64|arm64) archs=$2 ;; *) echo "--arch: amd64, arm64 or all, not '$2'" >&2; exit 2 ;; esac; shift 2 ;;
@@ -81,45 +84,39 @@ for arch in $archs; do
   esac
 done
 
-# The manifest list: one name for both architectures, as a registry would serve it.
-case "$builder" in
-  docker)
-    echo "docker keeps no local manifest lists: push the per-architecture images, then" >&2
-    echo "  docker buildx imagetools create -t REGISTRY/$tag $(for a in $archs; do printf 'REGISTRY/%s ' "$tag-$a"; done)" >&2 ;;
-  podman|buildah)
-    $builder manifest rm "$tag" >/dev/null 2>&1 || true
-    $builder manifest create "$tag" >/dev/null
-    # Every architecture built so far (one run may build one, the next the other).
-    for arch in amd64 arm64; do
-      podman image exists "localhost/$tag-$arch" || continue
-      $builder manifest add "$tag" "containers-storage:localhost/$tag-$arch" >/dev/null
-    done ;;
-esac
-
 engine=$builder
 [ "$engine" = buildah ] && engine=podman
+base=$(basename "${tag%:*}")
+mkdir -p "$out"
 printf '%-24s %-12s %14s %18s\n' image platform "size (bytes)" "gzip'd layers"
 for arch in $archs; do
   image="$tag-$arch"
-  tar=$(mktemp)
+  tar="$out/$base-$version-$arch.tar"
+  rm -f "$tar"
   if [ "$builder" = docker ]; then
     docker save -o "$tar" "$image"
   else
-    rm -f "$tar"
     podman save -q --format docker-archive -o "$tar" "localhost/$image" >/dev/null
   fi
-  size=$(stat -c %s "$tar")
-  compressed=$(gzip -c "$tar" | wc -c)
-  printf '%-24s %-12s %14s %18s\n' "$image" "linux/$arch" "$size" "$compressed"
-  if [ -n "$out" ]; then
-    mkdir -p "$out"
-    mv "$tar" "$out/$(basename "$name")-$version-$arch.tar"
-  else
-    rm -f "$tar"
-  fi
+  printf '%-24s %-12s %14s %18s\n' "$image" "linux/$arch" "$(stat -c %s "$tar")" "$(gzip -c "$tar" | wc -c)"
 done
-if [ -n "$out" ] && [ "$engine" = podman ]; then
-  rm -f "$out/$(basename "$name")-$version.oci.tar"
-  podman manifest push --all "$tag" "oci-archive:$out/$(basename "$name")-$version.oci.tar" >/dev/null
-  echo "wrote $out/$(basename "$name")-$version-ARCH.tar (docker-archive) and $(basename "$name")-$version.oci.tar (manifest list)" >&2
+
+# The manifest list: one name for both architectures, as a registry serves it.
+if [ "$engine" = podman ]; then
+  list="$out/$base-$version.oci.tar"
+  rm -f "$list"
+  $builder manifest rm "$tag" >/dev/null 2>&1 || true
+  $builder manifest create "$tag" >/dev/null
+  included=()
+  for arch in amd64 arm64; do
+    podman image exists "localhost/$tag-$arch" || continue
+    $builder manifest add "$tag" "containers-storage:localhost/$tag-$arch" >/dev/null
+    included+=("linux/$arch")
+  done
+  podman manifest push --all "$tag" "oci-archive:$list" >/dev/null 2>&1
+  $builder manifest rm "$tag" >/dev/null
+  echo "$list: manifest list $tag over ${included[*]}" >&2
+else
+  echo "docker keeps no local manifest lists: push the per-architecture images, then" >&2
+  echo "  docker buildx imagetools create -t REGISTRY/$tag $(for a in $archs; do printf 'REGISTRY/%s ' "$tag-$a"; done)" >&2
 fi
