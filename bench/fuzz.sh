@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of the parsers that take input from the network (fuzz/fuzz_targets/):
 # libFuzzer through cargo-fuzz on the nightly toolchain, each target for the given time. Prints,
-# per target, the executions per second and the coverage libFuzzer reached; a crash stops the
-# run with the input saved under fuzz/artifacts/TARGET/ (make it a regression test).
+# per target, the CPU-seconds it got (less than the wall time when the machine is busy), the
+# executions per second and the coverage libFuzzer reached; a crash stops the run with the
+# input saved under fuzz/artifacts/TARGET/ (make it a regression test).
 # The corpus grows in fuzz/corpus/TARGET/ (not in git) across runs.
 #
 # usage: bench/fuzz.sh [--seconds S] [--smoke] [TARGET...]
@@ -35,12 +36,14 @@ cd "$root/fuzz"
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 cargo +nightly fuzz build
 
-printf '%-12s %8s %10s %8s %s\n' target seconds execs/s cov result
+printf '%-12s %8s %8s %10s %8s %s\n' target seconds cpu-s execs/s cov result
 failed=0
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   log=$(mktemp)
-  if cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+  # The fuzzer's CPU time (user + system, the children's that were waited for).
+  TIMEFORMAT='%U %S'
+  if { time cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; } 2>"$log.cpu"; then
     result=ok
   else
     result="CRASH (input in fuzz/artifacts/$t/; log $log)"
@@ -48,7 +51,9 @@ for t in "${targets[@]}"; do
   fi
   execs=$(awk '/stat::average_exec_per_sec/ {print $NF}' "$log")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
-  printf '%-12s %8s %10s %8s %s\n' "$t" "$seconds" "${execs:--}" "${cov:--}" "$result"
+  cpu=$(awk '{printf "%.0f", $1 + $2}' "$log.cpu")
+  printf '%-12s %8s %8s %10s %8s %s\n' "$t" "$seconds" "$cpu" "${execs:--}" "${cov:--}" "$result"
+  rm -f "$log.cpu"
   [ "$result" = ok ] && rm -f "$log"
 done
 exit "$failed"
