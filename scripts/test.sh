@@ -23,6 +23,18 @@ else
 fi
 ensure_cargo
 
+# The build outputs (debug, static release, fuzz builds) and the image take about 7 GiB on a fresh
+# checkout; a full disk otherwise surfaces as some test's ENOSPC halfway through.
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+mkdir -p "$target_dir"
+free_gib=$(( $(df --output=avail -k "$target_dir" | tail -1) / 1048576 ))
+if [ "$free_gib" -lt 10 ]; then
+  echo "scripts/test.sh: only $free_gib GiB free on the filesystem of $target_dir; the suite needs about 10 GiB (build outputs, the image, fuzz builds): free some (for example 'cargo clean' in other checkouts) and run it again" >&2
+  exit 1
+fi
+# CI builds once from scratch: incremental caches would only take disk.
+[ -z "${CI:-}" ] || export CARGO_INCREMENTAL=0
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS='-D warnings' cargo doc --no-deps --quiet
@@ -30,11 +42,11 @@ cargo build --bins --quiet
 
 if [ "$(id -u)" -eq 0 ]; then
   # A short run of the end-to-end benchmark (debug binaries; dependencies are optimised).
-  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
+  MESHD_BIN_DIR="$target_dir/debug" bench/lab-throughput.sh --smoke --impls "none meshd wireguard-go"
   # And of the DNS benchmark: dnsperf against meshd's responder and knot, same answers checked first.
-  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/dns-qps.sh --smoke
+  MESHD_BIN_DIR="$target_dir/debug" bench/dns-qps.sh --smoke
   # And of the handshake flood: iperf3 alone and under 20,000 valid-MAC2 initiations a second.
-  MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug" bench/handshake-flood.sh --smoke
+  MESHD_BIN_DIR="$target_dir/debug" bench/handshake-flood.sh --smoke
 fi
 
 # The Kubernetes manifests, offline: rendered, schema-validated, policy-checked (deploy/validate.sh).
