@@ -43,9 +43,9 @@ lab="$root/scripts/lab.sh"
 state=/run/meshd-lab/hf
 cleanup() { "$lab" down --prefix hf >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-if ! "$lab" up --prefix hf >/tmp/meshd-flood-lab.log 2>&1; then
+if ! "$lab" up --prefix hf --nodes 1 >/tmp/meshd-flood-lab.log 2>&1; then
   cat /tmp/meshd-flood-lab.log >&2
-  echo "lab up failed (output above); rerun: $lab up --prefix hf" >&2
+  echo "lab up failed (output above); rerun: $lab up --prefix hf --nodes 1" >&2
   exit 1
 fi
 # The attacker's address and its helpers' (which put M2 under load so that a cookie is issued).

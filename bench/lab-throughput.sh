@@ -4,7 +4,9 @@
 # one machine.
 #
 # usage: bench/lab-throughput.sh [--runs N] [--seconds S] [--smoke] [--impls "meshd ..."]
-#                                [--modes "tcp1 tcp4 udp"] [--udp-rate 1G]
+#                                [--modes "tcp1 tcp4 udp"] [--udp-rate 1G] [--workers]
+#   --workers  two nodes per cluster: from the pod of M1's second node (a route agent) to the
+#              pod of M2's second node, across both gateways (default: gateway pod to pod)
 #   tcp1: TCP, 1 stream   tcp4: TCP, 4 streams   udp: UDP at --udp-rate, 1300-byte datagrams
 #   --smoke   one 1-second tcp1 run of each implementation that is installed (CI; no installs)
 # Prints, per mode, receiver Mbit/s (min / median / max of N runs), meshd's median divided by
@@ -18,6 +20,7 @@ root=$(dirname "$here")
 . "$here/lib.sh"
 
 runs=3 seconds=10 smoke=0 impls="none meshd boringtun wireguard-go" modes="tcp1 tcp4 udp" rate=1G
+nodes=1 client=bnm1pod server=bnm2pod server_ip=10.245.1.10
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     --impls) impls=$2; shift 2 ;;
     --modes) modes=$2; shift 2 ;;
     --udp-rate) rate=$2; shift 2 ;;
+    --workers) nodes=2 client=bnm1n2pod server=bnm2n2pod server_ip=10.245.2.10; shift ;;
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -63,10 +67,10 @@ measure() {
     tcp4) args=(-t "$seconds" -P 4) ;;
     udp) args=(-t "$seconds" -u -b "$rate" -l 1300) ;;
   esac
-  ip netns exec bnm2pod iperf3 -s -1 -D
+  ip netns exec "$server" iperf3 -s -1 -D
   sleep 0.3
   before=$(busy_ticks)
-  out=$(ip netns exec bnm1pod iperf3 -c 10.245.1.10 -f m "${args[@]}")
+  out=$(ip netns exec "$client" iperf3 -c "$server_ip" -f m "${args[@]}")
   after=$(busy_ticks)
   local line
   if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
@@ -82,9 +86,9 @@ measure() {
 
 declare -A mbps cpu loss
 for impl in $impls; do
-  if ! "$lab" up --prefix bn --m1 "$impl" --m2 "$impl" >/tmp/meshd-bench-lab.log 2>&1; then
+  if ! "$lab" up --prefix bn --nodes "$nodes" --m1 "$impl" --m2 "$impl" >/tmp/meshd-bench-lab.log 2>&1; then
     cat /tmp/meshd-bench-lab.log >&2
-    echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --m1 $impl --m2 $impl" >&2
+    echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --nodes $nodes --m1 $impl --m2 $impl" >&2
     exit 1
   fi
   for mode in $modes; do
@@ -102,7 +106,7 @@ for impl in $impls; do
 done
 
 for mode in $modes; do
-  printf '\n%s: iperf3 m1pod -> m2pod, %s s x %s runs (receiver Mbit/s)\n' "$mode" "$seconds" "$runs"
+  printf '\n%s: iperf3 %s -> %s, %s s x %s runs (receiver Mbit/s)\n' "$mode" "${client#bn}" "${server#bn}" "$seconds" "$runs"
   printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio CPU-s/GB loss
   meshd_median=$(values "${mbps[meshd.$mode]:-0}" | median)
   for impl in $impls; do

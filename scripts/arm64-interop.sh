@@ -36,7 +36,7 @@ podman cp "$id:/usr/local/bin/meshd" "$work/meshd"
 podman rm "$id" >/dev/null
 echo "== the image's arm64 meshd under qemu-user: $(qemu-aarch64-static "$work/meshd" --version)"
 
-lab up
+lab up --nodes 1
 state=/run/meshd-lab/$prefix
 ns() { echo "$prefix$1"; }
 # M2's gateway: the arm64 meshd, same configuration, under qemu-user.

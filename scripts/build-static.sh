@@ -2,7 +2,8 @@
 # Builds static (musl) release binaries of meshd and meshctl for one architecture and lays them
 # out as the image's root filesystem: DEST/usr/local/bin/{meshd,meshctl}, DEST/run, and
 # DEST/var/run -> /run (meshd's UAPI socket lives in /var/run/wireguard, and the image's root is
-# read-only: the DaemonSet mounts a writable /run). Used by scripts/image.sh on the host and by
+# read-only: the DaemonSet mounts a writable /run), with Debian's nft beside them
+# (scripts/nft-rootfs.sh: the masquerade bypass needs it). Used by scripts/image.sh on the host and by
 # deploy/Dockerfile's build stage, so both build the same way.
 #
 # usage: scripts/build-static.sh amd64|arm64 DEST
@@ -36,4 +37,5 @@ built="${CARGO_TARGET_DIR:-$root/target}/$target/release"
 mkdir -p "$dest/usr/local/bin" "$dest/run" "$dest/var"
 cp "$built/meshd" "$built/meshctl" "$dest/usr/local/bin/"
 ln -sfn /run "$dest/var/run"
+"$here/nft-rootfs.sh" "$arch" "$dest"
 echo "$dest: meshd and meshctl for linux/$arch ($target)"

@@ -20,6 +20,8 @@ declare -A MESHD_PACKAGES=(
   [valgrind]=valgrind
   [openssl]=openssl
   [cc]=gcc
+  [iptables]=iptables
+  [nft]=nftables
 )
 # header file -> Debian package providing it (bench/hot-path.sh builds against libcrypto)
 declare -A MESHD_HEADERS=(

@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The two-cluster lab on one machine: network namespaces stand in for the clusters.
+# The two-cluster lab on one machine: network namespaces stand in for the clusters' nodes.
 #
-#   m1pod (10.244.1.10) -- m1gw ══ underlay 192.0.2.0/24 ══ m2gw -- m2pod (10.245.1.10)
-#   (and IPv6: pods fd00:244::10 and fd00:245::10, underlay fd00:192::/64)
+#   M1 (3 nodes)                                          M2 (2 nodes)
+#   m1pod   m1n2pod   m1n3pod                             m2pod   m2n2pod
+#     |        |         |                                  |        |
+#   m1gw ─── m1n2 ──── m1n3   (cluster bridge 172.18.1.0/24) m2gw ─── m2n2   (172.18.2.0/24)
+#     ╚════════════ underlay 192.0.2.0/24 ═══════════════════╝
 #
-# Each gateway runs a WireGuard implementation (meshd by default) that routes the other cluster's
-# pod CIDR through the tunnel. meshd also answers clusterset.local DNS on the gateway's pod-side
-# address (10.24x.1.1:53) for the services in its exports file (web and headless db, see below)
-# and those its peer exports (synced through the tunnel; M2 alone exports hello). Each pod serves
-# HTTP on port 80, also at its cluster's service IPs (10.9x.0.10, M2's hello 10.97.0.20: the
-# lab's stand-in for kube-proxy), and resolves names through its gateway's meshd.
+# Node k of cluster i has the pod /24 10.24x.k.0/24 (its pod at .10, the node at .1), routed
+# between nodes as kindnet does, and kindnet's masquerade rule (-s POD_CIDR ! -d POD_CIDR -j
+# MASQUERADE). Node 1 is the gateway: it runs a WireGuard implementation (meshd by default) that
+# routes the other cluster's CIDRs through the tunnel; on every other node meshd runs as route
+# agent (the same configuration, gateway_address = 172.18.i.1). The gateway pods also have IPv6
+# (fd00:244::10 and fd00:245::10, underlay fd00:192::/64). meshd answers clusterset.local DNS on
+# the gateway's pod-side address (10.24x.1.1:53) for the services in its exports file (web and
+# headless db, see below) and those its peer exports (synced through the tunnel; M2 alone exports
+# hello, backed by the pod of M2's last node). Each pod serves HTTP on port 80, also at its
+# cluster's service IPs (the lab's stand-in for kube-proxy), and resolves names through its
+# gateway's meshd.
 #
-# usage: scripts/lab.sh up|down|demo|status [--m1 IMPL] [--m2 IMPL] [--prefix P]
+# usage: scripts/lab.sh up|down|demo|status [--nodes N|N1,N2] [--m1 IMPL] [--m2 IMPL] [--prefix P]
+#   --nodes N1,N2  nodes of M1 and M2 (N: both); default 3,2 with M2 behind NAT (--nat);
+#                  --nodes 1 is the fast two-node lab the tests use
 #   IMPL: meshd (default) | meshd-wg (meshd started empty, configured only with wg set)
-#         | wireguard-go | boringtun | none (plain routing, no tunnel)
+#         | wireguard-go | boringtun | none (plain routing, no tunnel); every implementation but
+#         meshd gets the routes and masquerade exceptions an operator would add by hand
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
+#   --no-nat    not so, with the default topology
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
 #   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
 #   --tx-threads N   meshd's transmit threads (TUN queues), default 1
@@ -24,7 +36,7 @@
 #                    gives its pod: the gateway's namespace as the node's network, its security
 #                    context, its volumes (meshd.toml and the key at /etc/meshd, /run, the TUN
 #                    device), its command; DNS on 5353 with 53 redirected, as the meshd-dns
-#                    Service maps it; meshctl run from the image
+#                    Service maps it; meshctl run from the image (needs --nodes 1)
 # env: MESHD_BIN_DIR  directory holding meshd (default: build target/release with cargo)
 #      BORINGTUN_THREADS  threads for boringtun-cli (default 1)
 set -euo pipefail
@@ -36,13 +48,15 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT=0 OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE=""
+M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
     --m2) M2=$2; shift 2 ;;
     --prefix) P=$2; shift 2 ;;
     --nat) NAT=1; shift ;;
+    --no-nat) NAT=0; shift ;;
+    --nodes) NODES=$2; shift 2 ;;
     --no-offload) OFFLOAD=false; shift ;;
     --ipv6-underlay) UNDERLAY6=1; shift ;;
     --tx-threads) TX_THREADS=$2; shift 2 ;;
@@ -50,6 +64,14 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
+# The default topology: M1 = 3 nodes, M2 = 2 nodes behind NAT.
+if [ -z "$NODES" ]; then NODES=3,2; NAT=${NAT:-1}; fi
+NAT=${NAT:-0}
+case "$NODES" in
+  [1-9]) N1=$NODES N2=$NODES ;;
+  [1-9],[1-9]) N1=${NODES%,*} N2=${NODES#*,} ;;
+  *) echo "--nodes '$NODES': give N or N1,N2, each 1-9" >&2; exit 2 ;;
+esac
 for impl in "$M1" "$M2"; do
   case "$impl" in meshd|meshd-wg|wireguard-go|boringtun|none) ;; *)
     echo "unknown implementation '$impl': use meshd, meshd-wg, wireguard-go, boringtun or none" >&2; exit 2 ;;
@@ -57,6 +79,9 @@ for impl in "$M1" "$M2"; do
 done
 if [ -n "$FROM_IMAGE" ] && { [ "$M1" != meshd ] || [ "$M2" != meshd ]; }; then
   echo "--from-image runs meshd gateways: it needs --m1 meshd --m2 meshd" >&2; exit 2
+fi
+if [ -n "$FROM_IMAGE" ] && [ "$N1$N2" != 11 ]; then
+  echo "--from-image runs the gateways only: it needs --nodes 1" >&2; exit 2
 fi
 if [ "$M1" = none ] || [ "$M2" = none ]; then
   [ "$M1" = "$M2" ] || { echo "--m1 none needs --m2 none (plain routing has no tunnel)" >&2; exit 2; }
@@ -84,9 +109,20 @@ endpoint_of() { if [ "$UNDERLAY6" = 1 ]; then echo "[$(underlay6_ip "$1")]:$port
 tunnel_ip() { echo "100.64.0.$1"; }
 web_ip() { echo "10.9$((5 + $1)).0.10"; }
 hello_ip() { echo "10.97.0.20"; }
-svc_ips() { web_ip "$1"; [ "$1" = 2 ] && hello_ip; return 0; }
+svc_ips() { web_ip "$1"; [ "$1" = 2 ] && [ "$N2" = 1 ] && hello_ip; return 0; }
 iface() { echo "${P}m$1wg"; }
 other() { echo $((3 - $1)); }
+nodes_of() { if [ "$1" = 1 ]; then echo "$N1"; else echo "$N2"; fi; }
+# node k of cluster i: its namespace and its pod's (unprefixed), its pod's IP, its own address
+# on the pod side and on the cluster bridge
+node_ns() { if [ "$2" = 1 ]; then echo "m$1gw"; else echo "m$1n$2"; fi; }
+pod_ns() { if [ "$2" = 1 ]; then echo "m$1pod"; else echo "m$1n$2pod"; fi; }
+node_pod_ip() { echo "10.24$((3 + $1)).$2.10"; }
+node_pod_gw() { echo "10.24$((3 + $1)).$2.1"; }
+node_ip() { echo "172.18.$1.$2"; }
+# the pod on cluster i's last node (a non-gateway node when it has several)
+last_pod_ns() { pod_ns "$1" "$(nodes_of "$1")"; }
+last_pod_ip() { node_pod_ip "$1" "$(nodes_of "$1")"; }
 impl_of() { if [ "$1" = 1 ]; then echo "$M1"; else echo "$M2"; fi; }
 
 meshd_bin() {
@@ -122,54 +158,99 @@ kubectl_bin() {
 # The rendered manifests of cluster i's overlay.
 rendered() { "$(kubectl_bin)" kustomize "$root/deploy/overlays/m$1"; }
 
+# Every namespace of this lab, whatever its topology was.
+lab_namespaces() {
+  ip netns list | awk '{print $1}' | grep -E "^${P}m[12](gw|pod|sw|n[0-9]|n[0-9]pod)\$" || true
+}
+
 down() {
   if command -v podman >/dev/null 2>&1; then
     for i in 1 2; do podman rm -f -t 0 "$(container "$i")" >/dev/null 2>&1 || true; done
   fi
-  for i in 1 2; do
-    for n in gw pod; do
-      local name; name=$(ns "m$i$n")
-      if ip netns list | grep -qw "$name"; then
-        # Processes keep a namespace alive: stop them first.
-        for pid in $(ip netns pids "$name" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
-        sleep 0.2
-        for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-        ip netns del "$name" 2>/dev/null || true
-      fi
-    done
-    rm -f "/var/run/wireguard/$(iface "$i").sock"
-    rm -rf "/etc/netns/$(ns "m${i}pod")"
+  local name
+  for name in $(lab_namespaces); do
+    # Processes keep a namespace alive: stop them first (meshd takes its routes and table away).
+    for pid in $(ip netns pids "$name" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
   done
+  sleep 0.3
+  for name in $(lab_namespaces); do
+    for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$name" 2>/dev/null || true
+    rm -rf "/etc/netns/$name"
+  done
+  for i in 1 2; do rm -f "/var/run/wireguard/$(iface "$i").sock"; done
   rm -rf "$state"
+}
+
+# Node k of cluster i with its pod behind a veth, as kindnet sets them up, and kindnet's
+# masquerade rule.
+make_node() {
+  local i=$1 k=$2 nn pn; nn=$(node_ns "$i" "$k") pn=$(pod_ns "$i" "$k")
+  ip netns add "$(ns "$nn")"
+  ip netns add "$(ns "$pn")"
+  in_ns "$nn" ip link set lo up
+  in_ns "$pn" ip link set lo up
+  ip link add "${P}m${i}p$k" netns "$(ns "$pn")" type veth peer name "${P}m${i}g$k" netns "$(ns "$nn")"
+  in_ns "$pn" ip link set "${P}m${i}p$k" name eth0
+  in_ns "$pn" ip addr add "$(node_pod_ip "$i" "$k")/24" dev eth0
+  in_ns "$pn" ip link set eth0 up
+  in_ns "$pn" ip route add default via "$(node_pod_gw "$i" "$k")"
+  in_ns "$nn" ip link set "${P}m${i}g$k" name pod0
+  in_ns "$nn" ip addr add "$(node_pod_gw "$i" "$k")/24" dev pod0
+  in_ns "$nn" ip link set pod0 up
+  in_ns "$nn" sysctl -qw net.ipv4.ip_forward=1
+  if [ "$k" = 1 ]; then
+    in_ns "$pn" ip -6 addr add "$(pod6_ip "$i")/64" dev eth0 nodad
+    in_ns "$pn" ip -6 route add default via "$(gw_pod6_ip "$i")"
+    in_ns "$nn" ip -6 addr add "$(gw_pod6_ip "$i")/64" dev pod0 nodad
+    in_ns "$nn" sysctl -qw net.ipv6.conf.all.forwarding=1
+  fi
+  # the pod's resolver is its cluster's gateway meshd (ip netns exec bind-mounts this file)
+  mkdir -p "/etc/netns/$(ns "$pn")"
+  echo "nameserver $(gw_pod_ip "$i")" >"/etc/netns/$(ns "$pn")/resolv.conf"
+  # kindnet's masquerade: pod traffic leaving the pod CIDR takes the node's address
+  in_ns "$nn" iptables -t nat -A POSTROUTING -s "$(pod_cidr "$i")" ! -d "$(pod_cidr "$i")" -j MASQUERADE
+}
+
+# Cluster i's nodes on one bridge (in a namespace of its own), each node's pod /24 routed to it.
+cluster_network() {
+  local i=$1 n; n=$(nodes_of "$1")
+  ip netns add "$(ns "m${i}sw")"
+  in_ns "m${i}sw" ip link add br0 type bridge
+  in_ns "m${i}sw" ip link set br0 up
+  for k in $(seq "$n"); do
+    local nn; nn=$(node_ns "$i" "$k")
+    ip link add "${P}m${i}e$k" netns "$(ns "$nn")" type veth peer name "${P}m${i}s$k" netns "$(ns "m${i}sw")"
+    in_ns "m${i}sw" ip link set "${P}m${i}s$k" master br0 up
+    in_ns "$nn" ip link set "${P}m${i}e$k" name eth0
+    in_ns "$nn" ip addr add "$(node_ip "$i" "$k")/24" dev eth0
+    in_ns "$nn" ip link set eth0 up
+  done
+  for k in $(seq "$n"); do
+    for j in $(seq "$n"); do
+      [ "$j" = "$k" ] && continue
+      in_ns "$(node_ns "$i" "$k")" ip route add "10.24$((3 + i)).$j.0/24" via "$(node_ip "$i" "$j")"
+    done
+    # the service CIDR: kube-proxy's stand-in is the gateway node's route to its pod
+    [ "$k" = 1 ] || in_ns "$(node_ns "$i" "$k")" ip route add "$(svc_cidr "$i")" via "$(node_ip "$i" 1)"
+  done
 }
 
 topology() {
   for i in 1 2; do
-    ip netns add "$(ns "m${i}gw")"
-    ip netns add "$(ns "m${i}pod")"
-    in_ns "m${i}gw" ip link set lo up
-    in_ns "m${i}pod" ip link set lo up
-    # pod <-> gateway
-    ip link add "${P}m${i}p" netns "$(ns "m${i}pod")" type veth peer name "${P}m${i}g" netns "$(ns "m${i}gw")"
-    in_ns "m${i}pod" ip link set "${P}m${i}p" name eth0
-    in_ns "m${i}pod" ip addr add "$(pod_ip "$i")/24" dev eth0
-    in_ns "m${i}pod" ip link set eth0 up
-    in_ns "m${i}pod" ip route add default via "$(gw_pod_ip "$i")"
-    in_ns "m${i}pod" ip -6 addr add "$(pod6_ip "$i")/64" dev eth0 nodad
-    in_ns "m${i}pod" ip -6 route add default via "$(gw_pod6_ip "$i")"
-    in_ns "m${i}gw" ip link set "${P}m${i}g" name pod0
-    in_ns "m${i}gw" ip addr add "$(gw_pod_ip "$i")/24" dev pod0
-    in_ns "m${i}gw" ip -6 addr add "$(gw_pod6_ip "$i")/64" dev pod0 nodad
-    in_ns "m${i}gw" ip link set pod0 up
-    # the cluster's service IPs live on its pod (as kube-proxy would send them there)
+    for k in $(seq "$(nodes_of "$i")"); do make_node "$i" "$k"; done
+    [ "$(nodes_of "$i")" = 1 ] || cluster_network "$i"
+    # the cluster's service IPs live on its gateway's pod (as kube-proxy would send them there)
     for svc in $(svc_ips "$i"); do in_ns "m${i}pod" ip addr add "$svc/32" dev lo; done
     in_ns "m${i}gw" ip route add "$(svc_cidr "$i")" via "$(pod_ip "$i")"
-    # the pod's resolver is its gateway's meshd (ip netns exec bind-mounts this file)
-    mkdir -p "/etc/netns/$(ns "m${i}pod")"
-    echo "nameserver $(gw_pod_ip "$i")" >"/etc/netns/$(ns "m${i}pod")/resolv.conf"
-    in_ns "m${i}gw" sysctl -qw net.ipv4.ip_forward=1
-    in_ns "m${i}gw" sysctl -qw net.ipv6.conf.all.forwarding=1
   done
+  if [ "$N2" != 1 ]; then
+    # M2's hello is served by the pod of its last node
+    local host; host=$(node_ns 2 "$N2")
+    in_ns "$(last_pod_ns 2)" ip addr add "$(hello_ip)/32" dev lo
+    in_ns "$host" ip route add "$(hello_ip)/32" via "$(last_pod_ip 2)"
+    in_ns m2gw ip route add "$(hello_ip)/32" via "$(node_ip 2 "$N2")"
+  fi
   # the underlay between the gateways
   ip link add "${P}ul1" netns "$(ns m1gw)" type veth peer name "${P}ul2" netns "$(ns m2gw)"
   for i in 1 2; do
@@ -177,6 +258,19 @@ topology() {
     in_ns "m${i}gw" ip addr add "$(underlay_ip "$i")/24" dev ul0
     in_ns "m${i}gw" ip -6 addr add "$(underlay6_ip "$i")/64" dev ul0 nodad
     in_ns "m${i}gw" ip link set ul0 up
+  done
+}
+
+# What an operator adds by hand for an implementation that is not meshd: routes from the other
+# nodes to the gateway, and exceptions to the masquerade rule for the other cluster's CIDRs.
+operator_routes() {
+  local i=$1 o; o=$(other "$1")
+  for k in $(seq "$(nodes_of "$i")"); do
+    local nn; nn=$(node_ns "$i" "$k")
+    for remote in "$(pod_cidr "$o")" "$(svc_cidr "$o")"; do
+      in_ns "$nn" iptables -t nat -I POSTROUTING 1 -s "$(pod_cidr "$i")" -d "$remote" -j RETURN
+      [ "$k" = 1 ] || in_ns "$nn" ip route add "$remote" via "$(node_ip "$i" 1)"
+    done
   done
 }
 
@@ -215,29 +309,39 @@ namespace = "demo"
 name = "hello"
 ips = ["$(hello_ip)"]
 ports = [{ name = "http", protocol = "TCP", port = 80 }]
-endpoints = [{ ip = "$(pod_ip "$i")" }]
+endpoints = [{ ip = "$(last_pod_ip 2)" }]
 EXPORTS
   fi
 }
 
-# Each pod serves "hello from mI" over HTTP on port 80 (all its addresses).
+# Each pod serves "hello from mI" (the gateway's) or "hello from mInK" over HTTP on port 80
+# (all its addresses).
 web_servers() {
+  local i k pn name
   for i in 1 2; do
-    mkdir -p "$state/www$i"
-    echo "hello from m$i" >"$state/www$i/index.html"
-    in_ns "m${i}pod" python3 -m http.server 80 --bind 0.0.0.0 --directory "$state/www$i" >"$state/www$i.log" 2>&1 &
+    for k in $(seq "$(nodes_of "$i")"); do
+      pn=$(pod_ns "$i" "$k") name=m$i; [ "$k" = 1 ] || name=m${i}n$k
+      mkdir -p "$state/www-$pn"
+      echo "hello from $name" >"$state/www-$pn/index.html"
+      in_ns "$pn" python3 -m http.server 80 --bind 0.0.0.0 --directory "$state/www-$pn" >"$state/www-$pn.log" 2>&1 &
+    done
   done
   for i in 1 2; do
-    for _ in $(seq 100); do
-      [ -n "$(in_ns "m${i}pod" ss -Hltn 'sport = :80')" ] && continue 2
-      sleep 0.1
+    for k in $(seq "$(nodes_of "$i")"); do
+      pn=$(pod_ns "$i" "$k")
+      for _ in $(seq 100); do
+        [ -n "$(in_ns "$pn" ss -Hltn 'sport = :80')" ] && continue 2
+        sleep 0.1
+      done
+      log "the web server in $pn did not start; its log:"; cat "$state/www-$pn.log" >&2; return 1
     done
-    log "the web server in m${i}pod did not start; its log:"; cat "$state/www$i.log" >&2; return 1
   done
 }
 
 meshd_config() {
-  local i=$1 o endpoint keepalive=""; o=$(other "$1")
+  local i=$1 o endpoint keepalive="" gateway=""; o=$(other "$1")
+  # Several nodes: every node reads this file; the one with this address is the gateway.
+  [ "$(nodes_of "$i")" = 1 ] || gateway="gateway_address = \"$(node_ip "$i" 1)\""
   exports_file "$i"
   endpoint="endpoint = \"$(endpoint_of "$o")\""
   if [ "$NAT" = 1 ]; then
@@ -256,6 +360,7 @@ tx_threads = $TX_THREADS
 exports_file = "$state/m$i.exports.toml"
 dns_listen = "$(gw_pod_ip "$i"):53"
 admin_socket = "$state/m$i.admin.sock"
+$gateway
 
 [[peers]]
 name = "m$o"
@@ -273,6 +378,17 @@ start_meshd() {
   # Not through in_ns: $! must be meshd's own PID (ip netns exec execs it) for signals.
   ip netns exec "$(ns "m${i}gw")" "$bin/meshd" --config "$state/m$i.toml" >"$state/m$i.log" 2>&1 &
   echo $! >"$state/m$i.pid"
+}
+
+# meshd as route agent on every other node of cluster i, from the gateway's configuration file.
+start_agents() {
+  local i=$1 bin=$2 k nn
+  for k in $(seq 2 "$(nodes_of "$i")"); do
+    nn=$(node_ns "$i" "$k")
+    ip netns exec "$(ns "$nn")" "$bin/meshd" --config "$state/m$i.toml" \
+      --admin-socket "$state/$nn.admin.sock" >"$state/$nn.log" 2>&1 &
+    echo $! >"$state/$nn.pid"
+  done
 }
 
 # meshd from $FROM_IMAGE in a container that gets what the DaemonSet's pod gets (read from the
@@ -351,19 +467,32 @@ start_userspace() {
   in_ns "m${i}gw" ip -6 route replace "$(pod6_cidr "$o")" dev "$dev"
 }
 
-wait_for_tunnel() {
+# The first ping from pod $2 (namespace) to $3 that passes, within 20 s; a meshd that exited
+# fails it at once, with its log.
+wait_for_ping() {
+  local what=$1 from=$2 to=$3 f
   for _ in $(seq 100); do
-    if in_ns m1pod ping -c1 -W1 "$(pod_ip 2)" >/dev/null 2>&1; then return 0; fi
-    for i in 1 2; do
-      if [ -f "$state/m$i.pid" ] && ! kill -0 "$(cat "$state/m$i.pid")" 2>/dev/null; then
-        log "gateway m$i ($(impl_of "$i")) exited; its log:"; cat "$state/m$i.log" >&2; return 1
+    if in_ns "$from" ping -c1 -W1 "$to" >/dev/null 2>&1; then return 0; fi
+    for f in "$state"/*.pid; do
+      [ -f "$f" ] || continue
+      if ! kill -0 "$(cat "$f")" 2>/dev/null; then
+        local who; who=$(basename "$f" .pid)
+        log "the process behind $f exited; its log:"
+        cat "$state/$who.log" >&2; return 1
       fi
     done
     sleep 0.2
   done
-  log "no traffic across the tunnel after 20 s; gateway logs:"
-  cat "$state"/m*.log >&2 || true
+  log "no $what after 20 s ($from -> $to); logs:"
+  tail -n 20 "$state"/*.log >&2 || true
   return 1
+}
+
+wait_for_tunnel() {
+  wait_for_ping "traffic across the tunnel" m1pod "$(pod_ip 2)"
+  if [ "$N1" != 1 ] || [ "$N2" != 1 ]; then
+    wait_for_ping "traffic between non-gateway nodes' pods" "$(last_pod_ns 1)" "$(last_pod_ip 2)"
+  fi
 }
 
 up() {
@@ -389,19 +518,21 @@ up() {
     in_ns m2gw ip route add "$(svc_cidr 1)" via "$(underlay_ip 1)"
     in_ns m1gw ip -6 route add "$(pod6_cidr 2)" via "$(underlay6_ip 2)"
     in_ns m2gw ip -6 route add "$(pod6_cidr 1)" via "$(underlay6_ip 1)"
+    operator_routes 1
+    operator_routes 2
   else
     keys
     for i in 1 2; do
       case "$(impl_of "$i")" in
-        meshd) if [ -n "$FROM_IMAGE" ]; then start_meshd_container "$i"; else start_meshd "$i" "$bin"; fi ;;
-        *) start_userspace "$i" "$(impl_of "$i")" "$bin" ;;
+        meshd) if [ -n "$FROM_IMAGE" ]; then start_meshd_container "$i"; else start_meshd "$i" "$bin"; start_agents "$i" "$bin"; fi ;;
+        *) start_userspace "$i" "$(impl_of "$i")" "$bin"; operator_routes "$i" ;;
       esac
     done
   fi
   web_servers
   wait_for_tunnel
   if [ -n "$FROM_IMAGE" ]; then probes_pass 1; probes_pass 2; fi
-  log "lab up: m1 ($M1) <-> m2 ($M2); state in $state"
+  log "lab up: m1 ($M1, $N1 node(s)) <-> m2 ($M2, $N2 node(s)$([ "$NAT" = 1 ] && echo ', behind NAT')); state in $state"
 }
 
 status() {
@@ -414,42 +545,51 @@ demo() {
   trap 'down' EXIT
   trap 'exit 130' INT TERM
   up
+  # From a pod on M1's last node to one on M2's last node: with several nodes, neither is the
+  # gateway's, so the traffic crosses the route agents, the masquerade bypass and both gateways.
+  local a b an bn
+  a=$(last_pod_ns 1) b=$(last_pod_ns 2) an=$(last_pod_ip 1) bn=$(last_pod_ip 2)
   echo
-  echo "== ping m1pod -> m2pod and back"
-  in_ns m1pod ping -c 3 -i 0.2 "$(pod_ip 2)"
-  in_ns m2pod ping -c 3 -i 0.2 "$(pod_ip 1)"
+  echo "== ping $a ($an) -> $b ($bn) and back"
+  in_ns "$a" ping -c 3 -i 0.2 "$bn"
+  in_ns "$b" ping -c 3 -i 0.2 "$an"
   echo
-  echo "== iperf3 TCP m1pod -> m2pod (5 s)"
-  in_ns m2pod iperf3 -s -1 -D
+  echo "== iperf3 TCP $a -> $b (5 s)"
+  in_ns "$b" iperf3 -s -1 -D
   sleep 0.3
-  in_ns m1pod iperf3 -c "$(pod_ip 2)" -t 5 -f m | tail -4
+  in_ns "$a" iperf3 -c "$bn" -t 5 -f m | tail -4
   echo
-  echo "== iperf3 TCP m2pod -> m1pod (5 s)"
-  in_ns m1pod iperf3 -s -1 -D
+  echo "== iperf3 TCP $b -> $a (5 s)"
+  in_ns "$a" iperf3 -s -1 -D
   sleep 0.3
-  in_ns m2pod iperf3 -c "$(pod_ip 1)" -t 5 -f m | tail -4
+  in_ns "$b" iperf3 -c "$an" -t 5 -f m | tail -4
   echo
   echo "== wg show (standard WireGuard tooling against meshd)"
   status
   if [ "$M1" = meshd ] && [ "$M2" = meshd ]; then
     local name=hello.demo.svc.clusterset.local answer=""
     echo
-    echo "== clusterset.local DNS: m1pod asks M1's meshd for $name (exported by M2 only)"
+    echo "== clusterset.local DNS: $a asks M1's meshd for $name (exported by M2 only)"
     for _ in $(seq 100); do
-      answer=$(in_ns m1pod dig +short +time=1 +tries=1 @"$(gw_pod_ip 1)" "$name" A) && [ -n "$answer" ] && break
+      answer=$(in_ns "$a" dig +short +time=1 +tries=1 @"$(gw_pod_ip 1)" "$name" A) && [ -n "$answer" ] && break
       sleep 0.2
     done
     [ -n "$answer" ] || { log "M1's meshd never learned $name from M2; logs:"; cat "$state"/m*.log >&2; exit 1; }
-    in_ns m1pod dig +noall +answer @"$(gw_pod_ip 1)" "$name" A
+    in_ns "$a" dig +noall +answer @"$(gw_pod_ip 1)" "$name" A
     echo
-    echo "== curl http://$name/ from m1pod (its resolver is M1's meshd)"
-    in_ns m1pod curl -sS --max-time 5 "http://$name/"
+    echo "== curl http://$name/ from $a (its resolver is M1's meshd; M2's $b serves it)"
+    in_ns "$a" curl -sS --max-time 5 "http://$name/"
     echo
-    echo "== meshctl peers on M1"
+    echo "== meshctl peers on M1's gateway"
     if [ -n "$FROM_IMAGE" ]; then
       podman exec "$(container 1)" meshctl peers
     else
       meshctl peers --socket "$state/m1.admin.sock"
+    fi
+    if [ "$N1" != 1 ]; then
+      echo
+      echo "== meshctl peers on $(node_ns 1 "$N1") (a route agent)"
+      meshctl peers --socket "$state/$(node_ns 1 "$N1").admin.sock"
     fi
   fi
   echo
@@ -461,5 +601,5 @@ case "$action" in
   down) down; log "lab down" ;;
   demo) demo ;;
   status) status ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,41p' "$0" >&2; exit 2 ;;
 esac

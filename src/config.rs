@@ -58,6 +58,8 @@ pub struct ConfigFile {
     pub dns_ttl: Option<u32>,
     pub dns_rate_limit: Option<u32>,
     pub discovery_port: Option<u16>,
+    pub gateway_address: Option<String>,
+    pub masquerade_bypass: Option<bool>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -144,6 +146,14 @@ pub struct ConfigArgs {
     /// Port on the tunnel address for the catalog sync (TCP) and the health probe (UDP) [default: 51821].
     #[arg(long, env = "MESHD_DISCOVERY_PORT")]
     pub discovery_port: Option<u16>,
+    /// The gateway node's address (its InternalIP). Set: the node that has it is the gateway,
+    /// every other node a route agent routing the remote CIDRs to it. Unset: this node is the gateway.
+    #[arg(long, env = "MESHD_GATEWAY_ADDRESS")]
+    pub gateway_address: Option<String>,
+    /// Keep the CNI from masquerading traffic between local and remote CIDRs (nftables table
+    /// inet meshd; needs the nft tool) [default: true].
+    #[arg(long, env = "MESHD_MASQUERADE_BYPASS")]
+    pub masquerade_bypass: Option<bool>,
     // The help is an attribute, not a doc comment: rustdoc would read its brackets as links.
     #[arg(
         long = "peer",
@@ -232,6 +242,11 @@ pub struct Config {
     /// Identical UDP answers a second per client prefix; 0: no response-rate limiting.
     pub dns_rate_limit: u32,
     pub discovery_port: u16,
+    /// `None`: this node is the cluster's gateway; `Some`: the gateway node's address (this
+    /// node is the gateway if it has it, a route agent otherwise; see [`crate::node`]).
+    pub gateway_address: Option<IpAddr>,
+    /// Write the masquerade bypass ([`crate::node::bypass`]).
+    pub masquerade_bypass: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -628,6 +643,16 @@ impl Config {
         }
         check_overlaps(&owned)?;
 
+        let gateway_address = match args.gateway_address.clone().or(file.gateway_address) {
+            Some(text) => Some(text.trim().parse::<IpAddr>().map_err(|_| {
+                field(
+                    "gateway_address",
+                    format!("'{text}' is not an IP address; write the gateway node's InternalIP, e.g. 172.18.0.2 (kubectl get node NAME -o wide)"),
+                )
+            })?),
+            None => None,
+        };
+
         if private_key.is_none() && (args.config.is_some() || !peers.is_empty()) {
             return Err(field(
                 "private_key_file",
@@ -661,6 +686,11 @@ impl Config {
                 .discovery_port
                 .or(file.discovery_port)
                 .unwrap_or(DEFAULT_DISCOVERY_PORT),
+            gateway_address,
+            masquerade_bypass: args
+                .masquerade_bypass
+                .or(file.masquerade_bypass)
+                .unwrap_or(true),
             peers,
         })
     }
@@ -1037,6 +1067,22 @@ mod tests {
         assert!(e.contains("unknown key 'colour'"), "{e}");
         let e = parse_peer_spec("name=m2").unwrap_err().to_string();
         assert!(e.contains("public-key=... is missing"), "{e}");
+    }
+
+    #[test]
+    fn gateway_address_is_an_address_and_the_bypass_is_on_by_default() {
+        let fx = fixture();
+        let config = load(&fx, "gateway_address = \"172.18.1.1\"\n").unwrap();
+        assert_eq!(config.gateway_address, Some("172.18.1.1".parse().unwrap()));
+        assert!(config.masquerade_bypass);
+        let config = load(&fx, "masquerade_bypass = false\n").unwrap();
+        assert_eq!(config.gateway_address, None);
+        assert!(!config.masquerade_bypass);
+        let e = err_text(load(&fx, "gateway_address = \"node-1\"\n"));
+        assert!(
+            e.contains("gateway_address") && e.contains("'node-1'") && e.contains("InternalIP"),
+            "{e}"
+        );
     }
 
     #[test]

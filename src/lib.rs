@@ -23,3 +23,4 @@ pub mod http;
 pub mod keys;
 pub mod listener;
 pub mod netlink;
+pub mod node;

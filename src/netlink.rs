@@ -211,3 +211,17 @@ pub async fn underlay_mtu(exclude: &str) -> (u16, String) {
         ),
     }
 }
+
+/// Every address on this network namespace's interfaces (both families).
+pub async fn local_addresses(handle: &Handle) -> Result<Vec<std::net::IpAddr>, rtnetlink::Error> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut found = Vec::new();
+    let mut addresses = handle.address().get().execute();
+    while let Some(message) = addresses.try_next().await? {
+        found.extend(message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        }));
+    }
+    Ok(found)
+}

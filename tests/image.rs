@@ -39,8 +39,8 @@ fn image_or_skip(test: &str) -> bool {
 }
 
 #[test]
-fn the_image_holds_two_static_binaries_and_nothing_writable() {
-    if !image_or_skip("the_image_holds_two_static_binaries_and_nothing_writable") {
+fn the_image_holds_two_static_binaries_nft_and_nothing_writable() {
+    if !image_or_skip("the_image_holds_two_static_binaries_nft_and_nothing_writable") {
         return;
     }
     let created = podman(&["create", &image()]);
@@ -57,16 +57,49 @@ fn the_image_holds_two_static_binaries_and_nothing_writable() {
     assert_eq!(
         archive,
         [
+            "lib/",
+            "lib/x86_64-linux-gnu/",
+            "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            "lib/x86_64-linux-gnu/libbsd.so.0",
+            "lib/x86_64-linux-gnu/libc.so.6",
+            "lib/x86_64-linux-gnu/libedit.so.2",
+            "lib/x86_64-linux-gnu/libgmp.so.10",
+            "lib/x86_64-linux-gnu/libjansson.so.4",
+            "lib/x86_64-linux-gnu/libmd.so.0",
+            "lib/x86_64-linux-gnu/libmnl.so.0",
+            "lib/x86_64-linux-gnu/libnftables.so.1",
+            "lib/x86_64-linux-gnu/libnftnl.so.11",
+            "lib/x86_64-linux-gnu/libtinfo.so.6",
+            "lib/x86_64-linux-gnu/libxtables.so.12",
+            "lib64/",
+            "lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
             "run/",
             "usr/",
             "usr/local/",
             "usr/local/bin/",
             "usr/local/bin/meshctl",
             "usr/local/bin/meshd",
+            "usr/sbin/",
+            "usr/sbin/nft",
             "var/",
             "var/run -> /run",
         ],
         "the image's files"
+    );
+    // nft runs from the image's own libraries (the masquerade bypass needs it).
+    let nft = podman(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image(),
+        "nft",
+        "--version",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&nft.stdout).starts_with("nftables v"),
+        "{}",
+        text(&nft)
     );
     let labels = podman(&[
         "inspect",

@@ -1121,10 +1121,69 @@ fn granted() -> std::collections::BTreeSet<(String, String)> {
     pairs
 }
 
-/// The watcher is meshd's only Kubernetes API client: the ClusterRole must grant what it uses
-/// and nothing more (a later API client adds its rules here and to the exemptions below).
+/// A Node as the API serves it: `labels` and one InternalIP (`None`: no addresses).
+fn node(name: &str, gateway: bool, internal_ip: Option<&str>) -> Value {
+    let mut node = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {}
+    });
+    if gateway {
+        node["metadata"]["labels"]["meshd.io/gateway"] = json!("true");
+    }
+    if let Some(ip) = internal_ip {
+        node["status"]["addresses"] = json!([
+            {"type": "Hostname", "address": name},
+            {"type": "InternalIP", "address": ip}
+        ]);
+    }
+    node
+}
+
+/// Every node's meshd finds the gateway the same way: the node labelled meshd.io/gateway=true,
+/// at its InternalIP; no such node, or one without an address, is an error that says what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
+async fn the_gateway_is_the_labelled_node_at_its_internal_ip() {
+    use meshd::node::kubernetes::{gateway_node, GatewayError};
+    let server = ApiServer::start().await;
+    server.apply(node("worker-1", false, Some("172.18.0.3")));
+    let none = gateway_node(server.client()).await.unwrap_err();
+    assert!(matches!(none, GatewayError::NoneLabelled), "{none}");
+    assert!(
+        none.to_string()
+            .contains("kubectl label node NODE meshd.io/gateway=true"),
+        "{none}"
+    );
+
+    server.apply(node("m1-control-plane", true, None));
+    let e = gateway_node(server.client()).await.unwrap_err();
+    assert!(
+        e.to_string().contains("m1-control-plane has no InternalIP"),
+        "{e}"
+    );
+
+    server.apply(node("m1-control-plane", true, Some("172.18.0.2")));
+    let (name, address) = gateway_node(server.client()).await.unwrap();
+    assert_eq!(
+        (name.as_str(), address.to_string().as_str()),
+        ("m1-control-plane", "172.18.0.2")
+    );
+    // A second labelled node: the first by name stays the gateway.
+    server.apply(node("m1-worker", true, Some("172.18.0.4")));
+    let (name, _) = gateway_node(server.client()).await.unwrap();
+    assert_eq!(name, "m1-control-plane");
+
+    server.forbid("list", "nodes");
+    let e = gateway_node(server.client()).await.unwrap_err();
+    assert!(e.to_string().contains("needs get/list on nodes"), "{e}");
+}
+
+/// The watcher and the gateway lookup are meshd's Kubernetes API clients: the ClusterRole must
+/// grant what they use and nothing more (a later API client adds its rules here and to the
+/// exemptions below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_rbac_grants_exactly_what_meshd_uses() {
     let server = ApiServer::start().await;
     web(&server);
     // m2's older export on port 80: the import is created with port 80 ...
@@ -1156,6 +1215,11 @@ async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
     })
     .await;
 
+    server.apply(node("m1-control-plane", true, Some("172.18.0.2")));
+    meshd::node::kubernetes::gateway_node(server.client())
+        .await
+        .unwrap();
+
     let used: std::collections::BTreeSet<(String, String)> = server
         .requests()
         .into_iter()
@@ -1165,7 +1229,7 @@ async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
     let missing: Vec<_> = used.difference(&granted).collect();
     assert!(
         missing.is_empty(),
-        "the watcher uses {missing:?}, which deploy/base/rbac.yaml does not grant"
+        "meshd uses {missing:?}, which deploy/base/rbac.yaml does not grant"
     );
     // Beyond what it used here, only `get` (read-only, used when a create finds the object
     // already there) is granted.
@@ -1175,6 +1239,6 @@ async fn deploy_rbac_grants_exactly_what_the_watcher_uses() {
         .collect();
     assert!(
         unused.is_empty(),
-        "deploy/base/rbac.yaml grants {unused:?}, which the watcher never uses"
+        "deploy/base/rbac.yaml grants {unused:?}, which meshd never uses"
     );
 }

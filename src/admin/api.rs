@@ -172,6 +172,10 @@ pub struct PeerView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeersResponse {
     pub peers: Vec<PeerView>,
+    /// This node: gateway or route agent, and whether its routes and masquerade bypass are in
+    /// place (absent from a meshd older than the route agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<crate::node::NodeView>,
 }
 
 /// The daemon's health, as `/healthz` and `/readyz` report it.

@@ -8,6 +8,7 @@
 use super::api::{ErrorBody, ExportsResponse, HealthView, PeersResponse, StatusView};
 use super::monitor::PeerMonitor;
 use crate::discovery::clusterset::Clusterset;
+use crate::node::NodeState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -87,6 +88,7 @@ struct AdminState {
     health: Arc<Health>,
     clusterset: Arc<Clusterset>,
     identity: Identity,
+    node: NodeState,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -102,6 +104,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn peers(State(state): State<AdminState>) -> Json<PeersResponse> {
     Json(PeersResponse {
         peers: state.monitor.peers(),
+        node: Some(state.node.read().clone()),
     })
 }
 
@@ -142,6 +145,7 @@ pub fn admin_router(
     health: Arc<Health>,
     clusterset: Arc<Clusterset>,
     identity: Identity,
+    node: NodeState,
 ) -> Router {
     Router::new()
         .route("/v1/peers", get(peers))
@@ -164,7 +168,36 @@ pub fn admin_router(
             health,
             clusterset,
             identity,
+            node,
         })
+}
+
+/// The admin API of a route agent: `GET /v1/peers` with no peers (the tunnel ends on the
+/// gateway) and this node's state, which is what `meshctl peers` shows on any node.
+pub fn agent_router(node: NodeState) -> Router {
+    Router::new()
+        .route(
+            "/v1/peers",
+            get(|State(node): State<NodeState>| async move {
+                Json(PeersResponse {
+                    peers: Vec::new(),
+                    node: Some(node.read().clone()),
+                })
+            }),
+        )
+        .fallback(|uri: axum::http::Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint {uri} on a route agent: it serves GET /v1/peers (its node state); ask the gateway node's meshd for /v1/status and /v1/exports"),
+            )
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed; the admin API is read-only (GET)"),
+            )
+        })
+        .with_state(node)
 }
 
 /// Why the admin socket could not be opened.

@@ -16,6 +16,8 @@ use meshd::discovery::probe::Prober;
 use meshd::discovery::sync::{self as catalog_sync, Followers, SyncErrors};
 use meshd::discovery::{discovery_peers, exports, kubernetes, ExportCatalog};
 use meshd::dns;
+use meshd::node::keeper::{Keeper, Prefixes};
+use meshd::node::{NodeState, NodeView, Role};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -55,7 +57,34 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control plane runtime")?;
-    let config = Config::load(&cli.config)?;
+    let mut config = Config::load(&cli.config)?;
+    if config.gateway_address.is_none() && config.kubernetes {
+        // Every node asks the API which node is the gateway; the answer holds until a restart.
+        let (node, address) = runtime
+            .block_on(async {
+                let client = kubernetes::connect().await?;
+                anyhow::Ok(meshd::node::kubernetes::gateway_node(client).await?)
+            })
+            .context(
+                "cannot tell which node is the gateway (kubernetes = true, no gateway_address)",
+            )?;
+        tracing::info!(%node, %address, "the gateway node, from the Kubernetes API");
+        config.gateway_address = Some(address);
+    }
+    let own_addresses = runtime
+        .block_on(async {
+            let handle = meshd::netlink::connect()?;
+            meshd::netlink::local_addresses(&handle)
+                .await
+                .map_err(std::io::Error::other)
+        })
+        .context(
+            "cannot read this node's addresses over netlink (to tell whether it is the gateway)",
+        )?;
+    let role = meshd::node::role(config.gateway_address, &own_addresses);
+    if role == Role::RouteAgent {
+        return runtime.block_on(run_agent(cli.config, config));
+    }
     let catalog = exports::load(config.exports_file.as_deref(), &config.cluster, 1)?;
     if config.local_cidrs.is_empty() {
         tracing::warn!("no local_cidrs: decrypted packets are delivered to any destination, this node's own addresses included; set local_cidrs to this cluster's pod and service CIDRs");
@@ -231,6 +260,21 @@ async fn control_plane(
 
     let monitor = PeerMonitor::new(dataplane.clone(), prober.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
+    let node_state: NodeState = Arc::new(parking_lot::RwLock::new(NodeView::new(
+        Role::Gateway,
+        config.gateway_address,
+        config.masquerade_bypass,
+    )));
+    let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(node_prefixes(&config));
+    let keeper = Keeper::start(
+        meshd::netlink::connect().context("cannot open a netlink socket for the node's routes")?,
+        Role::Gateway,
+        config.gateway_address,
+        config.masquerade_bypass,
+        prefixes_rx,
+        node_state.clone(),
+    )
+    .await?;
     let (controller, mut wanted) = Controller::new(dataplane);
     let mut routes = RouteTable::new(&config.interface, ifindex)
         .context("cannot open a netlink socket for routes")?;
@@ -292,6 +336,7 @@ async fn control_plane(
             dns_listen: config.dns_listen,
             metrics_listen: config.metrics_listen,
         },
+        node_state,
     );
     let mut admin_task = tokio::spawn(admin::serve_admin(admin_listener, admin_router));
     tracing::info!(socket = %config.admin_socket.display(), "admin API is up");
@@ -325,6 +370,7 @@ async fn control_plane(
                     })
                 };
                 if let Some(new) = reloaded {
+                    prefixes_tx.send_replace(node_prefixes(&new));
                     if !config.kubernetes {
                         generation += 1;
                     }
@@ -398,9 +444,114 @@ async fn control_plane(
     dns_task.abort();
     admin_task.abort();
     sampler_task.abort();
+    keeper.stop().await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&config.admin_socket);
     tracing::info!("meshd stopped");
+    result
+}
+
+/// The prefixes of this node's part: this cluster's, and every peer's remote CIDRs.
+fn node_prefixes(config: &Config) -> Prefixes {
+    Prefixes {
+        local: config
+            .local_cidrs
+            .iter()
+            .chain(&config.deliver_cidrs)
+            .copied()
+            .collect(),
+        remote: meshd::node::remote_prefixes(&config.peers),
+    }
+}
+
+/// meshd on a node that is not the gateway: the route agent. It routes the remote CIDRs to the
+/// gateway node and keeps the masquerade bypass, with no tunnel, DNS or catalog of its own; it
+/// serves the probes and an admin API that `meshctl peers` reads.
+async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
+    let gateway = config
+        .gateway_address
+        .context("a route agent needs gateway_address")?;
+    tracing::info!(
+        cluster = %config.cluster,
+        %gateway,
+        "this node is not the gateway ({gateway} is not one of its addresses): running as route agent"
+    );
+    if config.metrics_listen.is_some() {
+        tracing::info!("route agent: /metrics is served by the gateway node's meshd only");
+    }
+    let state: NodeState = Arc::new(parking_lot::RwLock::new(NodeView::new(
+        Role::RouteAgent,
+        Some(gateway),
+        config.masquerade_bypass,
+    )));
+    let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(node_prefixes(&config));
+    let keeper = Keeper::start(
+        meshd::netlink::connect().context("cannot open a netlink socket for the node's routes")?,
+        Role::RouteAgent,
+        Some(gateway),
+        config.masquerade_bypass,
+        prefixes_rx,
+        state.clone(),
+    )
+    .await?;
+    let health = Health::new();
+    health.routes_programmed();
+    let mut health_task = match config.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
+            })?;
+            tokio::spawn(admin::serve_health(listener, health.clone()))
+        }
+        None => tokio::spawn(futures::future::pending()),
+    };
+    let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
+    let mut admin_task = tokio::spawn(admin::serve_admin(
+        admin_listener,
+        admin::agent_router(state),
+    ));
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let result = loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                let args = args.clone();
+                match tokio::task::spawn_blocking(move || Config::load(&args)).await {
+                    Ok(Ok(new)) => {
+                        if new.gateway_address.is_some() && new.gateway_address != config.gateway_address {
+                            tracing::warn!("SIGHUP: a changed gateway_address takes effect only after a restart (it may change this node's role)");
+                        }
+                        prefixes_tx.send_replace(node_prefixes(&new));
+                        tracing::info!("SIGHUP: configuration reloaded");
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: the reload failed; keeping the running configuration"),
+                }
+            }
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+            r = &mut admin_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the admin API on {} stopped", config.admin_socket.display())),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("admin socket {} failed", config.admin_socket.display()))),
+                    Err(e) => Err(anyhow::anyhow!("admin API task panicked: {e}")),
+                };
+            }
+            r = &mut health_task => {
+                break match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the health probe server stopped")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the health probe server failed")),
+                    Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
+                };
+            }
+        }
+    };
+    admin_task.abort();
+    health_task.abort();
+    keeper.stop().await;
+    let _ = std::fs::remove_file(&config.admin_socket);
+    tracing::info!("meshd (route agent) stopped");
     result
 }
 

@@ -41,7 +41,13 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 4] = [
+const KINDS: [Kind; 5] = [
+    Kind {
+        plural: "nodes",
+        kind: "Node",
+        group: "",
+        status_subresource: true,
+    },
     Kind {
         plural: "services",
         kind: "Service",
@@ -398,10 +404,12 @@ impl State {
     /// Stores `object` (created or replaced) with a new resourceVersion.
     fn put(&mut self, mut object: Value) -> ((&'static str, String, String), Value, &'static str) {
         let kind = kind_by_name(object["kind"].as_str().expect("object without kind"));
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .expect("object without namespace")
-            .to_string();
+        // Nodes are cluster-scoped: no namespace.
+        let namespace = match object["metadata"]["namespace"].as_str() {
+            Some(namespace) => namespace.to_string(),
+            None if kind.plural == "nodes" => String::new(),
+            None => panic!("object without namespace"),
+        };
         let name = object["metadata"]["name"]
             .as_str()
             .expect("object without name")

@@ -72,9 +72,16 @@ pub struct Lab {
     _guard: MutexGuard<'static, ()>,
 }
 
+/// `scripts/lab.sh`, in the fast one-node-per-cluster topology unless `extra` names `--nodes`.
 fn lab_script(action: &str, prefix: &str, m1: &str, m2: &str, extra: &[&str]) -> Output {
+    let nodes: &[&str] = if extra.contains(&"--nodes") {
+        &[]
+    } else {
+        &["--nodes", "1"]
+    };
     Command::new(repo_root().join("scripts/lab.sh"))
         .args([action, "--prefix", prefix, "--m1", m1, "--m2", m2])
+        .args(nodes)
         .args(extra)
         .env("MESHD_BIN_DIR", bin_dir())
         .output()

@@ -17,6 +17,7 @@ use meshd::admin::client::AdminClient;
 use meshd::defaults::ADMIN_SOCKET;
 use meshd::discovery::catalog::ServiceType;
 use meshd::keys::PrivateKey;
+use meshd::node::{NodeView, Role};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -218,10 +219,20 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
                     }
                     Output::Table | Output::Wide => {
                         let wide = args.output == Output::Wide;
-                        write!(out, "{}", render_table(&response.peers, wide, unix_now()))?;
+                        let agent = response
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.role == Role::RouteAgent);
+                        if !agent {
+                            write!(out, "{}", render_table(&response.peers, wide, unix_now()))?;
+                        }
+                        if let Some(node) = &response.node {
+                            write!(out, "{}", render_node(node))?;
+                        }
                     }
                 }
-                let all_up = response.peers.iter().all(|p| p.status == PeerState::Up);
+                let all_up = response.peers.iter().all(|p| p.status == PeerState::Up)
+                    && response.node.as_ref().is_none_or(|n| n.problems.is_empty());
                 if all_up {
                     0
                 } else {
@@ -548,6 +559,46 @@ fn align(rows: &[Vec<String>]) -> String {
 }
 
 /// The peers as an aligned table with a header row; `wide` adds the public key and MTU.
+/// This node's part under the peer table (on a route agent, instead of it): its role, the
+/// gateway, the masquerade bypass, a route agent's routes, and each problem with its fix.
+fn render_node(node: &NodeView) -> String {
+    let gateway = match (node.role, node.gateway) {
+        (Role::Gateway, Some(address)) => format!("gateway {address} (this node)"),
+        (Role::Gateway, None) => {
+            "gateway (this node; no gateway_address: the only one)".to_string()
+        }
+        (Role::RouteAgent, Some(address)) => format!("route agent; gateway {address}"),
+        (Role::RouteAgent, None) => "route agent; gateway unknown".to_string(),
+    };
+    let bypass = &node.masquerade_bypass;
+    let bypass = match (bypass.enabled, bypass.in_place, bypass.restored) {
+        (false, _, _) => "off (masquerade_bypass = false)".to_string(),
+        (true, false, _) => "MISSING".to_string(),
+        (true, true, 0) => "in place".to_string(),
+        (true, true, n) => format!("in place (written again {n} times)"),
+    };
+    let mut text = format!("node: {gateway} · masquerade bypass: {bypass}\n");
+    if node.role == Role::RouteAgent {
+        let mut rows = vec![vec![
+            "ROUTE".to_string(),
+            "VIA".to_string(),
+            "STATE".to_string(),
+        ]];
+        rows.extend(node.routes.iter().map(|r| {
+            vec![
+                r.prefix.to_string(),
+                r.via.to_string(),
+                if r.in_place { "in place" } else { "MISSING" }.to_string(),
+            ]
+        }));
+        text.push_str(&align(&rows));
+    }
+    for problem in &node.problems {
+        text.push_str(&format!("problem: {problem}\n"));
+    }
+    text
+}
+
 fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
     let mut header = vec![
         "NAME",
@@ -653,6 +704,47 @@ mod tests {
             allowed_cidrs: vec!["10.246.0.0/16".parse().unwrap()],
             mtu: 1420,
         }
+    }
+
+    #[test]
+    fn the_node_line_names_role_gateway_bypass_and_problems() {
+        let gw = "172.18.1.1".parse().unwrap();
+        let mut node = NodeView::new(Role::Gateway, Some(gw), true);
+        node.masquerade_bypass.in_place = true;
+        assert_eq!(
+            render_node(&node),
+            "node: gateway 172.18.1.1 (this node) · masquerade bypass: in place\n"
+        );
+        let mut agent = NodeView::new(Role::RouteAgent, Some(gw), true);
+        agent.routes.push(meshd::node::RouteView {
+            prefix: "10.245.0.0/16".parse().unwrap(),
+            via: gw,
+            in_place: false,
+        });
+        agent.forwarding = true;
+        agent.find_problems();
+        let text = render_node(&agent);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "node: route agent; gateway 172.18.1.1 · masquerade bypass: MISSING"
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["ROUTE", "VIA", "STATE"]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["10.245.0.0/16", "172.18.1.1", "MISSING"]
+        );
+        assert!(
+            lines[3].starts_with("problem: the masquerade bypass is not in place"),
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("problem: no route for 10.245.0.0/16 via the gateway 172.18.1.1"),
+            "{text}"
+        );
     }
 
     #[test]

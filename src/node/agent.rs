@@ -1,0 +1,230 @@
+//! The route agent: on a node that is not the gateway, routes every remote cluster's CIDR to
+//! the gateway node, so that pods on every node reach the other clusters.
+//!
+//! The routes go in the main table with a protocol number of meshd's own ([`PROTOCOL`],
+//! `ip route show proto 77`): meshd deletes only routes that carry it, clears the ones a killed
+//! meshd left when it starts, and removes all of them when it exits. A route to the gateway's
+//! address must already exist and be direct (the gateway on this node's L2 segment, as on
+//! kind, flannel host-gw and Calico without overlay): the remote prefixes go `via` it.
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The routing protocol number on meshd's routes (77, 'M'; not one iproute2 names).
+pub const PROTOCOL: u8 = 77;
+
+/// A route the agent could not put in place or take away.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot {action} route {prefix} via the gateway {gateway}: {source}; check that this node reaches {gateway} directly (ip route get {gateway}: no 'via')")]
+    Kernel {
+        action: &'static str,
+        prefix: IpNet,
+        gateway: IpAddr,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot read the routes over netlink: {0}")]
+    Dump(#[source] rtnetlink::Error),
+}
+
+fn message(prefix: IpNet, gateway: IpAddr) -> Option<RouteMessage> {
+    let protocol = RouteProtocol::Other(PROTOCOL);
+    match (prefix, gateway) {
+        (IpNet::V4(n), IpAddr::V4(gw)) => Some(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(gw)
+                .protocol(protocol)
+                .build(),
+        ),
+        (IpNet::V6(n), IpAddr::V6(gw)) => Some(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(gw)
+                .protocol(protocol)
+                .build(),
+        ),
+        _ => None,
+    }
+}
+
+/// Every route in the main table that carries meshd's protocol, with its prefix.
+async fn ours(handle: &Handle) -> Result<Vec<(IpNet, RouteMessage)>, rtnetlink::Error> {
+    let mut found = Vec::new();
+    for family in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut routes = handle.route().get(family).execute();
+        loop {
+            let route = match routes.try_next().await {
+                Ok(Some(route)) => route,
+                Ok(None) => break,
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if m.raw_code() == -libc::EAFNOSUPPORT || m.raw_code() == -libc::EOPNOTSUPP =>
+                {
+                    break
+                }
+                Err(e) => return Err(e),
+            };
+            if route.header.protocol != RouteProtocol::Other(PROTOCOL) {
+                continue;
+            }
+            let len = route.header.destination_prefix_length;
+            let prefix = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(
+                    rtnetlink::packet_route::route::RouteAddress::Inet(ip),
+                ) => IpNet::new((*ip).into(), len).ok(),
+                RouteAttribute::Destination(
+                    rtnetlink::packet_route::route::RouteAddress::Inet6(ip),
+                ) => IpNet::new((*ip).into(), len).ok(),
+                _ => None,
+            });
+            if let Some(prefix) = prefix {
+                found.push((prefix, route));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes every route that carries meshd's protocol; returns how many there were.
+pub async fn clear(handle: &Handle) -> Result<usize, AgentError> {
+    let routes = ours(handle).await.map_err(AgentError::Dump)?;
+    let count = routes.len();
+    for (_, route) in routes {
+        // Gone already (a link went down) is as good as deleted.
+        let _ = handle.route().del(route).execute().await;
+    }
+    Ok(count)
+}
+
+/// The agent's routes to one gateway.
+pub struct RouteAgent {
+    handle: Handle,
+    gateway: IpAddr,
+    wanted: BTreeSet<IpNet>,
+}
+
+impl RouteAgent {
+    pub fn new(handle: Handle, gateway: IpAddr) -> Self {
+        RouteAgent {
+            handle,
+            gateway,
+            wanted: BTreeSet::new(),
+        }
+    }
+
+    /// The prefixes of `prefixes` this agent can route: the gateway's family only (an IPv4
+    /// gateway address cannot carry IPv6 routes); the others are logged once per change.
+    fn routable(&self, prefixes: &[IpNet]) -> BTreeSet<IpNet> {
+        prefixes
+            .iter()
+            .filter(|p| {
+                let ok = p.addr().is_ipv6() == self.gateway.is_ipv6() && p.prefix_len() > 0;
+                if !ok {
+                    tracing::warn!(prefix = %p, gateway = %self.gateway,
+                        "not routing this prefix to the gateway: not of the gateway address's family, or a default route");
+                }
+                ok
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Makes meshd's routes exactly `prefixes` via the gateway.
+    pub async fn sync(&mut self, prefixes: &[IpNet]) -> Result<(), AgentError> {
+        self.wanted = self.routable(prefixes);
+        let present = ours(&self.handle).await.map_err(AgentError::Dump)?;
+        for (prefix, route) in present {
+            if !self.wanted.contains(&prefix) || !via_gateway(&route, self.gateway) {
+                let _ = self.handle.route().del(route).execute().await;
+            }
+        }
+        self.put_back().await.map(|_| ())
+    }
+
+    /// Adds (or replaces) every wanted route that is not in the kernel as meshd wants it;
+    /// returns how many it had to.
+    pub async fn put_back(&mut self) -> Result<usize, AgentError> {
+        let present: BTreeSet<IpNet> = ours(&self.handle)
+            .await
+            .map_err(AgentError::Dump)?
+            .into_iter()
+            .filter(|(_, route)| via_gateway(route, self.gateway))
+            .map(|(prefix, _)| prefix)
+            .collect();
+        let mut added = 0;
+        for prefix in self.wanted.difference(&present) {
+            let Some(msg) = message(*prefix, self.gateway) else {
+                continue;
+            };
+            self.handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| AgentError::Kernel {
+                    action: "add",
+                    prefix: *prefix,
+                    gateway: self.gateway,
+                    source,
+                })?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// The wanted routes and whether each is in place now.
+    pub async fn view(&self) -> Result<Vec<super::RouteView>, AgentError> {
+        let present: BTreeSet<IpNet> = ours(&self.handle)
+            .await
+            .map_err(AgentError::Dump)?
+            .into_iter()
+            .filter(|(_, route)| via_gateway(route, self.gateway))
+            .map(|(prefix, _)| prefix)
+            .collect();
+        Ok(self
+            .wanted
+            .iter()
+            .map(|prefix| super::RouteView {
+                prefix: *prefix,
+                via: self.gateway,
+                in_place: present.contains(prefix),
+            })
+            .collect())
+    }
+}
+
+fn via_gateway(route: &RouteMessage, gateway: IpAddr) -> bool {
+    route.attributes.iter().any(|a| match a {
+        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => {
+            IpAddr::V4(*ip) == gateway
+        }
+        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet6(ip)) => {
+            IpAddr::V6(*ip) == gateway
+        }
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_our_protocol_and_the_gateway_of_the_same_family() {
+        let gw: IpAddr = "172.18.1.1".parse().unwrap();
+        let msg = message("10.245.0.0/16".parse().unwrap(), gw).unwrap();
+        assert_eq!(msg.header.protocol, RouteProtocol::Other(PROTOCOL));
+        assert!(via_gateway(&msg, gw));
+        assert!(!via_gateway(&msg, "172.18.1.2".parse().unwrap()));
+        assert!(message("fd00:245::/64".parse().unwrap(), gw).is_none());
+    }
+}

@@ -1,0 +1,209 @@
+//! Keeps this node's part in place: writes the masquerade bypass and, on a route agent, the
+//! routes to the gateway; checks both every [`CHECK_EVERY`](super::CHECK_EVERY) and writes back
+//! what something removed; takes all of it away when meshd exits.
+
+use super::agent::{self, AgentError, RouteAgent};
+use super::bypass::{Bypass, BypassError};
+use super::{NodeState, NodeView, Role};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use tokio::sync::{oneshot, watch};
+
+/// The prefixes the node's part is about: this cluster's and the remote clusters'.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Prefixes {
+    pub local: Vec<IpNet>,
+    pub remote: Vec<IpNet>,
+}
+
+/// Why the node's part could not be put in place at start.
+#[derive(Debug, thiserror::Error)]
+pub enum KeeperError {
+    #[error(transparent)]
+    Bypass(#[from] BypassError),
+    #[error(transparent)]
+    Routes(#[from] AgentError),
+}
+
+/// The running keeper: [`Keeper::stop`] takes everything away.
+pub struct Keeper {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a masquerade bypass call panicked")
+}
+
+async fn with_bypass<T: Send + 'static>(
+    bypass: Bypass,
+    f: impl FnOnce(&mut Bypass) -> T + Send + 'static,
+) -> (Bypass, T) {
+    blocking(move || {
+        let mut bypass = bypass;
+        let out = f(&mut bypass);
+        (bypass, out)
+    })
+    .await
+}
+
+impl Keeper {
+    /// Clears what an earlier meshd left, writes the bypass (if `bypass_enabled`) and the
+    /// agent's routes (on a route agent), then keeps them in place until stopped.
+    pub async fn start(
+        handle: rtnetlink::Handle,
+        role: Role,
+        gateway: Option<IpAddr>,
+        bypass_enabled: bool,
+        mut prefixes: watch::Receiver<Prefixes>,
+        state: NodeState,
+    ) -> Result<Keeper, KeeperError> {
+        let cleared = agent::clear(&handle).await?;
+        if cleared > 0 {
+            tracing::info!(
+                routes = cleared,
+                "removed routes an earlier meshd left (proto 77)"
+            );
+        }
+        blocking(Bypass::remove).await?;
+        let wanted = prefixes.borrow_and_update().clone();
+        let mut bypass = None;
+        if bypass_enabled {
+            let (b, r) = with_bypass(
+                Bypass::new(wanted.local.clone(), wanted.remote.clone()),
+                Bypass::apply,
+            )
+            .await;
+            r?;
+            tracing::info!(table = super::bypass::TABLE, local = ?wanted.local, remote = ?wanted.remote,
+                "masquerade bypass in place: traffic between these keeps its source address");
+            bypass = Some(b);
+        }
+        let mut routes = match (role, gateway) {
+            (Role::RouteAgent, Some(gw)) => {
+                let mut agent = RouteAgent::new(handle.clone(), gw);
+                agent.sync(&wanted.remote).await?;
+                tracing::info!(gateway = %gw, prefixes = ?wanted.remote, "route agent: remote CIDRs routed to the gateway");
+                Some(agent)
+            }
+            _ => None,
+        };
+        publish(
+            &state,
+            role,
+            gateway,
+            bypass.as_ref(),
+            None,
+            routes.as_ref(),
+        )
+        .await;
+
+        let (stop_tx, mut stop_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(super::CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let mut error = None;
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    changed = prefixes.changed() => {
+                        if changed.is_err() { break; }
+                        let wanted = prefixes.borrow_and_update().clone();
+                        if let Some(b) = bypass.take() {
+                            let w = wanted.clone();
+                            let (b, r) = with_bypass(b, move |b| b.set_prefixes(w.local, w.remote)).await;
+                            error = r.err().map(|e| e.to_string());
+                            bypass = Some(b);
+                        }
+                        if let Some(agent) = routes.as_mut() {
+                            if let Err(e) = agent.sync(&wanted.remote).await {
+                                tracing::error!(error = %e, "route agent: a route to the gateway could not be set");
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if let Some(b) = bypass.take() {
+                            let (b, r) = with_bypass(b, Bypass::check).await;
+                            match r {
+                                Ok(true) => tracing::warn!(table = super::bypass::TABLE,
+                                    "the masquerade bypass was changed or removed (by hand, a CNI or an iptables/nft restore): written again"),
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(error = %e, "the masquerade bypass could not be checked or written");
+                                    error = Some(e.to_string());
+                                }
+                            }
+                            bypass = Some(b);
+                        }
+                        if let Some(agent) = routes.as_mut() {
+                            match agent.put_back().await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::warn!(routes = n, "route agent: routes to the gateway were removed: added again"),
+                                Err(e) => tracing::error!(error = %e, "route agent: a route to the gateway could not be put back"),
+                            }
+                        }
+                    }
+                }
+                publish(
+                    &state,
+                    role,
+                    gateway,
+                    bypass.as_ref(),
+                    error,
+                    routes.as_ref(),
+                )
+                .await;
+            }
+            if bypass.is_some() {
+                if let Err(e) = blocking(Bypass::remove).await {
+                    tracing::error!(error = %e, "the masquerade bypass could not be removed: nft delete table inet meshd");
+                }
+            }
+            if routes.is_some() {
+                if let Err(e) = agent::clear(&handle).await {
+                    tracing::error!(error = %e, "route agent: routes could not be removed: ip route flush proto 77");
+                }
+            }
+        });
+        Ok(Keeper {
+            stop: Some(stop_tx),
+            task,
+        })
+    }
+
+    /// Takes the bypass and the routes away, and waits until they are gone.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+async fn publish(
+    state: &NodeState,
+    role: Role,
+    gateway: Option<IpAddr>,
+    bypass: Option<&Bypass>,
+    error: Option<String>,
+    routes: Option<&RouteAgent>,
+) {
+    let mut view = NodeView::new(role, gateway, bypass.is_some());
+    if let Some(b) = bypass {
+        view.masquerade_bypass.in_place = error.is_none();
+        view.masquerade_bypass.restored = b.restored();
+        view.masquerade_bypass.error = error;
+    }
+    if let Some(agent) = routes {
+        match agent.view().await {
+            Ok(r) => view.routes = r,
+            Err(e) => view.problems.push(e.to_string()),
+        }
+    }
+    let read_error = view.problems.clone();
+    view.find_problems();
+    view.problems.extend(read_error);
+    *state.write() = view;
+}

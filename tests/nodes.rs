@@ -1,0 +1,326 @@
+//! Multi-node clusters in the lab (scripts/lab.sh --nodes 3,2): pods on nodes that are not the
+//! gateway reach the other cluster through meshd's route agent, across kindnet's masquerade
+//! rule; the masquerade bypass and the agent's routes come back when removed, and meshd leaves
+//! nothing behind when it exits. They need root and skip with a message otherwise.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The pod on M1's third node and the one on M2's second: neither is on a gateway node.
+const M1_WORKER_POD: &str = "10.244.3.10";
+const M2_WORKER_POD: &str = "10.245.2.10";
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// `curl` from a pod; the body when it answered within 2 s.
+fn curl(lab: &Lab, pod: &str, url: &str) -> Option<String> {
+    let out = lab.exec(pod, &["curl", "-sS", "--max-time", "2", url]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// What meshd may change on a node, with packet counters and timestamps taken out: routes of
+/// every table, policy rules, the nftables ruleset and the iptables rules.
+fn snapshot(lab: &Lab, node: &str) -> String {
+    let mut all = String::new();
+    for cmd in [
+        &["ip", "-4", "route", "show", "table", "all"][..],
+        &["ip", "-6", "route", "show", "table", "all"],
+        &["ip", "-4", "rule"],
+        &["ip", "-6", "rule"],
+        &["nft", "list", "ruleset"],
+        &["iptables-save"],
+        &["ip", "-o", "link", "show"],
+    ] {
+        all.push_str(&format!("$ {}\n", cmd.join(" ")));
+        all.push_str(&lab.exec_ok(node, cmd));
+    }
+    all.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let mut l = l.to_string();
+            for (start, end) in [
+                ("[", "]"),
+                ("counter packets ", " bytes "),
+                ("link/ether ", " brd"),
+            ] {
+                if let (Some(a), Some(b)) = (l.find(start), l.find(end)) {
+                    if a < b && l[a..].starts_with(start) {
+                        l.replace_range(a + start.len()..b, "N");
+                    }
+                }
+            }
+            l
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn pid(lab: &Lab, name: &str) -> i32 {
+    std::fs::read_to_string(lab.state.join(format!("{name}.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Sends `signal` to `pid` and waits until the process is gone.
+fn stop(pid: i32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) };
+    let gone = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
+    assert!(
+        gone.is_some(),
+        "meshd {pid} did not exit on signal {signal}"
+    );
+}
+
+/// Starts meshd as the lab does on a non-gateway node of cluster `i`.
+fn start_agent(lab: &Lab, node: &str, i: u8) -> Child {
+    let log = std::fs::File::create(lab.state.join(format!("{node}.log"))).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns(node)])
+        .arg(env!("CARGO_BIN_EXE_meshd"))
+        .args([
+            "--config",
+            lab.state.join(format!("m{i}.toml")).to_str().unwrap(),
+        ])
+        .args([
+            "--admin-socket",
+            lab.state
+                .join(format!("{node}.admin.sock"))
+                .to_str()
+                .unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        lab.state.join(format!("{node}.pid")),
+        child.id().to_string(),
+    )
+    .unwrap();
+    child
+}
+
+fn agent_routes(lab: &Lab, node: &str) -> String {
+    lab.exec_ok(node, &["ip", "route", "show", "proto", "77"])
+}
+
+fn bad_source(lab: &Lab, gateway: &str) -> f64 {
+    let body = lab.http_get(gateway, "127.0.0.1:9090", "/metrics");
+    metric(&body, "meshd_dropped_packets_total{reason=\"bad_source\"}").unwrap_or(0.0)
+}
+
+fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
+    let socket = lab.state.join(format!("{node}.admin.sock"));
+    let out = meshctl()
+        .args([
+            "peers",
+            "--output",
+            "json",
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+#[test]
+fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_part() {
+    if !root_or_skip(
+        "pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_part",
+    ) {
+        return;
+    }
+    let lab = Lab::up_with("to", "meshd", "meshd", &["--nodes", "3,2", "--nat"]);
+
+    // kindnet's masquerade rule is on the nodes, as on a kind cluster.
+    let nat = lab.exec_ok("m1n3", &["iptables-save", "-t", "nat"]);
+    assert!(
+        nat.contains("-A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE"),
+        "{nat}"
+    );
+
+    // Worker pod to worker pod, both ways: ping, iperf3, HTTP with the true source address.
+    assert!(lab
+        .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    assert!(lab
+        .ping_within("m2n2pod", M1_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    let there = lab.iperf3("m1n3pod", "m2n2pod", M2_WORKER_POD, &["-t", "2"]);
+    let back = lab.iperf3("m2n2pod", "m1n3pod", M1_WORKER_POD, &["-t", "2"]);
+    assert!(
+        there > 1_000_000 && back > 1_000_000,
+        "iperf3 moved {there} and {back} bytes"
+    );
+    let hello = wait_until(Duration::from_secs(15), || {
+        curl(&lab, "m1n3pod", "http://hello.demo.svc.clusterset.local/").as_deref()
+            == Some("hello from m2n2")
+    });
+    assert!(
+        hello.is_some(),
+        "hello.demo.svc.clusterset.local never answered from m1n3pod"
+    );
+    assert_eq!(
+        curl(&lab, "m2n2pod", &format!("http://{M1_WORKER_POD}/")).as_deref(),
+        Some("hello from m1n3")
+    );
+    let served = std::fs::read_to_string(lab.state.join("www-m2n2pod.log")).unwrap();
+    assert!(
+        served.contains(&format!("{M1_WORKER_POD} - -")),
+        "M2's pod saw another source:\n{served}"
+    );
+    let served = std::fs::read_to_string(lab.state.join("www-m1n3pod.log")).unwrap();
+    assert!(
+        served.contains(&format!("{M2_WORKER_POD} - -")),
+        "M1's pod saw another source:\n{served}"
+    );
+
+    // meshctl peers on the route agent: its role, the gateway, its routes, the bypass.
+    let socket = lab.state.join("m1n3.admin.sock");
+    let out = meshctl()
+        .args(["peers", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        table.starts_with("node: route agent; gateway 172.18.1.1 · masquerade bypass: in place\n"),
+        "{table}"
+    );
+    for prefix in ["10.245.0.0/16", "10.97.0.0/16"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                    == [prefix, "172.18.1.1", "in", "place"]),
+            "{table}"
+        );
+    }
+    let out = meshctl()
+        .args([
+            "peers",
+            "--socket",
+            lab.state.join("m1.admin.sock").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("node: gateway 172.18.1.1 (this node) · masquerade bypass: in place"),
+        "{}",
+        text(&out)
+    );
+
+    // The bypass removed by hand (meshd frozen so that it cannot put it back yet): a new
+    // connection leaves masqueraded and M2's gateway drops it as bad_source.
+    let agent = pid(&lab, "m1n3");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    lab.exec_ok("m1n3", &["nft", "delete", "table", "inet", "meshd"]);
+    let dropped = bad_source(&lab, "m2gw");
+    let without = curl(&lab, "m1n3pod", &format!("http://{M2_WORKER_POD}/"));
+    let dropped_after = bad_source(&lab, "m2gw");
+    // SAFETY: as above.
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    assert_eq!(
+        without, None,
+        "traffic passed without the masquerade bypass"
+    );
+    assert!(
+        dropped_after > dropped,
+        "M2 did not count the masqueraded packets as bad_source ({dropped} -> {dropped_after})"
+    );
+    // meshd puts it back within seconds.
+    let back = wait_until(Duration::from_secs(10), || {
+        curl(&lab, "m1n3pod", &format!("http://{M2_WORKER_POD}/")).is_some()
+    });
+    assert!(back.is_some(), "the masquerade bypass did not come back");
+    let node = &peers_json(&lab, "m1n3")["node"];
+    assert!(
+        node["masquerade_bypass"]["restored"].as_u64() >= Some(1),
+        "{node}"
+    );
+
+    // A route removed by hand comes back too.
+    lab.exec_ok("m1n3", &["ip", "route", "del", "10.245.0.0/16"]);
+    let back = wait_until(Duration::from_secs(10), || {
+        agent_routes(&lab, "m1n3").contains("10.245.0.0/16 via 172.18.1.1")
+    });
+    assert!(
+        back.is_some(),
+        "the route to the gateway did not come back:\n{}",
+        agent_routes(&lab, "m1n3")
+    );
+    assert!(lab
+        .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(5))
+        .is_some());
+
+    // The route agent exiting removes everything it added.
+    let running = snapshot(&lab, "m1n3");
+    stop(agent, libc::SIGTERM);
+    let clean = snapshot(&lab, "m1n3");
+    assert_ne!(running, clean);
+    assert_eq!(agent_routes(&lab, "m1n3"), "");
+    assert!(!clean.contains("table inet meshd"), "{clean}");
+    // Killed, it leaves its routes and table; the next start clears them and writes its own;
+    // a clean exit after that leaves the node exactly as it was.
+    let mut killed = start_agent(&lab, "m1n3", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_routes(&lab, "m1n3")
+            .lines()
+            .count()
+            == 2)
+        .is_some()
+    );
+    stop(killed.id() as i32, libc::SIGKILL);
+    let _ = killed.wait();
+    assert_eq!(
+        agent_routes(&lab, "m1n3").lines().count(),
+        2,
+        "a killed meshd cannot clean up"
+    );
+    let mut again = start_agent(&lab, "m1n3", 1);
+    assert!(lab
+        .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    assert_eq!(agent_routes(&lab, "m1n3").lines().count(), 2);
+    stop(again.id() as i32, libc::SIGTERM);
+    let _ = again.wait();
+    assert_eq!(snapshot(&lab, "m1n3"), clean);
+
+    // The same for a gateway: its TUN device, routes and bypass go with it.
+    stop(pid(&lab, "m2"), libc::SIGTERM);
+    let clean = snapshot(&lab, "m2gw");
+    assert!(
+        !clean.contains("table inet meshd") && !clean.contains(&lab.iface(2)),
+        "{clean}"
+    );
+    let mut gateway = lab.start_meshd(2, |c| c);
+    assert!(lab
+        .ping_within("m2n2pod", "10.244.2.10", Duration::from_secs(15))
+        .is_some());
+    stop(gateway.id() as i32, libc::SIGTERM);
+    let _ = gateway.wait();
+    assert_eq!(snapshot(&lab, "m2gw"), clean);
+}
