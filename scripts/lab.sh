@@ -8,8 +8,8 @@
 #     ╚════════════ underlay 192.0.2.0/24 ═══════════════════╝
 #
 # Node k of cluster i has the pod /24 10.24x.k.0/24 (its pod at .10, the node at .1), routed
-# between nodes as kindnet does, and kindnet's masquerade rule (-s POD_CIDR ! -d POD_CIDR -j
-# MASQUERADE). Node 1 is the gateway: it runs a WireGuard implementation (meshd by default) that
+# between nodes as kindnet does, kindnet's masquerade rule (-s POD_CIDR ! -d POD_CIDR -j
+# MASQUERADE) and strict reverse-path filtering (rp_filter=1). Node 1 is the gateway: it runs a WireGuard implementation (meshd by default) that
 # routes the other cluster's CIDRs through the tunnel; on every other node meshd runs as route
 # agent (the same configuration, gateway_address = 172.18.i.1). The gateway pods also have IPv6
 # (fd00:244::10 and fd00:245::10, underlay fd00:192::/64). meshd answers clusterset.local DNS on
@@ -199,6 +199,8 @@ make_node() {
   in_ns "$nn" ip addr add "$(node_pod_gw "$i" "$k")/24" dev pod0
   in_ns "$nn" ip link set pod0 up
   in_ns "$nn" sysctl -qw net.ipv4.ip_forward=1
+  # strict reverse-path filtering, as RHEL-family nodes have it: the strictest case meshd meets
+  in_ns "$nn" sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1
   if [ "$k" = 1 ]; then
     in_ns "$pn" ip -6 addr add "$(pod6_ip "$i")/64" dev eth0 nodad
     in_ns "$pn" ip -6 route add default via "$(gw_pod6_ip "$i")"

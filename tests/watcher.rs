@@ -1084,7 +1084,7 @@ async fn a_burst_of_changes_is_one_generation_and_the_watcher_stops_with_the_vie
     assert!(stopped.unwrap().is_ok());
 }
 
-/// The ClusterRole's rules in deploy/base/rbac.yaml as (verb, resource) pairs. The file keeps
+/// The ClusterRole's and the Role's rules in deploy/base/rbac.yaml as (verb, resource) pairs. The file keeps
 /// each rule's lists in flow style (`verbs: ["get", "list"]`), which is all this reads.
 fn granted() -> std::collections::BTreeSet<(String, String)> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml");
@@ -1102,12 +1102,17 @@ fn granted() -> std::collections::BTreeSet<(String, String)> {
         )
     };
     let mut pairs = std::collections::BTreeSet::new();
-    let cluster_role = text
+    let roles: Vec<&str> = text
         .split("\n---\n")
-        .find(|doc| doc.contains("\nkind: ClusterRole\n"))
-        .expect("a ClusterRole in deploy/base/rbac.yaml");
+        .filter(|doc| doc.contains("\nkind: ClusterRole\n") || doc.contains("\nkind: Role\n"))
+        .collect();
+    assert_eq!(
+        roles.len(),
+        2,
+        "a ClusterRole and a Role in deploy/base/rbac.yaml"
+    );
     let mut resources = Vec::new();
-    for line in cluster_role.lines() {
+    for line in roles.iter().flat_map(|r| r.lines()) {
         if let Some(r) = list(line, "resources:") {
             resources = r;
         } else if let Some(verbs) = list(line, "verbs:") {
@@ -1179,6 +1184,41 @@ async fn the_gateway_is_the_labelled_node_at_its_internal_ip() {
     assert!(e.to_string().contains("needs get/list on nodes"), "{e}");
 }
 
+/// The gateway writes the meshd-dns Service's one endpoint: created, then patched when it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_publishes_the_dns_services_endpoint() {
+    use meshd::node::kubernetes::{publish_dns, DNS_SERVICE, DNS_SLICE};
+    let server = ApiServer::start().await;
+    publish_dns(server.client(), "172.18.0.2".parse().unwrap(), 5353)
+        .await
+        .unwrap();
+    let slice = server.get("EndpointSlice", "default", DNS_SLICE).unwrap();
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        DNS_SERVICE
+    );
+    assert_eq!(slice["addressType"], "IPv4");
+    assert_eq!(slice["endpoints"][0]["addresses"], json!(["172.18.0.2"]));
+    assert_eq!(
+        slice["ports"],
+        json!([
+            {"name": "dns-udp", "port": 5353, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 5353, "protocol": "TCP"}
+        ])
+    );
+    publish_dns(server.client(), "172.18.0.4".parse().unwrap(), 5353)
+        .await
+        .unwrap();
+    let slice = server.get("EndpointSlice", "default", DNS_SLICE).unwrap();
+    assert_eq!(slice["endpoints"][0]["addresses"], json!(["172.18.0.4"]));
+    server.forbid("patch", "endpointslices");
+    assert!(
+        publish_dns(server.client(), "172.18.0.2".parse().unwrap(), 5353)
+            .await
+            .is_err()
+    );
+}
+
 /// The watcher and the gateway lookup are meshd's Kubernetes API clients: the ClusterRole must
 /// grant what they use and nothing more (a later API client adds its rules here and to the
 /// exemptions below).
@@ -1219,6 +1259,11 @@ async fn deploy_rbac_grants_exactly_what_meshd_uses() {
     meshd::node::kubernetes::gateway_node(server.client())
         .await
         .unwrap();
+    for _ in 0..2 {
+        meshd::node::kubernetes::publish_dns(server.client(), "172.18.0.2".parse().unwrap(), 5353)
+            .await
+            .unwrap();
+    }
 
     let used: std::collections::BTreeSet<(String, String)> = server
         .requests()

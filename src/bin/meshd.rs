@@ -187,10 +187,14 @@ async fn control_plane(
     let (probe_targets, sync_peers) = discovery_peers(&config);
     let prober = Prober::new(config.discovery_port, Vec::new());
     let clusterset = Clusterset::new(&config.cluster, prober.clone());
-    let mut kubernetes_task = if config.kubernetes {
-        let client = kubernetes::connect()
+    let kube_client = if config.kubernetes {
+        Some(kubernetes::connect()
             .await
-            .context("cannot reach the Kubernetes API (kubernetes = true): run in a pod with a service account, or set KUBECONFIG")?;
+            .context("cannot reach the Kubernetes API (kubernetes = true): run in a pod with a service account, or set KUBECONFIG")?)
+    } else {
+        None
+    };
+    let mut kubernetes_task = if let Some(client) = kube_client.clone() {
         tracing::info!(cluster = %config.cluster, "local exports come from the Kubernetes API (ServiceExports)");
         tokio::spawn(kubernetes::run(
             client,
@@ -322,6 +326,30 @@ async fn control_plane(
         }
         None => tokio::spawn(futures::future::pending()),
     };
+    // In Kubernetes the meshd-dns Service's endpoint is this gateway, written by it: the
+    // DaemonSet runs on every node, and only the gateway answers DNS.
+    let dns_endpoint_task = match (kube_client, config.gateway_address, config.dns_listen) {
+        (Some(client), Some(address), Some(listen)) => Some(tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match meshd::node::kubernetes::publish_dns(client.clone(), address, listen.port())
+                    .await
+                {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!(endpoint = %SocketAddr::new(address, listen.port()), "the meshd-dns Service's endpoint is written again");
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot write the meshd-dns Service's endpoint (EndpointSlice meshd-dns-gateway): CoreDNS cannot reach this gateway's DNS until it is; meshd's Role needs create and patch on endpointslices (deploy/base/rbac.yaml)");
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            }
+        })),
+        _ => None,
+    };
 
     let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
     let admin_router = admin::admin_router(
@@ -444,6 +472,9 @@ async fn control_plane(
     dns_task.abort();
     admin_task.abort();
     sampler_task.abort();
+    if let Some(task) = dns_endpoint_task {
+        task.abort();
+    }
     keeper.stop().await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&config.admin_socket);

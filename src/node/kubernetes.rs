@@ -62,3 +62,52 @@ pub async fn gateway_node(client: kube::Client) -> Result<(String, IpAddr), Gate
         .ok_or_else(|| GatewayError::NoAddress { node: name.clone() })?;
     Ok((name, address))
 }
+
+/// The Service CoreDNS forwards `clusterset.local` to (deploy/base/dns-service.yaml). It has no
+/// selector: meshd runs on every node but answers DNS on the gateway only, so the gateway
+/// publishes the Service's one endpoint itself, in [`DNS_SLICE`].
+pub const DNS_SERVICE: &str = "meshd-dns";
+/// The EndpointSlice the gateway writes for [`DNS_SERVICE`], in meshd's own namespace.
+pub const DNS_SLICE: &str = "meshd-dns-gateway";
+
+/// Writes (creates, or merge-patches) [`DNS_SLICE`]: `address:port`, UDP and TCP, in the
+/// client's namespace (meshd's, from its service account).
+pub async fn publish_dns(
+    client: kube::Client,
+    address: IpAddr,
+    port: u16,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let namespace = client.default_namespace().to_string();
+    let api = Api::<EndpointSlice>::namespaced(client, &namespace);
+    let body = serde_json::json!({
+        "addressType": if address.is_ipv6() { "IPv6" } else { "IPv4" },
+        "endpoints": [{ "addresses": [address.to_string()], "conditions": { "ready": true } }],
+        "ports": [
+            { "name": "dns-udp", "port": port, "protocol": "UDP" },
+            { "name": "dns-tcp", "port": port, "protocol": "TCP" }
+        ],
+    });
+    let mut slice = body.clone();
+    slice["apiVersion"] = "discovery.k8s.io/v1".into();
+    slice["kind"] = "EndpointSlice".into();
+    slice["metadata"] = serde_json::json!({
+        "name": DNS_SLICE,
+        "namespace": namespace,
+        "labels": {
+            "kubernetes.io/service-name": DNS_SERVICE,
+            "endpointslice.kubernetes.io/managed-by": "meshd.io",
+            "app.kubernetes.io/managed-by": "meshd",
+        },
+    });
+    let slice: EndpointSlice = serde_json::from_value(slice).map_err(kube::Error::SerdeError)?;
+    match api.create(&PostParams::default(), &slice).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => api
+            .patch(DNS_SLICE, &PatchParams::default(), &Patch::Merge(body))
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    }
+}
