@@ -256,11 +256,11 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         curl(&lab, "m1n3pod", &format!("http://{M2_WORKER_POD}/")).is_some()
     });
     assert!(back.is_some(), "the masquerade bypass did not come back");
-    let node = &peers_json(&lab, "m1n3")["node"];
-    assert!(
-        node["masquerade_bypass"]["restored"].as_u64() >= Some(1),
-        "{node}"
-    );
+    // ... and counts it (published a moment after it is written back).
+    let counted = wait_until(Duration::from_secs(5), || {
+        peers_json(&lab, "m1n3")["node"]["masquerade_bypass"]["restored"].as_u64() >= Some(1)
+    });
+    assert!(counted.is_some(), "{}", peers_json(&lab, "m1n3")["node"]);
 
     // A route removed by hand comes back too.
     lab.exec_ok("m1n3", &["ip", "route", "del", "10.245.0.0/16"]);
@@ -275,6 +275,65 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     assert!(lab
         .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(5))
         .is_some());
+
+    // meshctl diagnose on the route agent: every node check passes; a route that sends the
+    // remote CIDRs out of another interface than the gateway's, under strict rp_filter, and
+    // forwarding turned off each fail their check, with the fix.
+    let diagnose = || {
+        // In the node's network namespace, as in meshd's pod (hostNetwork).
+        let out = lab.exec(
+            "m1n3",
+            &[
+                env!("CARGO_BIN_EXE_meshctl"),
+                "diagnose",
+                "--socket",
+                socket.to_str().unwrap(),
+            ],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, report) = diagnose();
+    assert_eq!(code, Some(0), "{report}");
+    for check in ["node", "forwarding", "bypass", "routes", "rp_filter"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("ok") && l.split_whitespace().nth(1) == Some(check)),
+            "{check} did not pass:\n{report}"
+        );
+    }
+    lab.exec_ok(
+        "m1n3",
+        &["ip", "route", "add", "10.245.0.0/17", "dev", "pod0"],
+    );
+    let (code, report) = diagnose();
+    lab.exec_ok(
+        "m1n3",
+        &["ip", "route", "del", "10.245.0.0/17", "dev", "pod0"],
+    );
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  rp_filter") && report.contains("rp_filter=1 on eth0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sysctl -w net.ipv4.conf.eth0.rp_filter=2"),
+        "{report}"
+    );
+    lab.exec_ok("m1n3", &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    let off = wait_until(Duration::from_secs(10), || {
+        diagnose().1.contains("FAIL  forwarding")
+    });
+    lab.exec_ok("m1n3", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(
+        off.is_some(),
+        "forwarding off was not reported:\n{}",
+        diagnose().1
+    );
+    assert!(wait_until(Duration::from_secs(10), || diagnose().0 == Some(0)).is_some());
 
     // The route agent exiting removes everything it added.
     let running = snapshot(&lab, "m1n3");
@@ -301,10 +360,32 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         "a killed meshd cannot clean up"
     );
     let mut again = start_agent(&lab, "m1n3", 1);
+    // Up once it reports its routes in place (the killed one's were cleared first).
+    let up = wait_until(Duration::from_secs(10), || {
+        let out = meshctl()
+            .args([
+                "peers",
+                "--output",
+                "json",
+                "--socket",
+                socket.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| {
+            v["node"]["routes"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["in_place"] == true))
+        })
+    });
+    assert!(
+        up.is_some(),
+        "the restarted route agent did not put its routes in place"
+    );
+    assert_eq!(agent_routes(&lab, "m1n3").lines().count(), 2);
     assert!(lab
         .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(10))
         .is_some());
-    assert_eq!(agent_routes(&lab, "m1n3").lines().count(), 2);
     stop(again.id() as i32, libc::SIGTERM);
     let _ = again.wait();
     assert_eq!(snapshot(&lab, "m1n3"), clean);

@@ -10,6 +10,8 @@ use ipnet::IpNet;
 use meshd::admin::api::{ExportsResponse, PeerState, PeerView, StatusView, REJECT_AFTER_TIME};
 use meshd::config::{check_overlaps, TUNNEL_OVERHEAD};
 use meshd::discovery::catalog::{ClustersetView, ServiceType};
+use meshd::node::{NodeView, Role};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::time::Duration;
@@ -424,6 +426,222 @@ pub fn scrape(listen: &str) -> Result<String, String> {
     }
 }
 
+/// What the node checks look at, on any node: meshd's view of its node, and the kernel's.
+#[derive(Debug, Clone)]
+pub struct NodeGathered {
+    pub node: NodeView,
+    /// Kernel routes: (interface, prefix), or why they could not be read.
+    pub routes: Result<Vec<(String, IpNet)>, String>,
+    /// `nft list table inet meshd` now: `Ok(None)` when there is no such table.
+    pub bypass: Result<Option<String>, String>,
+    /// `net.ipv4.conf.<interface>.rp_filter` as the kernel applies it (the larger of the
+    /// interface's and `all`'s), per interface.
+    pub rp_filter: BTreeMap<String, u8>,
+}
+
+/// The checks of this node's part, in the order the report prints them: its role, forwarding,
+/// the masquerade bypass, and on a route agent its routes and the reverse-path filter.
+pub fn run_node_checks(g: &NodeGathered) -> Vec<Check> {
+    let mut checks = vec![role(g), forwarding(g), bypass(g)];
+    if g.node.role == Role::RouteAgent {
+        checks.push(agent_routes(g));
+        checks.push(rp_filter(g));
+    }
+    checks
+}
+
+fn role(g: &NodeGathered) -> Check {
+    match (g.node.role, g.node.gateway) {
+        (Role::Gateway, Some(address)) => {
+            pass("node", format!("the gateway ({address}, this node)"))
+        }
+        (Role::Gateway, None) => pass(
+            "node",
+            "the gateway (no gateway_address: the only node meshd runs on)",
+        ),
+        (Role::RouteAgent, Some(address)) => {
+            pass("node", format!("route agent; the gateway is {address}"))
+        }
+        (Role::RouteAgent, None) => fail(
+            "node",
+            "route agent without a gateway",
+            "set gateway_address, or label the gateway node meshd.io/gateway=true",
+        ),
+    }
+}
+
+fn forwarding(g: &NodeGathered) -> Check {
+    if g.node.forwarding {
+        pass("forwarding", "net.ipv4.ip_forward = 1")
+    } else {
+        fail(
+            "forwarding",
+            "net.ipv4.ip_forward = 0: this node does not route pod traffic to or from the other clusters",
+            "sysctl -w net.ipv4.ip_forward=1 (and in /etc/sysctl.d/ to keep it)",
+        )
+    }
+}
+
+fn bypass(g: &NodeGathered) -> Check {
+    if !g.node.masquerade_bypass.enabled {
+        return skip(
+            "bypass",
+            "masquerade_bypass = false: meshd leaves the CNI's masquerading alone",
+        );
+    }
+    match &g.bypass {
+        Ok(Some(table)) if table.contains("snat ip to ip saddr") => pass(
+            "bypass",
+            format!(
+                "table inet meshd keeps cross-cluster sources (written again {} times since start)",
+                g.node.masquerade_bypass.restored
+            ),
+        ),
+        Ok(_) => fail(
+            "bypass",
+            format!(
+                "no masquerade bypass (nft list table inet meshd): the CNI rewrites pod sources to this node's address and the other cluster drops them as bad_source{}",
+                g.node.masquerade_bypass.error.as_deref().map(|e| format!("; meshd says: {e}")).unwrap_or_default()
+            ),
+            "meshd writes it back within 3 s when it runs; if it stays missing, read meshd's log (is nft installed? does the kernel have nf_tables NAT?)",
+        ),
+        Err(e) => fail("bypass", format!("cannot read the nftables ruleset: {e}"), "run meshctl diagnose as root on the node (or in meshd's pod, which has nft)"),
+    }
+}
+
+/// The interface of the longest-prefix route to `ip`.
+fn route_dev(routes: &[(String, IpNet)], ip: IpAddr) -> Option<&str> {
+    routes
+        .iter()
+        .filter(|(_, net)| net.contains(&ip))
+        .max_by_key(|(_, net)| net.prefix_len())
+        .map(|(dev, _)| dev.as_str())
+}
+
+fn agent_routes(g: &NodeGathered) -> Check {
+    let Some(gateway) = g.node.gateway else {
+        return skip("routes", "no gateway to route to");
+    };
+    let routes = match &g.routes {
+        Ok(routes) => routes,
+        Err(e) => return fail(
+            "routes",
+            format!("cannot read the kernel's routes: {e}"),
+            "run meshctl diagnose in the node's network namespace (on the node, or in meshd's pod)",
+        ),
+    };
+    let to_gateway = route_dev(routes, gateway);
+    let missing: Vec<String> = g
+        .node
+        .routes
+        .iter()
+        .filter(|r| {
+            !routes
+                .iter()
+                .any(|(dev, net)| *net == r.prefix && Some(dev.as_str()) == to_gateway)
+        })
+        .map(|r| r.prefix.to_string())
+        .collect();
+    if missing.is_empty() {
+        pass(
+            "routes",
+            format!(
+                "{} remote CIDR(s) routed to the gateway {gateway} via {}",
+                g.node.routes.len(),
+                to_gateway.unwrap_or("?")
+            ),
+        )
+    } else {
+        fail(
+            "routes",
+            format!("no route to the gateway {gateway} for {}: pods on this node cannot reach those CIDRs", missing.join(", ")),
+            "meshd puts its routes back within 3 s; if they stay missing, is the gateway on this node's network (ip route get GATEWAY shows no 'via')? read meshd's log",
+        )
+    }
+}
+
+fn rp_filter(g: &NodeGathered) -> Check {
+    let (Some(gateway), Ok(routes)) = (g.node.gateway, &g.routes) else {
+        return skip("rp_filter", "no gateway or no routes to look at");
+    };
+    let Some(inbound) = route_dev(routes, gateway) else {
+        return fail(
+            "rp_filter",
+            format!("no route to the gateway {gateway}"),
+            "this node must reach the gateway node's address: check its network",
+        );
+    };
+    let strict = g.rp_filter.get(inbound).copied() == Some(1);
+    let crossed: Vec<String> = g
+        .node
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let back = route_dev(routes, r.prefix.addr())?;
+            (back != inbound).then(|| format!("{} (the route back leaves by {back})", r.prefix))
+        })
+        .collect();
+    match (strict, crossed.is_empty()) {
+        (true, false) => fail(
+            "rp_filter",
+            format!(
+                "this node cannot reach the other clusters: their packets arrive from the gateway on {inbound}, but the routes back to {} do not leave by it, and rp_filter=1 on {inbound} drops them",
+                crossed.join(", ")
+            ),
+            format!("sysctl -w net.ipv4.conf.{inbound}.rp_filter=2 (loose, on that interface only), or route the remote CIDRs to the gateway by {inbound}"),
+        ),
+        _ => pass(
+            "rp_filter",
+            format!(
+                "rp_filter={} on {inbound}: packets from the other clusters arrive where the routes back to them leave",
+                g.rp_filter.get(inbound).copied().unwrap_or(0)
+            ),
+        ),
+    }
+}
+
+/// `nft list table inet meshd`: the table, `None` when there is none.
+pub fn nft_table() -> Result<Option<String>, String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", "meshd"])
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if out.status.success() {
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file") {
+            Ok(None)
+        } else {
+            Err(err.trim().to_string())
+        }
+    }
+}
+
+/// The reverse-path filter the kernel applies on each interface: the larger of its own and
+/// `all`'s setting.
+pub fn rp_filters() -> BTreeMap<String, u8> {
+    let read = |dev: &str| -> u8 {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let all = read("all");
+    std::fs::read_dir("/proc/sys/net/ipv4/conf")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| name != "all" && name != "default")
+                .map(|name| {
+                    let value = read(&name).max(all);
+                    (name, value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The largest /metrics page read (meshd's is a few kilobytes per peer).
 const MAX_METRICS_BYTES: usize = 16 << 20;
 
@@ -685,6 +903,106 @@ mod tests {
             .find(|c| c.name == name)
             .unwrap()
             .outcome
+    }
+
+    fn healthy_agent() -> NodeGathered {
+        let gw: IpAddr = "172.18.1.1".parse().unwrap();
+        let mut node = NodeView::new(Role::RouteAgent, Some(gw), true);
+        node.forwarding = true;
+        node.masquerade_bypass.in_place = true;
+        node.routes.push(meshd::node::RouteView {
+            prefix: "10.245.0.0/16".parse().unwrap(),
+            via: gw,
+            in_place: true,
+        });
+        NodeGathered {
+            node,
+            routes: Ok(vec![
+                ("eth0".into(), "172.18.1.0/24".parse().unwrap()),
+                ("eth0".into(), "10.245.0.0/16".parse().unwrap()),
+                ("pod0".into(), "10.244.3.0/24".parse().unwrap()),
+            ]),
+            bypass: Ok(Some(
+                "table inet meshd {\n ip saddr @local4 ip daddr @remote4 snat ip to ip saddr\n}"
+                    .into(),
+            )),
+            rp_filter: [("eth0".to_string(), 1), ("pod0".to_string(), 1)].into(),
+        }
+    }
+
+    fn node_outcome(g: &NodeGathered, name: &str) -> (Outcome, String) {
+        let c = run_node_checks(g)
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        (
+            c.outcome,
+            format!("{} / fix: {}", c.detail, c.fix.unwrap_or_default()),
+        )
+    }
+
+    #[test]
+    fn a_healthy_route_agent_passes_every_node_check() {
+        let checks = run_node_checks(&healthy_agent());
+        assert_eq!(
+            checks.iter().map(|c| c.name).collect::<Vec<_>>(),
+            ["node", "forwarding", "bypass", "routes", "rp_filter"]
+        );
+        for c in checks {
+            assert_eq!(c.outcome, Outcome::Pass, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn each_node_fault_fails_its_check_with_the_fix() {
+        let mut g = healthy_agent();
+        g.node.forwarding = false;
+        let (o, text) = node_outcome(&g, "forwarding");
+        assert_eq!(o, Outcome::Fail);
+        assert!(text.contains("sysctl -w net.ipv4.ip_forward=1"), "{text}");
+
+        let mut g = healthy_agent();
+        g.bypass = Ok(None);
+        g.node.masquerade_bypass.error = Some("cannot run nft".into());
+        let (o, text) = node_outcome(&g, "bypass");
+        assert_eq!(o, Outcome::Fail);
+        assert!(
+            text.contains("bad_source") && text.contains("cannot run nft"),
+            "{text}"
+        );
+        g.node.masquerade_bypass.enabled = false;
+        assert_eq!(node_outcome(&g, "bypass").0, Outcome::Skip);
+
+        let mut g = healthy_agent();
+        g.routes
+            .as_mut()
+            .unwrap()
+            .retain(|(_, net)| net.to_string() != "10.245.0.0/16");
+        let (o, text) = node_outcome(&g, "routes");
+        assert_eq!(o, Outcome::Fail);
+        assert!(text.contains("10.245.0.0/16"), "{text}");
+
+        // The remote CIDRs routed out of another interface than the one the gateway is on:
+        // strict rp_filter there drops the answers.
+        let mut g = healthy_agent();
+        g.routes = Ok(vec![
+            ("eth0".into(), "172.18.1.0/24".parse().unwrap()),
+            ("vx0".into(), "10.245.0.0/16".parse().unwrap()),
+        ]);
+        let (o, text) = node_outcome(&g, "rp_filter");
+        assert_eq!(o, Outcome::Fail);
+        assert!(
+            text.contains("rp_filter=1 on eth0")
+                && text.contains("sysctl -w net.ipv4.conf.eth0.rp_filter=2"),
+            "{text}"
+        );
+        g.rp_filter.insert("eth0".into(), 2);
+        assert_eq!(node_outcome(&g, "rp_filter").0, Outcome::Pass);
+
+        // A gateway has no agent checks.
+        let mut g = healthy_agent();
+        g.node.role = Role::Gateway;
+        assert_eq!(run_node_checks(&g).len(), 3);
     }
 
     #[test]

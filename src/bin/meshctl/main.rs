@@ -458,29 +458,50 @@ fn resolve(args: &ResolveArgs, out: &mut impl Write) -> Result<ExitCode> {
 
 fn diagnose(args: &SocketArgs, out: &mut impl Write) -> Result<ExitCode> {
     let client = AdminClient::new(&args.socket);
-    let gathered = client.status().and_then(|status| {
-        Ok(diagnose::Gathered {
-            peers: client.peers()?.peers,
-            exports: client.exports()?,
-            routes: diagnose::kernel_routes(),
-            dns: status.dns_listen.as_deref().map(|listen| {
-                diagnose::listen_target("dns_listen", listen).and_then(|server| {
-                    diagnose::ask_dns(server, "dns-version.clusterset.local", RecordType::TXT)
-                })
-            }),
-            metrics: status.metrics_listen.as_deref().map(diagnose::scrape),
-            now: unix_now(),
-            status,
-        })
-    });
-    let gathered = match gathered {
-        Ok(g) => g,
+    let peers = match client.peers() {
+        Ok(peers) => peers,
         Err(e) => {
             writeln!(out, "FAIL  admin         {e}")?;
             return Ok(ExitCode::from(EXIT_UNREACHABLE));
         }
     };
-    let checks = diagnose::run_checks(&gathered);
+    let agent = peers
+        .node
+        .as_ref()
+        .is_some_and(|n| n.role == Role::RouteAgent);
+    let mut checks = Vec::new();
+    if !agent {
+        let gathered = client.status().and_then(|status| {
+            Ok(diagnose::Gathered {
+                peers: peers.peers.clone(),
+                exports: client.exports()?,
+                routes: diagnose::kernel_routes(),
+                dns: status.dns_listen.as_deref().map(|listen| {
+                    diagnose::listen_target("dns_listen", listen).and_then(|server| {
+                        diagnose::ask_dns(server, "dns-version.clusterset.local", RecordType::TXT)
+                    })
+                }),
+                metrics: status.metrics_listen.as_deref().map(diagnose::scrape),
+                now: unix_now(),
+                status,
+            })
+        });
+        match gathered {
+            Ok(g) => checks.extend(diagnose::run_checks(&g)),
+            Err(e) => {
+                writeln!(out, "FAIL  admin         {e}")?;
+                return Ok(ExitCode::from(EXIT_UNREACHABLE));
+            }
+        }
+    }
+    if let Some(node) = peers.node {
+        checks.extend(diagnose::run_node_checks(&diagnose::NodeGathered {
+            node,
+            routes: diagnose::kernel_routes(),
+            bypass: diagnose::nft_table(),
+            rp_filter: diagnose::rp_filters(),
+        }));
+    }
     for check in &checks {
         let mark = match check.outcome {
             Outcome::Pass => "ok  ",
