@@ -224,15 +224,22 @@ fn the_lab_runs_from_the_image_as_the_daemonset_runs_it() {
     assert_eq!(page.trim(), "hello from m2");
     let wg = lab.exec_ok("m1gw", &["wg", "show", &lab.iface(1), "latest-handshakes"]);
     assert!(!wg.trim().ends_with("\t0"), "no handshake: {wg}");
-    let peers = podman(&["exec", name, "meshctl", "peers"]);
-    assert!(peers.status.success(), "{}", text(&peers));
-    let peers = String::from_utf8_lossy(&peers.stdout).to_string();
-    assert!(
-        peers
-            .lines()
-            .any(|l| l.starts_with("m2") && l.contains(" up ")),
-        "{peers}"
-    );
+    // Up within a few seconds (a handshake that just completed reads `handshaking` until the
+    // peer's next packet arrives).
+    let mut peers = String::new();
+    for _ in 0..50 {
+        let out = podman(&["exec", name, "meshctl", "peers"]);
+        peers = text(&out);
+        if out.status.success()
+            && String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("m2") && l.contains(" up "))
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("m2 not up in the image's meshctl peers after 10 s:\n{peers}");
 }
 
 /// kubectl as scripts/lab.sh finds it: on PATH, else the one deploy/validate.sh installs.
