@@ -26,6 +26,8 @@
 #         | wireguard-go | boringtun | none (plain routing, no tunnel); every implementation but
 #         meshd gets the routes and masquerade exceptions an operator would add by hand
 #   --prefix P  names every namespace and interface P..., so several labs can coexist (tests)
+#   --route-mode auto|direct|vxlan  how meshd's route agents reach the gateway (default auto:
+#               direct, the lab's nodes share a bridge)
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
 #   --no-nat    not so, with the default topology
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
@@ -48,7 +50,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES=""
+M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
     --nat) NAT=1; shift ;;
     --no-nat) NAT=0; shift ;;
     --nodes) NODES=$2; shift 2 ;;
+    --route-mode) ROUTE_MODE=$2; shift 2 ;;
     --no-offload) OFFLOAD=false; shift ;;
     --ipv6-underlay) UNDERLAY6=1; shift ;;
     --tx-threads) TX_THREADS=$2; shift 2 ;;
@@ -343,7 +346,8 @@ web_servers() {
 meshd_config() {
   local i=$1 o endpoint keepalive="" gateway=""; o=$(other "$1")
   # Several nodes: every node reads this file; the one with this address is the gateway.
-  [ "$(nodes_of "$i")" = 1 ] || gateway="gateway_address = \"$(node_ip "$i" 1)\""
+  [ "$(nodes_of "$i")" = 1 ] || gateway="gateway_address = \"$(node_ip "$i" 1)\"
+route_mode = \"$ROUTE_MODE\""
   exports_file "$i"
   endpoint="endpoint = \"$(endpoint_of "$o")\""
   if [ "$NAT" = 1 ]; then
@@ -603,5 +607,5 @@ case "$action" in
   down) down; log "lab down" ;;
   demo) demo ;;
   status) status ;;
-  *) sed -n '2,41p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,43p' "$0" >&2; exit 2 ;;
 esac

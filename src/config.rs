@@ -60,6 +60,7 @@ pub struct ConfigFile {
     pub discovery_port: Option<u16>,
     pub gateway_address: Option<String>,
     pub masquerade_bypass: Option<bool>,
+    pub route_mode: Option<String>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -154,6 +155,10 @@ pub struct ConfigArgs {
     /// inet meshd; needs the nft tool) [default: true].
     #[arg(long, env = "MESHD_MASQUERADE_BYPASS")]
     pub masquerade_bypass: Option<bool>,
+    /// How route agents reach the gateway node: auto (direct when it is on their network,
+    /// else VXLAN), direct or vxlan [default: auto].
+    #[arg(long, env = "MESHD_ROUTE_MODE")]
+    pub route_mode: Option<String>,
     // The help is an attribute, not a doc comment: rustdoc would read its brackets as links.
     #[arg(
         long = "peer",
@@ -162,6 +167,29 @@ pub struct ConfigArgs {
         help = "A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP]. Repeat for several peers (space-separated in the environment)."
     )]
     pub peers: Vec<String>,
+}
+
+/// How a route agent sends the remote clusters' traffic to the gateway node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteMode {
+    /// Direct when the gateway node is on this node's network (no `via` on the route to it),
+    /// VXLAN otherwise.
+    #[default]
+    Auto,
+    /// Always routed via the gateway node's address.
+    Direct,
+    /// Always through a VXLAN interface to the gateway node (`meshd-vx`).
+    Vxlan,
+}
+
+impl RouteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteMode::Auto => "auto",
+            RouteMode::Direct => "direct",
+            RouteMode::Vxlan => "vxlan",
+        }
+    }
 }
 
 /// A configuration error: which input is at fault and what to do about it.
@@ -247,6 +275,8 @@ pub struct Config {
     pub gateway_address: Option<IpAddr>,
     /// Write the masquerade bypass ([`crate::node::bypass`]).
     pub masquerade_bypass: bool,
+    /// How route agents reach the gateway node ([`crate::node::vxlan`]).
+    pub route_mode: RouteMode,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -653,6 +683,26 @@ impl Config {
             None => None,
         };
 
+        let route_mode = match args.route_mode.clone().or(file.route_mode).as_deref() {
+            None | Some("auto") => RouteMode::Auto,
+            Some("direct") => RouteMode::Direct,
+            Some("vxlan") => RouteMode::Vxlan,
+            Some(other) => {
+                return Err(field(
+                    "route_mode",
+                    format!(
+                        "'{other}' is not a route mode: write auto (the default), direct or vxlan"
+                    ),
+                ))
+            }
+        };
+        if route_mode == RouteMode::Vxlan && gateway_address.is_some_and(|a| a.is_ipv6()) {
+            return Err(field(
+                "route_mode",
+                "vxlan needs an IPv4 gateway_address (meshd's VXLAN overlay is IPv4): use direct, or the gateway's IPv4 address",
+            ));
+        }
+
         if private_key.is_none() && (args.config.is_some() || !peers.is_empty()) {
             return Err(field(
                 "private_key_file",
@@ -691,6 +741,7 @@ impl Config {
                 .masquerade_bypass
                 .or(file.masquerade_bypass)
                 .unwrap_or(true),
+            route_mode,
             peers,
         })
     }
@@ -1078,6 +1129,19 @@ mod tests {
         let config = load(&fx, "masquerade_bypass = false\n").unwrap();
         assert_eq!(config.gateway_address, None);
         assert!(!config.masquerade_bypass);
+        assert_eq!(config.route_mode, RouteMode::Auto);
+        let config = load(&fx, "route_mode = \"vxlan\"\n").unwrap();
+        assert_eq!(config.route_mode, RouteMode::Vxlan);
+        let e = err_text(load(&fx, "route_mode = \"tunnel\"\n"));
+        assert!(
+            e.contains("route_mode") && e.contains("auto (the default), direct or vxlan"),
+            "{e}"
+        );
+        let e = err_text(load(
+            &fx,
+            "gateway_address = \"fd00::1\"\nroute_mode = \"vxlan\"\n",
+        ));
+        assert!(e.contains("IPv4 gateway_address"), "{e}");
         let e = err_text(load(&fx, "gateway_address = \"node-1\"\n"));
         assert!(
             e.contains("gateway_address") && e.contains("'node-1'") && e.contains("InternalIP"),

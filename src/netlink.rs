@@ -7,12 +7,13 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// One route of the main table: its prefix and output interface (none for blackhole,
-/// unreachable and multipath routes).
+/// One route of the main table: its prefix, output interface (none for blackhole,
+/// unreachable and multipath routes) and next hop (none for a directly connected prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     pub prefix: IpNet,
     pub oif: Option<u32>,
+    pub via: Option<std::net::IpAddr>,
 }
 
 /// Every route of the main table, IPv4 then IPv6. A family the host does not have (IPv6
@@ -59,7 +60,12 @@ pub async fn main_routes(handle: &Handle) -> Result<Vec<Route>, rtnetlink::Error
                 }
                 _ => None,
             };
-            found.extend(prefix.map(|prefix| Route { prefix, oif }));
+            let via = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some((*ip).into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some((*ip).into()),
+                _ => None,
+            });
+            found.extend(prefix.map(|prefix| Route { prefix, oif, via }));
         }
     }
     Ok(found)
@@ -217,6 +223,39 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<std::net::IpAddr>, r
     use rtnetlink::packet_route::address::AddressAttribute;
     let mut found = Vec::new();
     let mut addresses = handle.address().get().execute();
+    while let Some(message) = addresses.try_next().await? {
+        found.extend(message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        }));
+    }
+    Ok(found)
+}
+
+/// The main table's longest-prefix route to `ip`.
+pub async fn route_to(
+    handle: &Handle,
+    ip: std::net::IpAddr,
+) -> Result<Option<Route>, rtnetlink::Error> {
+    Ok(main_routes(handle)
+        .await?
+        .into_iter()
+        .filter(|r| r.prefix.contains(&ip))
+        .max_by_key(|r| r.prefix.prefix_len()))
+}
+
+/// The addresses on one interface.
+pub async fn interface_addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<std::net::IpAddr>, rtnetlink::Error> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut found = Vec::new();
+    let mut addresses = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
     while let Some(message) = addresses.try_next().await? {
         found.extend(message.attributes.iter().find_map(|a| match a {
             AddressAttribute::Address(ip) => Some(*ip),

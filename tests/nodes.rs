@@ -206,7 +206,9 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
-        table.starts_with("node: route agent; gateway 172.18.1.1 · masquerade bypass: in place\n"),
+        table.starts_with(
+            "node: route agent; gateway 172.18.1.1 · direct (via 172.18.1.1 on eth0) · masquerade bypass: in place\n"
+        ),
         "{table}"
     );
     for prefix in ["10.245.0.0/16", "10.97.0.0/16"] {
@@ -227,7 +229,7 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         .output()
         .unwrap();
     assert!(
-        text(&out).contains("node: gateway 172.18.1.1 (this node) · masquerade bypass: in place"),
+        text(&out).contains("node: gateway 172.18.1.1 (this node) · vxlan end for the agents (meshd-vx over eth0) · masquerade bypass: in place"),
         "{}",
         text(&out)
     );
@@ -404,4 +406,142 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     stop(gateway.id() as i32, libc::SIGTERM);
     let _ = gateway.wait();
     assert_eq!(snapshot(&lab, "m2gw"), clean);
+}
+
+#[test]
+fn vxlan_forced_carries_the_same_traffic_with_its_mtu_and_leaves_nothing() {
+    if !root_or_skip("vxlan_forced_carries_the_same_traffic_with_its_mtu_and_leaves_nothing") {
+        return;
+    }
+    let lab = Lab::up_with(
+        "tz",
+        "meshd",
+        "meshd",
+        &["--nodes", "2,2", "--no-nat", "--route-mode", "vxlan"],
+    );
+    const M1_POD_2: &str = "10.244.2.10";
+    assert!(lab
+        .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    assert!(lab
+        .ping_within("m2n2pod", M1_POD_2, Duration::from_secs(10))
+        .is_some());
+    let there = lab.iperf3("m1n2pod", "m2n2pod", M2_WORKER_POD, &["-t", "2"]);
+    let back = lab.iperf3("m2n2pod", "m1n2pod", M1_POD_2, &["-t", "2"]);
+    assert!(
+        there > 1_000_000 && back > 1_000_000,
+        "iperf3 moved {there} and {back} bytes"
+    );
+    assert_eq!(
+        curl(&lab, "m1n2pod", &format!("http://{M2_WORKER_POD}/")).as_deref(),
+        Some("hello from m2n2")
+    );
+
+    // The agent's VXLAN end points at the gateway; the remote CIDRs go through it.
+    let socket = lab.state.join("m1n2.admin.sock");
+    let out = meshctl()
+        .args(["peers", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        table.starts_with("node: route agent; gateway 172.18.1.1 · vxlan (meshd-vx over eth0) ·"),
+        "{table}"
+    );
+    assert!(
+        agent_routes(&lab, "m1n2").contains("10.245.0.0/16 via 240.18.1.1 dev meshd-vx onlink"),
+        "{}",
+        agent_routes(&lab, "m1n2")
+    );
+    let link = lab.exec_ok("m1n2", &["ip", "-d", "link", "show", "meshd-vx"]);
+    assert!(
+        link.contains("vxlan id 77 remote 172.18.1.1 local 172.18.1.2 dev eth0")
+            && link.contains("dstport 4877"),
+        "{link}"
+    );
+    // MTU: the underlay's less VXLAN's 50 bytes; a larger packet with DF gets "fragmentation
+    // needed" naming it, a packet at the tunnel MTU passes.
+    let mtu = |node: &str, dev: &str| -> u32 {
+        let show = lab.exec_ok(node, &["ip", "-o", "link", "show", dev]);
+        show.split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(mtu("m1n2", "meshd-vx"), mtu("m1n2", "eth0") - 50);
+    let big = lab.exec(
+        "m1n2pod",
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "1423",
+            M2_WORKER_POD,
+        ],
+    );
+    assert!(text(&big).contains("mtu = 1450"), "{}", text(&big));
+    let fits = lab.exec(
+        "m1n2pod",
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "1392",
+            M2_WORKER_POD,
+        ],
+    );
+    assert!(fits.status.success(), "{}", text(&fits));
+    let report = lab.exec(
+        "m1n2",
+        &[
+            env!("CARGO_BIN_EXE_meshctl"),
+            "diagnose",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert!(report.status.success(), "{}", text(&report));
+    let rp_filter =
+        |node: &str| lab.exec_ok(node, &["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]);
+    assert_eq!(
+        rp_filter("m1n2").trim(),
+        "2",
+        "loosened on the underlay while the agent runs"
+    );
+
+    // Exiting, the agent takes its VXLAN end away and puts rp_filter back; the gateway too.
+    stop(pid(&lab, "m1n2"), libc::SIGTERM);
+    let clean = snapshot(&lab, "m1n2");
+    assert!(!clean.contains("meshd-vx"), "{clean}");
+    assert_eq!(rp_filter("m1n2").trim(), "1");
+    let mut again = start_agent(&lab, "m1n2", 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_routes(&lab, "m1n2")
+            .contains("meshd-vx"))
+        .is_some()
+    );
+    assert!(lab
+        .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    stop(again.id() as i32, libc::SIGTERM);
+    let _ = again.wait();
+    assert_eq!(snapshot(&lab, "m1n2"), clean);
+    assert_eq!(rp_filter("m1n2").trim(), "1");
+    stop(pid(&lab, "m1"), libc::SIGTERM);
+    assert!(!lab
+        .exec_ok("m1gw", &["ip", "-o", "link", "show"])
+        .contains("meshd-vx"));
 }

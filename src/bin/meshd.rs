@@ -275,6 +275,7 @@ async fn control_plane(
         Role::Gateway,
         config.gateway_address,
         config.masquerade_bypass,
+        config.route_mode,
         prefixes_rx,
         node_state.clone(),
     )
@@ -521,6 +522,7 @@ async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
         Role::RouteAgent,
         Some(gateway),
         config.masquerade_bypass,
+        config.route_mode,
         prefixes_rx,
         state.clone(),
     )

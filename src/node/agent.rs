@@ -32,25 +32,35 @@ pub enum AgentError {
     Dump(#[source] rtnetlink::Error),
 }
 
-fn message(prefix: IpNet, gateway: IpAddr) -> Option<RouteMessage> {
+/// The next hop of the agent's routes: the gateway node's address (direct), or its overlay
+/// address on `meshd-vx` (`oif`, on-link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    pub address: IpAddr,
+    pub oif: Option<u32>,
+}
+
+fn message(prefix: IpNet, hop: NextHop) -> Option<RouteMessage> {
     let protocol = RouteProtocol::Other(PROTOCOL);
-    match (prefix, gateway) {
-        (IpNet::V4(n), IpAddr::V4(gw)) => Some(
-            RouteMessageBuilder::<Ipv4Addr>::new()
+    let msg = match (prefix, hop.address) {
+        (IpNet::V4(n), IpAddr::V4(gw)) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(n.network(), n.prefix_len())
                 .gateway(gw)
-                .protocol(protocol)
-                .build(),
-        ),
-        (IpNet::V6(n), IpAddr::V6(gw)) => Some(
-            RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(n.network(), n.prefix_len())
-                .gateway(gw)
-                .protocol(protocol)
-                .build(),
-        ),
-        _ => None,
-    }
+                .protocol(protocol);
+            match hop.oif {
+                Some(oif) => b.output_interface(oif).onlink().build(),
+                None => b.build(),
+            }
+        }
+        (IpNet::V6(n), IpAddr::V6(gw)) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .gateway(gw)
+            .protocol(protocol)
+            .build(),
+        _ => return None,
+    };
+    Some(msg)
 }
 
 /// Every route in the main table that carries meshd's protocol, with its prefix.
@@ -108,14 +118,16 @@ pub async fn clear(handle: &Handle) -> Result<usize, AgentError> {
 pub struct RouteAgent {
     handle: Handle,
     gateway: IpAddr,
+    hop: NextHop,
     wanted: BTreeSet<IpNet>,
 }
 
 impl RouteAgent {
-    pub fn new(handle: Handle, gateway: IpAddr) -> Self {
+    pub fn new(handle: Handle, gateway: IpAddr, hop: NextHop) -> Self {
         RouteAgent {
             handle,
             gateway,
+            hop,
             wanted: BTreeSet::new(),
         }
     }
@@ -142,7 +154,7 @@ impl RouteAgent {
         self.wanted = self.routable(prefixes);
         let present = ours(&self.handle).await.map_err(AgentError::Dump)?;
         for (prefix, route) in present {
-            if !self.wanted.contains(&prefix) || !via_gateway(&route, self.gateway) {
+            if !self.wanted.contains(&prefix) || !via_gateway(&route, self.hop.address) {
                 let _ = self.handle.route().del(route).execute().await;
             }
         }
@@ -156,12 +168,12 @@ impl RouteAgent {
             .await
             .map_err(AgentError::Dump)?
             .into_iter()
-            .filter(|(_, route)| via_gateway(route, self.gateway))
+            .filter(|(_, route)| via_gateway(route, self.hop.address))
             .map(|(prefix, _)| prefix)
             .collect();
         let mut added = 0;
         for prefix in self.wanted.difference(&present) {
-            let Some(msg) = message(*prefix, self.gateway) else {
+            let Some(msg) = message(*prefix, self.hop) else {
                 continue;
             };
             self.handle
@@ -187,7 +199,7 @@ impl RouteAgent {
             .await
             .map_err(AgentError::Dump)?
             .into_iter()
-            .filter(|(_, route)| via_gateway(route, self.gateway))
+            .filter(|(_, route)| via_gateway(route, self.hop.address))
             .map(|(prefix, _)| prefix)
             .collect();
         Ok(self
@@ -195,7 +207,7 @@ impl RouteAgent {
             .iter()
             .map(|prefix| super::RouteView {
                 prefix: *prefix,
-                via: self.gateway,
+                via: self.hop.address,
                 in_place: present.contains(prefix),
             })
             .collect())
@@ -221,10 +233,21 @@ mod tests {
     #[test]
     fn messages_carry_our_protocol_and_the_gateway_of_the_same_family() {
         let gw: IpAddr = "172.18.1.1".parse().unwrap();
-        let msg = message("10.245.0.0/16".parse().unwrap(), gw).unwrap();
+        let direct = NextHop {
+            address: gw,
+            oif: None,
+        };
+        let msg = message("10.245.0.0/16".parse().unwrap(), direct).unwrap();
         assert_eq!(msg.header.protocol, RouteProtocol::Other(PROTOCOL));
         assert!(via_gateway(&msg, gw));
         assert!(!via_gateway(&msg, "172.18.1.2".parse().unwrap()));
-        assert!(message("fd00:245::/64".parse().unwrap(), gw).is_none());
+        assert!(message("fd00:245::/64".parse().unwrap(), direct).is_none());
+        let overlay = NextHop {
+            address: "240.18.1.1".parse().unwrap(),
+            oif: Some(7),
+        };
+        let msg = message("10.245.0.0/16".parse().unwrap(), overlay).unwrap();
+        assert!(via_gateway(&msg, overlay.address));
+        assert!(msg.attributes.contains(&RouteAttribute::Oif(7)));
     }
 }

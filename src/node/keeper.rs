@@ -2,9 +2,11 @@
 //! routes to the gateway; checks both every [`CHECK_EVERY`](super::CHECK_EVERY) and writes back
 //! what something removed; takes all of it away when meshd exits.
 
-use super::agent::{self, AgentError, RouteAgent};
+use super::agent::{self, AgentError, NextHop, RouteAgent};
 use super::bypass::{Bypass, BypassError};
+use super::vxlan::{self, Vxlan, VxlanError};
 use super::{NodeState, NodeView, Role};
+use crate::config::RouteMode;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use tokio::sync::{oneshot, watch};
@@ -23,6 +25,34 @@ pub enum KeeperError {
     Bypass(#[from] BypassError),
     #[error(transparent)]
     Routes(#[from] AgentError),
+    #[error(transparent)]
+    Vxlan(#[from] VxlanError),
+    #[error("this node has no route to the gateway {0}: it must reach the gateway node's address (check gateway_address, or the label meshd.io/gateway=true)")]
+    NoRouteToGateway(IpAddr),
+}
+
+/// How this node's part reaches the gateway, for [`NodeView`].
+#[derive(Debug, Clone, Default)]
+struct Path {
+    text: Option<String>,
+    interface: Option<String>,
+}
+
+async fn route_to_gateway(
+    handle: &rtnetlink::Handle,
+    gateway: IpAddr,
+) -> Result<(u32, bool), KeeperError> {
+    let route = crate::netlink::route_to(handle, gateway)
+        .await
+        .map_err(AgentError::Dump)?;
+    match route {
+        Some(crate::netlink::Route {
+            oif: Some(oif),
+            via,
+            ..
+        }) => Ok((oif, via.is_none())),
+        _ => Err(KeeperError::NoRouteToGateway(gateway)),
+    }
 }
 
 /// The running keeper: [`Keeper::stop`] takes everything away.
@@ -57,6 +87,7 @@ impl Keeper {
         role: Role,
         gateway: Option<IpAddr>,
         bypass_enabled: bool,
+        route_mode: RouteMode,
         mut prefixes: watch::Receiver<Prefixes>,
         state: NodeState,
     ) -> Result<Keeper, KeeperError> {
@@ -81,12 +112,64 @@ impl Keeper {
                 "masquerade bypass in place: traffic between these keeps its source address");
             bypass = Some(b);
         }
+        if vxlan::clear(&handle).await? {
+            tracing::info!(
+                interface = vxlan::NAME,
+                "removed the VXLAN interface an earlier meshd left"
+            );
+        }
+        let mut vx: Option<Vxlan> = None;
+        let mut path = Path::default();
         let mut routes = match (role, gateway) {
             (Role::RouteAgent, Some(gw)) => {
-                let mut agent = RouteAgent::new(handle.clone(), gw);
+                let (oif, direct) = route_to_gateway(&handle, gw).await?;
+                let use_vxlan = match route_mode {
+                    RouteMode::Direct => false,
+                    RouteMode::Vxlan => true,
+                    RouteMode::Auto => !direct,
+                };
+                let underlay = crate::netlink::interface_name(oif);
+                let hop = if use_vxlan {
+                    let local = crate::netlink::interface_addresses(&handle, oif)
+                        .await
+                        .map_err(AgentError::Dump)?
+                        .into_iter()
+                        .find(IpAddr::is_ipv4)
+                        .ok_or(VxlanError::NoUnderlay(gw))?;
+                    let end = Vxlan::create(&handle, local, oif, Some(gw)).await?;
+                    let hop = NextHop {
+                        address: IpAddr::V4(end.peer_overlay.ok_or(VxlanError::NotIpv4(gw))?),
+                        oif: Some(end.index),
+                    };
+                    path.text = Some(format!("vxlan ({} over {underlay})", vxlan::NAME));
+                    path.interface = Some(vxlan::NAME.to_string());
+                    vx = Some(end);
+                    hop
+                } else {
+                    path.text = Some(format!("direct (via {gw} on {underlay})"));
+                    path.interface = Some(underlay);
+                    NextHop {
+                        address: gw,
+                        oif: None,
+                    }
+                };
+                let mut agent = RouteAgent::new(handle.clone(), gw, hop);
                 agent.sync(&wanted.remote).await?;
-                tracing::info!(gateway = %gw, prefixes = ?wanted.remote, "route agent: remote CIDRs routed to the gateway");
+                tracing::info!(gateway = %gw, path = path.text.as_deref().unwrap_or(""), prefixes = ?wanted.remote,
+                    "route agent: remote CIDRs routed to the gateway");
                 Some(agent)
+            }
+            (Role::Gateway, Some(gw)) if route_mode != RouteMode::Direct => {
+                // The agents' VXLAN ends point here; this end learns them as they send.
+                let (oif, _) = route_to_gateway(&handle, gw).await?;
+                let end = Vxlan::create(&handle, gw, oif, None).await?;
+                path.text = Some(format!(
+                    "vxlan end for the agents ({} over {})",
+                    vxlan::NAME,
+                    end.underlay
+                ));
+                vx = Some(end);
+                None
             }
             _ => None,
         };
@@ -94,6 +177,7 @@ impl Keeper {
             &state,
             role,
             gateway,
+            &path,
             bypass.as_ref(),
             None,
             routes.as_ref(),
@@ -150,6 +234,7 @@ impl Keeper {
                     &state,
                     role,
                     gateway,
+                    &path,
                     bypass.as_ref(),
                     error,
                     routes.as_ref(),
@@ -164,6 +249,11 @@ impl Keeper {
             if routes.is_some() {
                 if let Err(e) = agent::clear(&handle).await {
                     tracing::error!(error = %e, "route agent: routes could not be removed: ip route flush proto 77");
+                }
+            }
+            if let Some(end) = vx {
+                if let Err(e) = end.remove().await {
+                    tracing::error!(error = %e, "the VXLAN interface could not be removed: ip link del {}", vxlan::NAME);
                 }
             }
         });
@@ -186,11 +276,14 @@ async fn publish(
     state: &NodeState,
     role: Role,
     gateway: Option<IpAddr>,
+    path: &Path,
     bypass: Option<&Bypass>,
     error: Option<String>,
     routes: Option<&RouteAgent>,
 ) {
     let mut view = NodeView::new(role, gateway, bypass.is_some());
+    view.path = path.text.clone();
+    view.route_interface = path.interface.clone();
     if let Some(b) = bypass {
         view.masquerade_bypass.in_place = error.is_none();
         view.masquerade_bypass.restored = b.restored();

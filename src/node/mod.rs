@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bypass;
 pub mod keeper;
 pub mod kubernetes;
+pub mod vxlan;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,13 @@ pub struct NodeView {
     /// The gateway node's address (`gateway_address`); `null`: not configured, this node is
     /// the cluster's only gateway.
     pub gateway: Option<IpAddr>,
+    /// How a route agent reaches the gateway: `direct (via GATEWAY on IFACE)` or
+    /// `vxlan (meshd-vx over IFACE)`; on a gateway, whether it has a VXLAN end for the agents.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The interface a route agent's routes leave by (the underlay, or `meshd-vx`).
+    #[serde(default)]
+    pub route_interface: Option<String>,
     /// A route agent's routes to the gateway (none on the gateway).
     #[serde(default)]
     pub routes: Vec<RouteView>,
@@ -91,6 +99,8 @@ impl NodeView {
         NodeView {
             role,
             gateway,
+            path: None,
+            route_interface: None,
             routes: Vec::new(),
             masquerade_bypass: BypassView {
                 enabled: bypass_enabled,

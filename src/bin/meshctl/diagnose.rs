@@ -530,7 +530,12 @@ fn agent_routes(g: &NodeGathered) -> Check {
             "run meshctl diagnose in the node's network namespace (on the node, or in meshd's pod)",
         ),
     };
-    let to_gateway = route_dev(routes, gateway);
+    // The interface meshd's routes leave by: the one the gateway is on, or meshd-vx.
+    let to_gateway = g
+        .node
+        .route_interface
+        .as_deref()
+        .or_else(|| route_dev(routes, gateway));
     let missing: Vec<String> = g
         .node
         .routes
@@ -590,7 +595,15 @@ fn rp_filter(g: &NodeGathered) -> Check {
             ),
             format!("sysctl -w net.ipv4.conf.{inbound}.rp_filter=2 (loose, on that interface only), or route the remote CIDRs to the gateway by {inbound}"),
         ),
-        _ => pass(
+        (false, false) => pass(
+            "rp_filter",
+            format!(
+                "rp_filter={} on {inbound}: the other clusters' packets arrive there while the routes back leave by {}, which only strict filtering (1) would drop",
+                g.rp_filter.get(inbound).copied().unwrap_or(0),
+                g.node.route_interface.as_deref().unwrap_or("another interface")
+            ),
+        ),
+        (_, true) => pass(
             "rp_filter",
             format!(
                 "rp_filter={} on {inbound}: packets from the other clusters arrive where the routes back to them leave",

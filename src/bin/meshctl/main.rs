@@ -598,7 +598,12 @@ fn render_node(node: &NodeView) -> String {
         (true, true, 0) => "in place".to_string(),
         (true, true, n) => format!("in place (written again {n} times)"),
     };
-    let mut text = format!("node: {gateway} · masquerade bypass: {bypass}\n");
+    let path = node
+        .path
+        .as_deref()
+        .map(|p| format!(" · {p}"))
+        .unwrap_or_default();
+    let mut text = format!("node: {gateway}{path} · masquerade bypass: {bypass}\n");
     if node.role == Role::RouteAgent {
         let mut rows = vec![vec![
             "ROUTE".to_string(),
