@@ -147,7 +147,7 @@ impl Vxlan {
         let index = index_of(handle, NAME)
             .await
             .map_err(kernel("look up"))?
-            .ok_or_else(|| VxlanError::NoUnderlay(IpAddr::V4(local)))?;
+            .ok_or(VxlanError::NoUnderlay(IpAddr::V4(local)))?;
         handle
             .address()
             .add(index, IpAddr::V4(overlay_address(local)), 8)
