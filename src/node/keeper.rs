@@ -38,6 +38,16 @@ struct Path {
     interface: Option<String>,
 }
 
+/// Whether a route agent goes through VXLAN: forced either way, or (auto) when the gateway is not
+/// on this node's network (`direct`: the route to it has no `via`).
+fn takes_vxlan(mode: RouteMode, direct: bool) -> bool {
+    match mode {
+        RouteMode::Direct => false,
+        RouteMode::Vxlan => true,
+        RouteMode::Auto => !direct,
+    }
+}
+
 async fn route_to_gateway(
     handle: &rtnetlink::Handle,
     gateway: IpAddr,
@@ -123,11 +133,7 @@ impl Keeper {
         let mut routes = match (role, gateway) {
             (Role::RouteAgent, Some(gw)) => {
                 let (oif, direct) = route_to_gateway(&handle, gw).await?;
-                let use_vxlan = match route_mode {
-                    RouteMode::Direct => false,
-                    RouteMode::Vxlan => true,
-                    RouteMode::Auto => !direct,
-                };
+                let use_vxlan = takes_vxlan(route_mode, direct);
                 let underlay = crate::netlink::interface_name(oif);
                 let hop = if use_vxlan {
                     let local = crate::netlink::interface_addresses(&handle, oif)
@@ -299,4 +305,17 @@ async fn publish(
     view.find_problems();
     view.problems.extend(read_error);
     *state.write() = view;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_vxlan_only_when_the_gateway_is_behind_a_router() {
+        assert!(!takes_vxlan(RouteMode::Auto, true));
+        assert!(takes_vxlan(RouteMode::Auto, false));
+        assert!(takes_vxlan(RouteMode::Vxlan, true));
+        assert!(!takes_vxlan(RouteMode::Direct, false));
+    }
 }
