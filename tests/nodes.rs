@@ -392,6 +392,39 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     let _ = again.wait();
     assert_eq!(snapshot(&lab, "m1n3"), clean);
 
+    // route_mode auto: a node that reaches the gateway only through a router (here m1n3) takes
+    // the VXLAN path, and its pod still reaches M2's.
+    stop(pid(&lab, "m1n2"), libc::SIGTERM);
+    lab.exec_ok(
+        "m1n2",
+        &[
+            "ip",
+            "route",
+            "add",
+            "172.18.1.1/32",
+            "via",
+            "172.18.1.3",
+            "dev",
+            "eth0",
+        ],
+    );
+    let mut routed = start_agent(&lab, "m1n2", 1);
+    let vxlan = wait_until(Duration::from_secs(10), || {
+        agent_routes(&lab, "m1n2").contains("10.245.0.0/16 via 240.18.1.1 dev meshd-vx onlink")
+    });
+    assert!(
+        vxlan.is_some(),
+        "auto did not take VXLAN behind a router:\n{}",
+        agent_routes(&lab, "m1n2")
+    );
+    assert!(lab
+        .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    let node = &peers_json(&lab, "m1n2")["node"];
+    assert_eq!(node["path"], "vxlan (meshd-vx over eth0)", "{node}");
+    stop(routed.id() as i32, libc::SIGTERM);
+    let _ = routed.wait();
+
     // The same for a gateway: its TUN device, routes and bypass go with it.
     stop(pid(&lab, "m2"), libc::SIGTERM);
     let clean = snapshot(&lab, "m2gw");
@@ -401,7 +434,7 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     );
     let mut gateway = lab.start_meshd(2, |c| c);
     assert!(lab
-        .ping_within("m2n2pod", "10.244.2.10", Duration::from_secs(15))
+        .ping_within("m2n2pod", M1_POD, Duration::from_secs(15))
         .is_some());
     stop(gateway.id() as i32, libc::SIGTERM);
     let _ = gateway.wait();
