@@ -264,3 +264,22 @@ pub async fn interface_addresses(
     }
     Ok(found)
 }
+
+/// The index of the interface that holds `ip`.
+pub async fn interface_with(
+    handle: &Handle,
+    ip: std::net::IpAddr,
+) -> Result<Option<u32>, rtnetlink::Error> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut addresses = handle.address().get().execute();
+    while let Some(message) = addresses.try_next().await? {
+        if message
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
+        {
+            return Ok(Some(message.header.index));
+        }
+    }
+    Ok(None)
+}

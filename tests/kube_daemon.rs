@@ -80,6 +80,12 @@ fn meshd_serves_dns_for_the_clusters_service_exports() {
                      "creationTimestamp": "2026-03-01T00:00:00Z"},
     });
     server.apply(export);
+    // The gateway is the node labelled meshd.io/gateway=true; at 127.0.0.1 it is this host.
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "m1-gateway", "labels": {"meshd.io/gateway": "true"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]},
+    }));
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -93,6 +99,8 @@ fn meshd_serves_dns_for_the_clusters_service_exports() {
             .args(["--kubernetes", "true"])
             .args(["--dns-listen", &format!("127.0.0.1:{dns_port}")])
             .args(["--metrics-listen", "off", "--health-listen", "off"])
+            // This host's own network namespace: no nftables table, no VXLAN end in it.
+            .args(["--masquerade-bypass", "false", "--route-mode", "direct"])
             .arg("--admin-socket")
             .arg(dir.path().join("admin.sock"))
             .env("KUBECONFIG", &kubeconfig)

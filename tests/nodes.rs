@@ -3,8 +3,11 @@
 //! rule; the masquerade bypass and the agent's routes come back when removed, and meshd leaves
 //! nothing behind when it exits. They need root and skip with a message otherwise.
 
+#[path = "support/apiserver.rs"]
+mod apiserver;
 mod support;
 
+use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -424,6 +427,75 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     assert_eq!(node["path"], "vxlan (meshd-vx over eth0)", "{node}");
     stop(routed.id() as i32, libc::SIGTERM);
     let _ = routed.wait();
+
+    // The gateway from the Kubernetes API: with kubernetes = true and no gateway_address, the
+    // agent asks the API server (the test's, listening inside m1n2) for the node labelled
+    // meshd.io/gateway=true and routes to its InternalIP.
+    lab.exec_ok("m1n2", &["ip", "route", "del", "172.18.1.1/32"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = in_netns(&lab.ns("m1n2"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    });
+    let server = {
+        let _entered = runtime.enter();
+        runtime.block_on(apiserver::ApiServer::start_on(listener))
+    };
+    for (name, address, gateway) in [
+        ("m1-gw", "172.18.1.1", true),
+        ("m1-n2", "172.18.1.2", false),
+        ("m1-n3", "172.18.1.3", false),
+    ] {
+        let mut node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {}},
+            "status": {"addresses": [{"type": "InternalIP", "address": address}]},
+        });
+        if gateway {
+            node["metadata"]["labels"]["meshd.io/gateway"] = json!("true");
+        }
+        server.apply(node);
+    }
+    let kubeconfig = lab.state.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig);
+    let config: String = std::fs::read_to_string(lab.state.join("m1.toml"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("gateway_address") && !l.starts_with("exports_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let kube_config = lab.state.join("m1-kubernetes.toml");
+    std::fs::write(&kube_config, format!("kubernetes = true\n{config}")).unwrap();
+    let log = lab.state.join("m1n2-kubernetes.log");
+    let mut from_api = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("m1n2")])
+        .arg(env!("CARGO_BIN_EXE_meshd"))
+        .arg("--config")
+        .arg(&kube_config)
+        .arg("--admin-socket")
+        .arg(lab.state.join("m1n2.admin.sock"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let routed = wait_until(Duration::from_secs(10), || {
+        agent_routes(&lab, "m1n2").contains("10.245.0.0/16 via 172.18.1.1 dev eth0")
+    });
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        routed.is_some(),
+        "no route to the labelled gateway:\n{logged}"
+    );
+    assert!(
+        logged.contains("the gateway node, from the Kubernetes API") && logged.contains("m1-gw"),
+        "{logged}"
+    );
+    assert!(lab
+        .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
+        .is_some());
+    stop(from_api.id() as i32, libc::SIGTERM);
+    let _ = from_api.wait();
 
     // The same for a gateway: its TUN device, routes and bypass go with it.
     stop(pid(&lab, "m2"), libc::SIGTERM);

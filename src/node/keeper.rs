@@ -167,7 +167,10 @@ impl Keeper {
             }
             (Role::Gateway, Some(gw)) if route_mode != RouteMode::Direct => {
                 // The agents' VXLAN ends point here; this end learns them as they send.
-                let (oif, _) = route_to_gateway(&handle, gw).await?;
+                let oif = crate::netlink::interface_with(&handle, gw)
+                    .await
+                    .map_err(AgentError::Dump)?
+                    .ok_or(VxlanError::NoUnderlay(gw))?;
                 let end = Vxlan::create(&handle, gw, oif, None).await?;
                 path.text = Some(format!(
                     "vxlan end for the agents ({} over {})",

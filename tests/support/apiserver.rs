@@ -187,7 +187,22 @@ impl ApiServer {
         *self.shared.mcs_version.lock().unwrap() = Some(version);
     }
 
+    /// A server (MCS CRDs at v1alpha1) on `listener`: one bound in another network namespace
+    /// serves the processes there.
+    pub async fn start_on(listener: std::net::TcpListener) -> ApiServer {
+        listener.set_nonblocking(true).unwrap();
+        ApiServer::serve(
+            Some(MCS_VERSION_ALPHA),
+            tokio::net::TcpListener::from_std(listener).unwrap(),
+        )
+    }
+
     async fn start_with(mcs_version: Option<&'static str>) -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ApiServer::serve(mcs_version, listener)
+    }
+
+    fn serve(mcs_version: Option<&'static str>, listener: tokio::net::TcpListener) -> ApiServer {
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             mcs_version: Mutex::new(mcs_version),
@@ -205,7 +220,6 @@ impl ApiServer {
             events,
             hold: watch::Sender::new(false),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new().fallback({
             let shared = shared.clone();
