@@ -395,6 +395,43 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     let _ = again.wait();
     assert_eq!(snapshot(&lab, "m1n3"), clean);
 
+    // A peer CIDR taken out of the configuration: on SIGHUP the route agent drops its route and
+    // the bypass its prefix; put back, both return.
+    let config_path = lab.state.join("m1.toml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    assert!(original.contains("\"10.97.0.0/16\", "), "{original}");
+    std::fs::write(&config_path, original.replace("\"10.97.0.0/16\", ", "")).unwrap();
+    let hup = |lab: &Lab| {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid(lab, "m1n2"), libc::SIGHUP) };
+    };
+    let remote4 =
+        |lab: &Lab| lab.exec_ok("m1n2", &["nft", "list", "set", "inet", "meshd", "remote4"]);
+    hup(&lab);
+    let dropped = wait_until(Duration::from_secs(10), || {
+        !agent_routes(&lab, "m1n2").contains("10.97.0.0/16")
+            && !remote4(&lab).contains("10.97.0.0/16")
+    });
+    assert!(
+        dropped.is_some(),
+        "{}\n{}",
+        agent_routes(&lab, "m1n2"),
+        remote4(&lab)
+    );
+    assert!(agent_routes(&lab, "m1n2").contains("10.245.0.0/16"));
+    std::fs::write(&config_path, &original).unwrap();
+    hup(&lab);
+    let back = wait_until(Duration::from_secs(10), || {
+        agent_routes(&lab, "m1n2").contains("10.97.0.0/16")
+            && remote4(&lab).contains("10.97.0.0/16")
+    });
+    assert!(
+        back.is_some(),
+        "{}\n{}",
+        agent_routes(&lab, "m1n2"),
+        remote4(&lab)
+    );
+
     // route_mode auto: a node that reaches the gateway only through a router (here m1n3) takes
     // the VXLAN path, and its pod still reaches M2's.
     stop(pid(&lab, "m1n2"), libc::SIGTERM);
