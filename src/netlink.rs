@@ -3,7 +3,7 @@
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -16,9 +16,9 @@ pub struct Route {
     pub via: Option<std::net::IpAddr>,
 }
 
-/// Every route of the main table, IPv4 then IPv6. A family the host does not have (IPv6
-/// disabled) has no routes.
-pub async fn main_routes(handle: &Handle) -> Result<Vec<Route>, rtnetlink::Error> {
+/// Every route message of the main table, IPv4 then IPv6. A family the host does not have
+/// (IPv6 disabled) has no routes.
+pub async fn main_route_messages(handle: &Handle) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
     let mut found = Vec::new();
     for family in [
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -26,49 +26,66 @@ pub async fn main_routes(handle: &Handle) -> Result<Vec<Route>, rtnetlink::Error
     ] {
         let mut routes = handle.route().get(family).execute();
         loop {
-            let route = match routes.try_next().await {
-                Ok(Some(route)) => route,
+            match routes.try_next().await {
+                Ok(Some(route)) if route.header.table == RouteHeader::RT_TABLE_MAIN => {
+                    found.push(route)
+                }
+                Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) if is_family_missing(&e) => break,
                 Err(e) => return Err(e),
-            };
-            if route.header.table != RouteHeader::RT_TABLE_MAIN {
-                continue;
             }
+        }
+    }
+    Ok(found)
+}
+
+/// A route message's destination prefix (a default route carries no destination attribute).
+pub fn prefix_of(route: &RouteMessage) -> Option<IpNet> {
+    let len = route.header.destination_prefix_length;
+    let destination = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => IpNet::new((*ip).into(), len).ok(),
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => IpNet::new((*ip).into(), len).ok(),
+        _ => None,
+    });
+    match (destination, route.header.address_family) {
+        (Some(net), _) => Some(net),
+        (None, rtnetlink::packet_route::AddressFamily::Inet) if len == 0 => {
+            Some(IpNet::V4(Default::default()))
+        }
+        (None, rtnetlink::packet_route::AddressFamily::Inet6) if len == 0 => {
+            Some(IpNet::V6(Default::default()))
+        }
+        _ => None,
+    }
+}
+
+/// A route message's next hop (none for a directly connected prefix).
+pub fn next_hop_of(route: &RouteMessage) -> Option<std::net::IpAddr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some((*ip).into()),
+        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some((*ip).into()),
+        _ => None,
+    })
+}
+
+/// Every route of the main table, IPv4 then IPv6.
+pub async fn main_routes(handle: &Handle) -> Result<Vec<Route>, rtnetlink::Error> {
+    Ok(main_route_messages(handle)
+        .await?
+        .iter()
+        .filter_map(|route| {
             let oif = route.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
             });
-            let len = route.header.destination_prefix_length;
-            let destination = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                    IpNet::new((*ip).into(), len).ok()
-                }
-                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
-                    IpNet::new((*ip).into(), len).ok()
-                }
-                _ => None,
-            });
-            // A default route carries no destination attribute.
-            let prefix = match (destination, route.header.address_family) {
-                (Some(net), _) => Some(net),
-                (None, rtnetlink::packet_route::AddressFamily::Inet) if len == 0 => {
-                    Some(IpNet::V4(Default::default()))
-                }
-                (None, rtnetlink::packet_route::AddressFamily::Inet6) if len == 0 => {
-                    Some(IpNet::V6(Default::default()))
-                }
-                _ => None,
-            };
-            let via = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some((*ip).into()),
-                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some((*ip).into()),
-                _ => None,
-            });
-            found.extend(prefix.map(|prefix| Route { prefix, oif, via }));
-        }
-    }
-    Ok(found)
+            prefix_of(route).map(|prefix| Route {
+                prefix,
+                oif,
+                via: next_hop_of(route),
+            })
+        })
+        .collect())
 }
 
 /// A dump of a family the kernel does not have (booted with `ipv6.disable=1`).

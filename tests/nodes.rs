@@ -27,6 +27,26 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> 
     None
 }
 
+/// Ping and two seconds of iperf3 from pod `a` to pod `b` and back (namespace, address).
+fn traffic_both_ways(lab: &Lab, a: (&str, &str), b: (&str, &str)) {
+    for (from, to) in [(a, b), (b, a)] {
+        assert!(
+            lab.ping_within(from.0, to.1, Duration::from_secs(10))
+                .is_some(),
+            "{} cannot ping {}",
+            from.0,
+            to.1
+        );
+        let moved = lab.iperf3(from.0, to.0, to.1, &["-t", "2"]);
+        assert!(
+            moved > 1_000_000,
+            "iperf3 {} -> {} moved {moved} bytes",
+            from.0,
+            to.0
+        );
+    }
+}
+
 /// `curl` from a pod; the body when it answered within 2 s.
 fn curl(lab: &Lab, pod: &str, url: &str) -> Option<String> {
     let out = lab.exec(pod, &["curl", "-sS", "--max-time", "2", url]);
@@ -128,6 +148,14 @@ fn agent_routes(lab: &Lab, node: &str) -> String {
     lab.exec_ok(node, &["ip", "route", "show", "proto", "77"])
 }
 
+/// Waits up to 10 s for `route` among meshd's routes on `node`; fails with `what` otherwise.
+fn await_route(lab: &Lab, node: &str, route: &str, what: &str) {
+    let found = wait_until(Duration::from_secs(10), || {
+        agent_routes(lab, node).contains(route)
+    });
+    assert!(found.is_some(), "{what}:\n{}", agent_routes(lab, node));
+}
+
 fn bad_source(lab: &Lab, gateway: &str) -> f64 {
     let body = lab.http_get(gateway, "127.0.0.1:9090", "/metrics");
     metric(&body, "meshd_dropped_packets_total{reason=\"bad_source\"}").unwrap_or(0.0)
@@ -165,18 +193,7 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     );
 
     // Worker pod to worker pod, both ways: ping, iperf3, HTTP with the true source address.
-    assert!(lab
-        .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(10))
-        .is_some());
-    assert!(lab
-        .ping_within("m2n2pod", M1_WORKER_POD, Duration::from_secs(10))
-        .is_some());
-    let there = lab.iperf3("m1n3pod", "m2n2pod", M2_WORKER_POD, &["-t", "2"]);
-    let back = lab.iperf3("m2n2pod", "m1n3pod", M1_WORKER_POD, &["-t", "2"]);
-    assert!(
-        there > 1_000_000 && back > 1_000_000,
-        "iperf3 moved {there} and {back} bytes"
-    );
+    traffic_both_ways(&lab, ("m1n3pod", M1_WORKER_POD), ("m2n2pod", M2_WORKER_POD));
     let hello = wait_until(Duration::from_secs(15), || {
         curl(&lab, "m1n3pod", "http://hello.demo.svc.clusterset.local/").as_deref()
             == Some("hello from m2n2")
@@ -269,13 +286,11 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
 
     // A route removed by hand comes back too.
     lab.exec_ok("m1n3", &["ip", "route", "del", "10.245.0.0/16"]);
-    let back = wait_until(Duration::from_secs(10), || {
-        agent_routes(&lab, "m1n3").contains("10.245.0.0/16 via 172.18.1.1")
-    });
-    assert!(
-        back.is_some(),
-        "the route to the gateway did not come back:\n{}",
-        agent_routes(&lab, "m1n3")
+    await_route(
+        &lab,
+        "m1n3",
+        "10.245.0.0/16 via 172.18.1.1",
+        "the route to the gateway did not come back",
     );
     assert!(lab
         .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(5))
@@ -449,13 +464,11 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         ],
     );
     let mut routed = start_agent(&lab, "m1n2", 1);
-    let vxlan = wait_until(Duration::from_secs(10), || {
-        agent_routes(&lab, "m1n2").contains("10.245.0.0/16 via 240.18.1.1 dev meshd-vx onlink")
-    });
-    assert!(
-        vxlan.is_some(),
-        "auto did not take VXLAN behind a router:\n{}",
-        agent_routes(&lab, "m1n2")
+    await_route(
+        &lab,
+        "m1n2",
+        "10.245.0.0/16 via 240.18.1.1 dev meshd-vx onlink",
+        "auto did not take VXLAN behind a router",
     );
     assert!(lab
         .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
@@ -562,18 +575,7 @@ fn vxlan_forced_carries_the_same_traffic_with_its_mtu_and_leaves_nothing() {
         &["--nodes", "2,2", "--no-nat", "--route-mode", "vxlan"],
     );
     const M1_POD_2: &str = "10.244.2.10";
-    assert!(lab
-        .ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
-        .is_some());
-    assert!(lab
-        .ping_within("m2n2pod", M1_POD_2, Duration::from_secs(10))
-        .is_some());
-    let there = lab.iperf3("m1n2pod", "m2n2pod", M2_WORKER_POD, &["-t", "2"]);
-    let back = lab.iperf3("m2n2pod", "m1n2pod", M1_POD_2, &["-t", "2"]);
-    assert!(
-        there > 1_000_000 && back > 1_000_000,
-        "iperf3 moved {there} and {back} bytes"
-    );
+    traffic_both_ways(&lab, ("m1n2pod", M1_POD_2), ("m2n2pod", M2_WORKER_POD));
     assert_eq!(
         curl(&lab, "m1n2pod", &format!("http://{M2_WORKER_POD}/")).as_deref(),
         Some("hello from m2n2")

@@ -252,15 +252,7 @@ async fn control_plane(
         }
     };
 
-    let mut health_task = match config.health_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
-            })?;
-            tokio::spawn(admin::serve_health(listener, health.clone()))
-        }
-        None => tokio::spawn(futures::future::pending()),
-    };
+    let mut health_task = serve_health(config.health_listen, &health).await?;
 
     let monitor = PeerMonitor::new(dataplane.clone(), prober.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
@@ -421,40 +413,12 @@ async fn control_plane(
                 };
             }
             r = &mut admin_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the admin API on {} stopped", config.admin_socket.display())),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("admin socket {} failed", config.admin_socket.display()))),
-                    Err(e) => Err(anyhow::anyhow!("admin API task panicked: {e}")),
-                };
+                break Err(ended(format!("the admin API on {}", config.admin_socket.display()), r))
             }
-            r = &mut metrics_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the metrics server stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the metrics server failed")),
-                    Err(e) => Err(anyhow::anyhow!("metrics task panicked: {e}")),
-                };
-            }
-            r = &mut health_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the health probe server stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the health probe server failed")),
-                    Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
-                };
-            }
-            r = &mut kubernetes_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the ServiceExport watcher stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the ServiceExport watcher failed")),
-                    Err(e) => Err(anyhow::anyhow!("ServiceExport watcher task panicked: {e}")),
-                };
-            }
-            r = &mut discovery_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the catalog sync server stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the catalog sync or health probe failed")),
-                    Err(e) => Err(anyhow::anyhow!("discovery task panicked: {e}")),
-                };
-            }
+            r = &mut metrics_task => break Err(ended("the metrics server", r)),
+            r = &mut health_task => break Err(ended("the health probe server", r)),
+            r = &mut kubernetes_task => break Err(ended("the ServiceExport watcher", r)),
+            r = &mut discovery_task => break Err(ended("the catalog sync and health probe", r)),
             r = &mut dns_task => {
                 break match r {
                     Ok(e) => Err(anyhow::Error::new(e).context("the DNS responder failed")),
@@ -481,6 +445,34 @@ async fn control_plane(
     let _ = std::fs::remove_file(&config.admin_socket);
     tracing::info!("meshd stopped");
     result
+}
+
+/// The probes on `listen` (none: a task that never ends).
+async fn serve_health(
+    listen: Option<SocketAddr>,
+    health: &Arc<Health>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    Ok(match listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
+            })?;
+            tokio::spawn(admin::serve_health(listener, health.clone()))
+        }
+        None => tokio::spawn(futures::future::pending()),
+    })
+}
+
+/// Why meshd stops when one of its tasks ended: it stopped, failed, or panicked.
+fn ended<S: std::fmt::Display, E: std::error::Error + Send + Sync + 'static>(
+    what: S,
+    r: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match r {
+        Ok(Ok(())) => anyhow::anyhow!("{what} stopped"),
+        Ok(Err(e)) => anyhow::Error::new(e).context(format!("{what} failed")),
+        Err(e) => anyhow::anyhow!("{what} panicked: {e}"),
+    }
 }
 
 /// The prefixes of this node's part: this cluster's, and every peer's remote CIDRs.
@@ -529,15 +521,7 @@ async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
     .await?;
     let health = Health::new();
     health.routes_programmed();
-    let mut health_task = match config.health_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen for the health probes on {addr}: set health_listen (or --health-listen) to a free address, or \"off\"")
-            })?;
-            tokio::spawn(admin::serve_health(listener, health.clone()))
-        }
-        None => tokio::spawn(futures::future::pending()),
-    };
+    let mut health_task = serve_health(config.health_listen, &health).await?;
     let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
     let mut admin_task = tokio::spawn(admin::serve_admin(
         admin_listener,
@@ -565,19 +549,9 @@ async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             r = &mut admin_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the admin API on {} stopped", config.admin_socket.display())),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("admin socket {} failed", config.admin_socket.display()))),
-                    Err(e) => Err(anyhow::anyhow!("admin API task panicked: {e}")),
-                };
+                break Err(ended(format!("the admin API on {}", config.admin_socket.display()), r))
             }
-            r = &mut health_task => {
-                break match r {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the health probe server stopped")),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the health probe server failed")),
-                    Err(e) => Err(anyhow::anyhow!("health task panicked: {e}")),
-                };
-            }
+            r = &mut health_task => break Err(ended("the health probe server", r)),
         }
     };
     admin_task.abort();

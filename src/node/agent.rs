@@ -7,9 +7,8 @@
 //! address must already exist and be direct (the gateway on this node's L2 segment, as on
 //! kind, flannel host-gw and Calico without overlay): the remote prefixes go `via` it.
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -65,42 +64,12 @@ fn message(prefix: IpNet, hop: NextHop) -> Option<RouteMessage> {
 
 /// Every route in the main table that carries meshd's protocol, with its prefix.
 async fn ours(handle: &Handle) -> Result<Vec<(IpNet, RouteMessage)>, rtnetlink::Error> {
-    let mut found = Vec::new();
-    for family in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
-        let mut routes = handle.route().get(family).execute();
-        loop {
-            let route = match routes.try_next().await {
-                Ok(Some(route)) => route,
-                Ok(None) => break,
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if m.raw_code() == -libc::EAFNOSUPPORT || m.raw_code() == -libc::EOPNOTSUPP =>
-                {
-                    break
-                }
-                Err(e) => return Err(e),
-            };
-            if route.header.protocol != RouteProtocol::Other(PROTOCOL) {
-                continue;
-            }
-            let len = route.header.destination_prefix_length;
-            let prefix = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(
-                    rtnetlink::packet_route::route::RouteAddress::Inet(ip),
-                ) => IpNet::new((*ip).into(), len).ok(),
-                RouteAttribute::Destination(
-                    rtnetlink::packet_route::route::RouteAddress::Inet6(ip),
-                ) => IpNet::new((*ip).into(), len).ok(),
-                _ => None,
-            });
-            if let Some(prefix) = prefix {
-                found.push((prefix, route));
-            }
-        }
-    }
-    Ok(found)
+    Ok(crate::netlink::main_route_messages(handle)
+        .await?
+        .into_iter()
+        .filter(|route| route.header.protocol == RouteProtocol::Other(PROTOCOL))
+        .filter_map(|route| crate::netlink::prefix_of(&route).map(|prefix| (prefix, route)))
+        .collect())
 }
 
 /// Deletes every route that carries meshd's protocol; returns how many there were.
@@ -161,16 +130,21 @@ impl RouteAgent {
         self.put_back().await.map(|_| ())
     }
 
-    /// Adds (or replaces) every wanted route that is not in the kernel as meshd wants it;
-    /// returns how many it had to.
-    pub async fn put_back(&mut self) -> Result<usize, AgentError> {
-        let present: BTreeSet<IpNet> = ours(&self.handle)
+    /// The prefixes routed now as meshd wants them (its protocol, its next hop).
+    async fn present(&self) -> Result<BTreeSet<IpNet>, AgentError> {
+        Ok(ours(&self.handle)
             .await
             .map_err(AgentError::Dump)?
             .into_iter()
             .filter(|(_, route)| via_gateway(route, self.hop.address))
             .map(|(prefix, _)| prefix)
-            .collect();
+            .collect())
+    }
+
+    /// Adds (or replaces) every wanted route that is not in the kernel as meshd wants it;
+    /// returns how many it had to.
+    pub async fn put_back(&mut self) -> Result<usize, AgentError> {
+        let present = self.present().await?;
         let mut added = 0;
         for prefix in self.wanted.difference(&present) {
             let Some(msg) = message(*prefix, self.hop) else {
@@ -195,13 +169,7 @@ impl RouteAgent {
 
     /// The wanted routes and whether each is in place now.
     pub async fn view(&self) -> Result<Vec<super::RouteView>, AgentError> {
-        let present: BTreeSet<IpNet> = ours(&self.handle)
-            .await
-            .map_err(AgentError::Dump)?
-            .into_iter()
-            .filter(|(_, route)| via_gateway(route, self.hop.address))
-            .map(|(prefix, _)| prefix)
-            .collect();
+        let present = self.present().await?;
         Ok(self
             .wanted
             .iter()
@@ -215,15 +183,7 @@ impl RouteAgent {
 }
 
 fn via_gateway(route: &RouteMessage, gateway: IpAddr) -> bool {
-    route.attributes.iter().any(|a| match a {
-        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => {
-            IpAddr::V4(*ip) == gateway
-        }
-        RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet6(ip)) => {
-            IpAddr::V6(*ip) == gateway
-        }
-        _ => false,
-    })
+    crate::netlink::next_hop_of(route) == Some(gateway)
 }
 
 #[cfg(test)]
@@ -248,6 +208,8 @@ mod tests {
         };
         let msg = message("10.245.0.0/16".parse().unwrap(), overlay).unwrap();
         assert!(via_gateway(&msg, overlay.address));
-        assert!(msg.attributes.contains(&RouteAttribute::Oif(7)));
+        assert!(msg
+            .attributes
+            .contains(&rtnetlink::packet_route::route::RouteAttribute::Oif(7)));
     }
 }
