@@ -440,9 +440,10 @@ async fn control_plane(
     if let Some(task) = dns_endpoint_task {
         task.abort();
     }
-    keeper.stop().await;
+    // The sockets go first: while the node's part is taken away, meshctl says "not running".
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&config.admin_socket);
+    keeper.stop().await;
     tracing::info!("meshd stopped");
     result
 }
@@ -556,8 +557,8 @@ async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
     };
     admin_task.abort();
     health_task.abort();
-    keeper.stop().await;
     let _ = std::fs::remove_file(&config.admin_socket);
+    keeper.stop().await;
     tracing::info!("meshd (route agent) stopped");
     result
 }
