@@ -23,7 +23,7 @@ else
 fi
 ensure_cargo
 
-# The build outputs (debug, static release, fuzz builds) and the image take about 7 GiB on a fresh
+# The build outputs (debug, static release, fuzz builds) and the image take about 6 GiB on a fresh
 # checkout; a full disk otherwise surfaces as some test's ENOSPC halfway through.
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$target_dir"
