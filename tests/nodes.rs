@@ -666,6 +666,24 @@ fn vxlan_forced_carries_the_same_traffic_with_its_mtu_and_leaves_nothing() {
         "loosened on the underlay while the agent runs"
     );
 
+    // A VXLAN end deleted by hand, the agent's or the gateway's, is made again within seconds,
+    // with the agent's routes through it.
+    for node in ["m1n2", "m1gw"] {
+        lab.exec_ok(node, &["ip", "link", "del", "meshd-vx"]);
+        await_route(
+            &lab,
+            "m1n2",
+            "10.245.0.0/16 via 240.18.1.1 dev meshd-vx onlink",
+            &format!("the route through a new meshd-vx after deleting {node}'s"),
+        );
+        assert!(
+            lab.ping_within("m1n2pod", M2_WORKER_POD, Duration::from_secs(10))
+                .is_some(),
+            "no traffic after {node}'s meshd-vx was made again"
+        );
+    }
+    assert_eq!(rp_filter("m1n2").trim(), "2");
+
     // Exiting, the agent takes its VXLAN end away and puts rp_filter back; the gateway too.
     stop(pid(&lab, "m1n2"), libc::SIGTERM);
     let clean = snapshot(&lab, "m1n2");

@@ -130,6 +130,12 @@ impl RouteAgent {
         self.put_back().await.map(|_| ())
     }
 
+    /// A new next hop (the VXLAN interface was made again); [`RouteAgent::put_back`] routes
+    /// through it.
+    pub fn set_hop(&mut self, hop: NextHop) {
+        self.hop = hop;
+    }
+
     /// The prefixes routed now as meshd wants them (its protocol, its next hop).
     async fn present(&self) -> Result<BTreeSet<IpNet>, AgentError> {
         Ok(ours(&self.handle)

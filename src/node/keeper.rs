@@ -217,6 +217,18 @@ impl Keeper {
                         }
                     }
                     _ = tick.tick() => {
+                        if let Some(end) = vx.as_mut() {
+                            match end.ensure().await {
+                                Ok(false) => {}
+                                Ok(true) => {
+                                    tracing::warn!(interface = vxlan::NAME, "the VXLAN interface was removed: made again");
+                                    if let (Some(agent), Some(overlay)) = (routes.as_mut(), end.peer_overlay) {
+                                        agent.set_hop(NextHop { address: IpAddr::V4(overlay), oif: Some(end.index) });
+                                    }
+                                }
+                                Err(e) => tracing::error!(error = %e, "the VXLAN interface could not be made again"),
+                            }
+                        }
                         if let Some(b) = bypass.take() {
                             let (b, r) = with_bypass(b, Bypass::check).await;
                             match r {

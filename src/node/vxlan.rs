@@ -105,12 +105,60 @@ pub struct Vxlan {
     handle: Handle,
     /// `meshd-vx`'s index.
     pub index: u32,
+    local: Ipv4Addr,
+    underlay_index: u32,
     /// The underlay interface's name.
     pub underlay: String,
+    remote: Option<Ipv4Addr>,
     /// The overlay address of the node at the other end (the gateway, for an agent).
     pub peer_overlay: Option<Ipv4Addr>,
     /// The underlay's rp_filter before meshd loosened it (agents only).
     restore: Option<String>,
+}
+
+/// Makes `meshd-vx` (with its overlay address, up, loose rp_filter on itself); its index.
+async fn make(
+    handle: &Handle,
+    local: Ipv4Addr,
+    underlay: u32,
+    remote: Option<Ipv4Addr>,
+) -> Result<u32, VxlanError> {
+    // A MAC address from the overlay address, so that a `meshd-vx` made again keeps it and the
+    // other ends' neighbour entries stay right.
+    let [a, b, c, d] = overlay_address(local).octets();
+    let mut link = LinkVxlan::new(NAME, VNI)
+        .address(vec![0x02, 0x4d, a, b, c, d])
+        .dev(underlay)
+        .port(PORT)
+        .local(local)
+        .learning(remote.is_none());
+    if let Some(r) = remote {
+        link = link.remote(r);
+    }
+    handle
+        .link()
+        .add(link.build())
+        .execute()
+        .await
+        .map_err(kernel("create"))?;
+    let index = index_of(handle, NAME)
+        .await
+        .map_err(kernel("look up"))?
+        .ok_or(VxlanError::NoUnderlay(IpAddr::V4(local)))?;
+    handle
+        .address()
+        .add(index, IpAddr::V4(overlay_address(local)), 8)
+        .execute()
+        .await
+        .map_err(kernel("address"))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(kernel("bring up"))?;
+    set_rp_filter(NAME, "2")?;
+    Ok(index)
 }
 
 impl Vxlan {
@@ -130,38 +178,8 @@ impl Vxlan {
             Some(other) => return Err(VxlanError::NotIpv4(other)),
             None => None,
         };
-        let mut link = LinkVxlan::new(NAME, VNI)
-            .dev(underlay)
-            .port(PORT)
-            .local(local)
-            .learning(remote.is_none());
-        if let Some(r) = remote {
-            link = link.remote(r);
-        }
-        handle
-            .link()
-            .add(link.build())
-            .execute()
-            .await
-            .map_err(kernel("create"))?;
-        let index = index_of(handle, NAME)
-            .await
-            .map_err(kernel("look up"))?
-            .ok_or(VxlanError::NoUnderlay(IpAddr::V4(local)))?;
-        handle
-            .address()
-            .add(index, IpAddr::V4(overlay_address(local)), 8)
-            .execute()
-            .await
-            .map_err(kernel("address"))?;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(kernel("bring up"))?;
+        let index = make(handle, local, underlay, remote).await?;
         let underlay_name = crate::netlink::interface_name(underlay);
-        set_rp_filter(NAME, "2")?;
         let restore = match remote {
             Some(_) => Some(set_rp_filter(&underlay_name, "2")?),
             None => None,
@@ -169,10 +187,33 @@ impl Vxlan {
         Ok(Vxlan {
             handle: handle.clone(),
             index,
+            local,
+            underlay_index: underlay,
             underlay: underlay_name,
+            remote,
             peer_overlay: remote.map(overlay_address),
             restore,
         })
+    }
+
+    /// Makes `meshd-vx` again when something deleted it (or replaced it); returns whether it
+    /// had to. Its routes went with it: the caller puts them back, through the new index.
+    pub async fn ensure(&mut self) -> Result<bool, VxlanError> {
+        match index_of(&self.handle, NAME)
+            .await
+            .map_err(kernel("look up"))?
+        {
+            Some(index) if index == self.index => return Ok(false),
+            Some(_) => {
+                clear(&self.handle).await?;
+            }
+            None => {}
+        }
+        self.index = make(&self.handle, self.local, self.underlay_index, self.remote).await?;
+        if self.restore.is_some() {
+            set_rp_filter(&self.underlay, "2")?;
+        }
+        Ok(true)
     }
 
     /// Deletes `meshd-vx` (its routes go with it) and puts the underlay's rp_filter back.
