@@ -182,16 +182,6 @@ pub enum RouteMode {
     Vxlan,
 }
 
-impl RouteMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteMode::Auto => "auto",
-            RouteMode::Direct => "direct",
-            RouteMode::Vxlan => "vxlan",
-        }
-    }
-}
-
 /// A configuration error: which input is at fault and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -111,6 +111,15 @@ fn nft(args: &[&str], input: Option<&str>, action: &'static str) -> Result<Strin
     }
 }
 
+/// The table as the kernel has it now (`nft list table inet meshd`); `None` when there is none.
+pub fn current() -> Result<Option<String>, BypassError> {
+    match nft(&["list", "table", "inet", "meshd"], None, "reading it") {
+        Ok(text) => Ok(Some(text)),
+        Err(BypassError::Refused { message, .. }) if message.contains("No such file") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Bypass {
     /// A bypass for traffic between `local` and `remote` prefixes (nothing written yet).
     pub fn new(local: Vec<IpNet>, remote: Vec<IpNet>) -> Self {
@@ -134,7 +143,7 @@ impl Bypass {
             Some(&script(&self.local, &self.remote)),
             "writing it",
         )?;
-        self.written = Some(self.list()?.unwrap_or_default());
+        self.written = Some(current()?.unwrap_or_default());
         Ok(())
     }
 
@@ -152,20 +161,10 @@ impl Bypass {
         self.apply()
     }
 
-    fn list(&self) -> Result<Option<String>, BypassError> {
-        match nft(&["list", "table", "inet", "meshd"], None, "reading it") {
-            Ok(text) => Ok(Some(text)),
-            Err(BypassError::Refused { message, .. }) if message.contains("No such file") => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Compares the table with what meshd wrote; writes it again when it changed or is gone.
     /// Returns whether it had to.
     pub fn check(&mut self) -> Result<bool, BypassError> {
-        let now = self.list()?;
+        let now = current()?;
         if now.is_some() && now == self.written {
             return Ok(false);
         }

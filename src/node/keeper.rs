@@ -310,15 +310,18 @@ async fn publish(
         view.masquerade_bypass.restored = b.restored();
         view.masquerade_bypass.error = error;
     }
-    if let Some(agent) = routes {
-        match agent.view().await {
-            Ok(r) => view.routes = r,
-            Err(e) => view.problems.push(e.to_string()),
-        }
-    }
-    let read_error = view.problems.clone();
+    let unread = match routes {
+        Some(agent) => match agent.view().await {
+            Ok(r) => {
+                view.routes = r;
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        },
+        None => None,
+    };
     view.find_problems();
-    view.problems.extend(read_error);
+    view.problems.extend(unread);
     *state.write() = view;
 }
 

@@ -29,15 +29,6 @@ pub enum Role {
     RouteAgent,
 }
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::RouteAgent => "route agent",
-        }
-    }
-}
-
 /// Decides this node's role: the gateway when no `gateway_address` is configured (a
 /// single-node set-up) or when it is one of this node's own addresses; a route agent otherwise.
 pub fn role(gateway: Option<IpAddr>, own: &[IpAddr]) -> Role {

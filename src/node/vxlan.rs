@@ -47,6 +47,8 @@ pub enum VxlanError {
     NotIpv4(IpAddr),
     #[error("no interface of this node carries {0}: cannot tell which interface VXLAN goes over")]
     NoUnderlay(IpAddr),
+    #[error("the VXLAN interface {NAME} was gone right after meshd made it: is another program removing interfaces of that name?")]
+    Vanished,
 }
 
 /// A node's overlay address.
@@ -144,7 +146,7 @@ async fn make(
     let index = index_of(handle, NAME)
         .await
         .map_err(kernel("look up"))?
-        .ok_or(VxlanError::NoUnderlay(IpAddr::V4(local)))?;
+        .ok_or(VxlanError::Vanished)?;
     handle
         .address()
         .add(index, IpAddr::V4(overlay_address(local)), 8)

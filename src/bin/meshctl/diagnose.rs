@@ -613,24 +613,6 @@ fn rp_filter(g: &NodeGathered) -> Check {
     }
 }
 
-/// `nft list table inet meshd`: the table, `None` when there is none.
-pub fn nft_table() -> Result<Option<String>, String> {
-    let out = std::process::Command::new("nft")
-        .args(["list", "table", "inet", "meshd"])
-        .output()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
-    if out.status.success() {
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("No such file") {
-            Ok(None)
-        } else {
-            Err(err.trim().to_string())
-        }
-    }
-}
-
 /// The reverse-path filter the kernel applies on each interface: the larger of its own and
 /// `all`'s setting.
 pub fn rp_filters() -> BTreeMap<String, u8> {

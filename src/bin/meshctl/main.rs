@@ -498,7 +498,7 @@ fn diagnose(args: &SocketArgs, out: &mut impl Write) -> Result<ExitCode> {
         checks.extend(diagnose::run_node_checks(&diagnose::NodeGathered {
             node,
             routes: diagnose::kernel_routes(),
-            bypass: diagnose::nft_table(),
+            bypass: meshd::node::bypass::current().map_err(|e| e.to_string()),
             rp_filter: diagnose::rp_filters(),
         }));
     }
