@@ -235,14 +235,15 @@ pub async fn underlay_mtu(exclude: &str) -> (u16, String) {
     }
 }
 
-/// Every address on this network namespace's interfaces (both families).
-pub async fn local_addresses(handle: &Handle) -> Result<Vec<std::net::IpAddr>, rtnetlink::Error> {
+/// Every address on this network namespace's interfaces (both families), with its interface's
+/// index.
+pub async fn addresses(handle: &Handle) -> Result<Vec<(u32, std::net::IpAddr)>, rtnetlink::Error> {
     use rtnetlink::packet_route::address::AddressAttribute;
     let mut found = Vec::new();
     let mut addresses = handle.address().get().execute();
     while let Some(message) = addresses.try_next().await? {
         found.extend(message.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
+            AddressAttribute::Address(ip) => Some((message.header.index, *ip)),
             _ => None,
         }));
     }
@@ -259,44 +260,4 @@ pub async fn route_to(
         .into_iter()
         .filter(|r| r.prefix.contains(&ip))
         .max_by_key(|r| r.prefix.prefix_len()))
-}
-
-/// The addresses on one interface.
-pub async fn interface_addresses(
-    handle: &Handle,
-    index: u32,
-) -> Result<Vec<std::net::IpAddr>, rtnetlink::Error> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let mut found = Vec::new();
-    let mut addresses = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    while let Some(message) = addresses.try_next().await? {
-        found.extend(message.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        }));
-    }
-    Ok(found)
-}
-
-/// The index of the interface that holds `ip`.
-pub async fn interface_with(
-    handle: &Handle,
-    ip: std::net::IpAddr,
-) -> Result<Option<u32>, rtnetlink::Error> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let mut addresses = handle.address().get().execute();
-    while let Some(message) = addresses.try_next().await? {
-        if message
-            .attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
-        {
-            return Ok(Some(message.header.index));
-        }
-    }
-    Ok(None)
 }

@@ -161,7 +161,8 @@ fn bad_source(lab: &Lab, gateway: &str) -> f64 {
     metric(&body, "meshd_dropped_packets_total{reason=\"bad_source\"}").unwrap_or(0.0)
 }
 
-fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
+/// `meshctl peers --output json` on `node`; `Err` with meshctl's output when it gave no JSON.
+fn try_peers_json(lab: &Lab, node: &str) -> Result<serde_json::Value, String> {
     let socket = lab.state.join(format!("{node}.admin.sock"));
     let out = meshctl()
         .args([
@@ -173,7 +174,11 @@ fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
         ])
         .output()
         .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+}
+
+fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
+    try_peers_json(lab, node).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -382,17 +387,7 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     let mut again = start_agent(&lab, "m1n3", 1);
     // Up once it reports its routes in place (the killed one's were cleared first).
     let up = wait_until(Duration::from_secs(10), || {
-        let out = meshctl()
-            .args([
-                "peers",
-                "--output",
-                "json",
-                "--socket",
-                socket.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| {
+        try_peers_json(&lab, "m1n3").is_ok_and(|v| {
             v["node"]["routes"]
                 .as_array()
                 .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["in_place"] == true))

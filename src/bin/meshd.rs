@@ -74,8 +74,9 @@ fn run(cli: Cli) -> Result<()> {
     let own_addresses = runtime
         .block_on(async {
             let handle = meshd::netlink::connect()?;
-            meshd::netlink::local_addresses(&handle)
+            meshd::netlink::addresses(&handle)
                 .await
+                .map(|found| found.into_iter().map(|(_, ip)| ip).collect::<Vec<_>>())
                 .map_err(std::io::Error::other)
         })
         .context(

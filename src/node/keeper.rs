@@ -136,11 +136,12 @@ impl Keeper {
                 let use_vxlan = takes_vxlan(route_mode, direct);
                 let underlay = crate::netlink::interface_name(oif);
                 let hop = if use_vxlan {
-                    let local = crate::netlink::interface_addresses(&handle, oif)
+                    let local = crate::netlink::addresses(&handle)
                         .await
                         .map_err(AgentError::Dump)?
                         .into_iter()
-                        .find(IpAddr::is_ipv4)
+                        .find(|(index, ip)| *index == oif && ip.is_ipv4())
+                        .map(|(_, ip)| ip)
                         .ok_or(VxlanError::NoUnderlay(gw))?;
                     let end = Vxlan::create(&handle, local, oif, Some(gw)).await?;
                     let hop = NextHop {
@@ -167,9 +168,12 @@ impl Keeper {
             }
             (Role::Gateway, Some(gw)) if route_mode != RouteMode::Direct => {
                 // The agents' VXLAN ends point here; this end learns them as they send.
-                let oif = crate::netlink::interface_with(&handle, gw)
+                let oif = crate::netlink::addresses(&handle)
                     .await
                     .map_err(AgentError::Dump)?
+                    .into_iter()
+                    .find(|(_, ip)| *ip == gw)
+                    .map(|(index, _)| index)
                     .ok_or(VxlanError::NoUnderlay(gw))?;
                 let end = Vxlan::create(&handle, gw, oif, None).await?;
                 path.text = Some(format!(
