@@ -611,37 +611,27 @@ fn vxlan_forced_carries_the_same_traffic_with_its_mtu_and_leaves_nothing() {
             .unwrap()
     };
     assert_eq!(mtu("m1n2", "meshd-vx"), mtu("m1n2", "eth0") - 50);
-    let big = lab.exec(
-        "m1n2pod",
-        &[
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-M",
-            "do",
-            "-s",
-            "1423",
-            M2_WORKER_POD,
-        ],
-    );
+    // One ping of `size` bytes of payload with DF set, from m1n2's pod to m2n2's.
+    let df_ping = |size: &str| {
+        lab.exec(
+            "m1n2pod",
+            &[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-M",
+                "do",
+                "-s",
+                size,
+                M2_WORKER_POD,
+            ],
+        )
+    };
+    let big = df_ping("1423");
     assert!(text(&big).contains("mtu = 1450"), "{}", text(&big));
-    let fits = lab.exec(
-        "m1n2pod",
-        &[
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-M",
-            "do",
-            "-s",
-            "1392",
-            M2_WORKER_POD,
-        ],
-    );
+    let fits = df_ping("1392");
     assert!(fits.status.success(), "{}", text(&fits));
     let report = lab.exec(
         "m1n2",
