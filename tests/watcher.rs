@@ -1184,6 +1184,28 @@ async fn the_gateway_is_the_labelled_node_at_its_internal_ip() {
     assert!(e.to_string().contains("needs get/list on nodes"), "{e}");
 }
 
+/// A labelled node whose InternalIP is not an address (a broken or hostile API answer) is no
+/// gateway: the lookup says so instead of routing to something made up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_node_with_a_malformed_address_is_refused() {
+    use meshd::node::kubernetes::{gateway_node, GatewayError};
+    let server = ApiServer::start().await;
+    for garbage in [
+        "not-an-ip",
+        "172.18.0.2/24",
+        "",
+        "999.1.1.1",
+        "172.18.0.2\n10.0.0.1",
+    ] {
+        server.apply(node("m1-control-plane", true, Some(garbage)));
+        let e = gateway_node(server.client()).await.unwrap_err();
+        assert!(
+            matches!(e, GatewayError::NoAddress { .. }),
+            "{garbage:?}: {e}"
+        );
+    }
+}
+
 /// The gateway writes the meshd-dns Service's one endpoint: created, then patched when it moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_publishes_the_dns_services_endpoint() {
