@@ -32,6 +32,9 @@
 #   --no-nat    not so, with the default topology
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
 #   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
+#   --ha        M1's second node is a second gateway candidate: the underlay is a switch (its own
+#               namespace, ulsw) that M1's first two nodes and M2's gateway share (m1n2 at
+#               192.0.2.12); tests/ha.rs runs the election there (needs --nodes with N1 >= 2)
 #   --tx-threads N   meshd's transmit threads (TUN queues), default 1
 #   --from-image IMAGE  run each meshd gateway from IMAGE (scripts/image.sh) with podman, given
 #                    exactly what the rendered DaemonSet (kubectl kustomize deploy/overlays/mI)
@@ -50,13 +53,14 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto
+M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto HA=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
     --m2) M2=$2; shift 2 ;;
     --prefix) P=$2; shift 2 ;;
     --nat) NAT=1; shift ;;
+    --ha) HA=1; shift ;;
     --no-nat) NAT=0; shift ;;
     --nodes) NODES=$2; shift 2 ;;
     --route-mode) ROUTE_MODE=$2; shift 2 ;;
@@ -85,6 +89,9 @@ if [ -n "$FROM_IMAGE" ] && { [ "$M1" != meshd ] || [ "$M2" != meshd ]; }; then
 fi
 if [ -n "$FROM_IMAGE" ] && [ "$N1$N2" != 11 ]; then
   echo "--from-image runs the gateways only: it needs --nodes 1" >&2; exit 2
+fi
+if [ "$HA" = 1 ] && { [ "$N1" -lt 2 ] || [ "$UNDERLAY6" = 1 ]; }; then
+  echo "--ha needs a second M1 node (--nodes N1,N2 with N1 >= 2) and an IPv4 underlay" >&2; exit 2
 fi
 if [ "$M1" = none ] || [ "$M2" = none ]; then
   [ "$M1" = "$M2" ] || { echo "--m1 none needs --m2 none (plain routing has no tunnel)" >&2; exit 2; }
@@ -163,7 +170,7 @@ rendered() { "$(kubectl_bin)" kustomize "$root/deploy/overlays/m$1"; }
 
 # Every namespace of this lab, whatever its topology was.
 lab_namespaces() {
-  ip netns list | awk '{print $1}' | grep -E "^${P}m[12](gw|pod|sw|n[0-9]|n[0-9]pod)\$" || true
+  ip netns list | awk '{print $1}' | grep -E "^${P}(m[12](gw|pod|sw|n[0-9]|n[0-9]pod)|ulsw)\$" || true
 }
 
 down() {
@@ -256,6 +263,10 @@ topology() {
     in_ns "$host" ip route add "$(hello_ip)/32" via "$(last_pod_ip 2)"
     in_ns m2gw ip route add "$(hello_ip)/32" via "$(node_ip 2 "$N2")"
   fi
+  if [ "$HA" = 1 ]; then
+    ha_underlay
+    return
+  fi
   # the underlay between the gateways
   ip link add "${P}ul1" netns "$(ns m1gw)" type veth peer name "${P}ul2" netns "$(ns m2gw)"
   for i in 1 2; do
@@ -263,6 +274,22 @@ topology() {
     in_ns "m${i}gw" ip addr add "$(underlay_ip "$i")/24" dev ul0
     in_ns "m${i}gw" ip -6 addr add "$(underlay6_ip "$i")/64" dev ul0 nodad
     in_ns "m${i}gw" ip link set ul0 up
+  done
+}
+
+# --ha: the underlay is a switch; both gateways and M1's second node (a second candidate) on it.
+ha_underlay() {
+  ip netns add "$(ns ulsw)"
+  in_ns ulsw ip link add br0 type bridge
+  in_ns ulsw ip link set br0 up
+  local node address n=0
+  for node in m1gw:"$(underlay_ip 1)" m2gw:"$(underlay_ip 2)" m1n2:192.0.2.12; do
+    address=${node#*:} node=${node%%:*} n=$((n + 1))
+    ip link add "${P}ul$n" netns "$(ns "$node")" type veth peer name "${P}us$n" netns "$(ns ulsw)"
+    in_ns ulsw ip link set "${P}us$n" master br0 up
+    in_ns "$node" ip link set "${P}ul$n" name ul0
+    in_ns "$node" ip addr add "$address/24" dev ul0
+    in_ns "$node" ip link set ul0 up
   done
 }
 
@@ -607,5 +634,5 @@ case "$action" in
   down) down; log "lab down" ;;
   demo) demo ;;
   status) status ;;
-  *) sed -n '2,43p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,46p' "$0" >&2; exit 2 ;;
 esac

@@ -61,6 +61,9 @@ pub struct ConfigFile {
     pub gateway_address: Option<String>,
     pub masquerade_bypass: Option<bool>,
     pub route_mode: Option<String>,
+    pub lease_duration_seconds: Option<u64>,
+    pub lease_renew_deadline_ms: Option<u64>,
+    pub lease_retry_ms: Option<u64>,
     #[serde(default)]
     pub peers: Vec<PeerFile>,
 }
@@ -159,6 +162,16 @@ pub struct ConfigArgs {
     /// else VXLAN), direct or vxlan [default: auto].
     #[arg(long, env = "MESHD_ROUTE_MODE")]
     pub route_mode: Option<String>,
+    /// How long the gateway Lease stands without renewal (whole seconds; default 3).
+    #[arg(long, env = "MESHD_LEASE_DURATION_SECONDS")]
+    pub lease_duration_seconds: Option<u64>,
+    /// An active gateway that has not renewed its Lease for this long stops forwarding
+    /// (milliseconds; default 2000, below the duration).
+    #[arg(long, env = "MESHD_LEASE_RENEW_DEADLINE_MS")]
+    pub lease_renew_deadline_ms: Option<u64>,
+    /// How often the active gateway renews and a standby checks (milliseconds; default 500).
+    #[arg(long, env = "MESHD_LEASE_RETRY_MS")]
+    pub lease_retry_ms: Option<u64>,
     // The help is an attribute, not a doc comment: rustdoc would read its brackets as links.
     #[arg(
         long = "peer",
@@ -267,6 +280,9 @@ pub struct Config {
     pub masquerade_bypass: bool,
     /// How route agents reach the gateway node ([`crate::node::vxlan`]).
     pub route_mode: RouteMode,
+    /// The gateway election's Lease settings (with `kubernetes = true` and no
+    /// `gateway_address`).
+    pub lease: crate::node::lease::LeaseSettings,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -700,6 +716,31 @@ impl Config {
             ));
         }
 
+        let defaults = crate::node::lease::LeaseSettings::default();
+        let lease = crate::node::lease::LeaseSettings {
+            duration: std::time::Duration::from_secs(
+                args.lease_duration_seconds
+                    .or(file.lease_duration_seconds)
+                    .unwrap_or(defaults.duration.as_secs()),
+            ),
+            renew_deadline: std::time::Duration::from_millis(
+                args.lease_renew_deadline_ms
+                    .or(file.lease_renew_deadline_ms)
+                    .unwrap_or(defaults.renew_deadline.as_millis() as u64),
+            ),
+            retry: std::time::Duration::from_millis(
+                args.lease_retry_ms
+                    .or(file.lease_retry_ms)
+                    .unwrap_or(defaults.retry.as_millis() as u64),
+            ),
+        };
+        lease.check().map_err(|problem| {
+            field(
+                "lease_duration_seconds, lease_renew_deadline_ms, lease_retry_ms",
+                problem,
+            )
+        })?;
+
         Ok(Config {
             cluster,
             interface,
@@ -732,6 +773,7 @@ impl Config {
                 .or(file.masquerade_bypass)
                 .unwrap_or(true),
             route_mode,
+            lease,
             peers,
         })
     }
@@ -1122,6 +1164,25 @@ mod tests {
         assert_eq!(config.route_mode, RouteMode::Auto);
         let config = load(&fx, "route_mode = \"vxlan\"\n").unwrap();
         assert_eq!(config.route_mode, RouteMode::Vxlan);
+        assert_eq!(config.lease, crate::node::lease::LeaseSettings::default());
+        let config = load(
+            &fx,
+            "lease_duration_seconds = 10\nlease_renew_deadline_ms = 7000\nlease_retry_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(config.lease.duration, std::time::Duration::from_secs(10));
+        assert_eq!(
+            config.lease.renew_deadline,
+            std::time::Duration::from_secs(7)
+        );
+        let refused = load(&fx, "lease_renew_deadline_ms = 3000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("lease_renew_deadline")
+                && refused.contains("shorter than lease_duration"),
+            "{refused}"
+        );
         let e = err_text(load(&fx, "route_mode = \"tunnel\"\n"));
         assert!(
             e.contains("route_mode") && e.contains("auto (the default), direct or vxlan"),

@@ -9,23 +9,12 @@ mod support;
 
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 
 /// The pod on M1's third node and the one on M2's second: neither is on a gateway node.
 const M1_WORKER_POD: &str = "10.244.3.10";
 const M2_WORKER_POD: &str = "10.245.2.10";
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
 
 /// Ping and two seconds of iperf3 from pod `a` to pod `b` and back (namespace, address).
 fn traffic_both_ways(lab: &Lab, a: (&str, &str), b: (&str, &str)) {
@@ -92,29 +81,6 @@ fn snapshot(lab: &Lab, node: &str) -> String {
         .join("\n")
 }
 
-fn pid(lab: &Lab, name: &str) -> i32 {
-    std::fs::read_to_string(lab.state.join(format!("{name}.pid")))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Sends `signal` to `pid` and waits until the process is gone.
-fn stop(pid: i32, signal: i32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) };
-    let gone = wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true)
-    });
-    assert!(
-        gone.is_some(),
-        "meshd {pid} did not exit on signal {signal}"
-    );
-}
-
 /// Starts meshd as the lab does on a non-gateway node of cluster `i`.
 fn start_agent(lab: &Lab, node: &str, i: u8) -> Child {
     let log = std::fs::File::create(lab.state.join(format!("{node}.log"))).unwrap();
@@ -159,26 +125,6 @@ fn await_route(lab: &Lab, node: &str, route: &str, what: &str) {
 fn bad_source(lab: &Lab, gateway: &str) -> f64 {
     let body = lab.http_get(gateway, "127.0.0.1:9090", "/metrics");
     metric(&body, "meshd_dropped_packets_total{reason=\"bad_source\"}").unwrap_or(0.0)
-}
-
-/// `meshctl peers --output json` on `node`; `Err` with meshctl's output when it gave no JSON.
-fn try_peers_json(lab: &Lab, node: &str) -> Result<serde_json::Value, String> {
-    let socket = lab.state.join(format!("{node}.admin.sock"));
-    let out = meshctl()
-        .args([
-            "peers",
-            "--output",
-            "json",
-            "--socket",
-            socket.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
-}
-
-fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
-    try_peers_json(lab, node).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]

@@ -1146,14 +1146,16 @@ fn node(name: &str, gateway: bool, internal_ip: Option<&str>) -> Value {
     node
 }
 
-/// Every node's meshd finds the gateway the same way: the node labelled meshd.io/gateway=true,
-/// at its InternalIP; no such node, or one without an address, is an error that says what to do.
+/// Every node's meshd reads the same directory: the candidates are the nodes labelled
+/// meshd.io/gateway=true, each at its InternalIP, and this node is the one holding one of our
+/// addresses; no candidate, or one without an address, is an error that says what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_is_the_labelled_node_at_its_internal_ip() {
-    use meshd::node::kubernetes::{gateway_node, GatewayError};
+async fn the_candidates_are_the_labelled_nodes_at_their_internal_ips() {
+    use meshd::node::kubernetes::{directory, GatewayError};
     let server = ApiServer::start().await;
+    let own: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "172.18.0.4".parse().unwrap()];
     server.apply(node("worker-1", false, Some("172.18.0.3")));
-    let none = gateway_node(server.client()).await.unwrap_err();
+    let none = directory(server.client(), &own).await.unwrap_err();
     assert!(matches!(none, GatewayError::NoneLabelled), "{none}");
     assert!(
         none.to_string()
@@ -1162,33 +1164,40 @@ async fn the_gateway_is_the_labelled_node_at_its_internal_ip() {
     );
 
     server.apply(node("m1-control-plane", true, None));
-    let e = gateway_node(server.client()).await.unwrap_err();
+    let e = directory(server.client(), &own).await.unwrap_err();
     assert!(
-        e.to_string().contains("m1-control-plane has no InternalIP"),
+        e.to_string()
+            .contains("m1-control-plane (labelled meshd.io/gateway=true) has no valid InternalIP"),
         "{e}"
     );
 
     server.apply(node("m1-control-plane", true, Some("172.18.0.2")));
-    let (name, address) = gateway_node(server.client()).await.unwrap();
+    let found = directory(server.client(), &own).await.unwrap();
+    assert_eq!(found.candidates, vec!["m1-control-plane".to_string()]);
     assert_eq!(
-        (name.as_str(), address.to_string().as_str()),
-        ("m1-control-plane", "172.18.0.2")
+        found.addresses["m1-control-plane"].to_string(),
+        "172.18.0.2"
     );
-    // A second labelled node: the first by name stays the gateway.
+    assert_eq!(found.me, None, "no node has one of our addresses yet");
+    assert!(!found.i_am_candidate());
+    // A second labelled node, ours: both are candidates, and we are one of them.
     server.apply(node("m1-worker", true, Some("172.18.0.4")));
-    let (name, _) = gateway_node(server.client()).await.unwrap();
-    assert_eq!(name, "m1-control-plane");
+    let found = directory(server.client(), &own).await.unwrap();
+    assert_eq!(found.candidates, vec!["m1-control-plane", "m1-worker"]);
+    assert_eq!(found.me.as_deref(), Some("m1-worker"));
+    assert!(found.i_am_candidate());
+    assert_eq!(found.addresses["worker-1"].to_string(), "172.18.0.3");
 
     server.forbid("list", "nodes");
-    let e = gateway_node(server.client()).await.unwrap_err();
+    let e = directory(server.client(), &own).await.unwrap_err();
     assert!(e.to_string().contains("needs get/list on nodes"), "{e}");
 }
 
 /// A labelled node whose InternalIP is not an address (a broken or hostile API answer) is no
-/// gateway: the lookup says so instead of routing to something made up.
+/// candidate: the lookup says so instead of routing to something made up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_node_with_a_malformed_address_is_refused() {
-    use meshd::node::kubernetes::{gateway_node, GatewayError};
+async fn a_candidate_with_a_malformed_address_is_refused() {
+    use meshd::node::kubernetes::{directory, GatewayError};
     let server = ApiServer::start().await;
     for garbage in [
         "not-an-ip",
@@ -1198,7 +1207,7 @@ async fn a_gateway_node_with_a_malformed_address_is_refused() {
         "172.18.0.2\n10.0.0.1",
     ] {
         server.apply(node("m1-control-plane", true, Some(garbage)));
-        let e = gateway_node(server.client()).await.unwrap_err();
+        let e = directory(server.client(), &[]).await.unwrap_err();
         assert!(
             matches!(e, GatewayError::NoAddress { .. }),
             "{garbage:?}: {e}"
@@ -1278,9 +1287,27 @@ async fn deploy_rbac_grants_exactly_what_meshd_uses() {
     .await;
 
     server.apply(node("m1-control-plane", true, Some("172.18.0.2")));
-    meshd::node::kubernetes::gateway_node(server.client())
+    meshd::node::kubernetes::directory(server.client(), &[])
         .await
         .unwrap();
+    // The election: watch the Lease, take it (create), renew it (update), release it (update).
+    {
+        use meshd::node::lease::{self, Candidate, Leadership, LeaseSettings, LEASE_NAME};
+        let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::default_namespaced(server.client());
+        let (seen, observer) = lease::observe(api.clone(), LEASE_NAME);
+        let (out, mut view) = watch::channel(Leadership::default());
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(
+            Candidate::new(api, "m1-control-plane".into(), LeaseSettings::default())
+                .run(seen, out, stop_rx),
+        );
+        view.wait_for(|l| l.active).await.unwrap();
+        tokio::time::sleep(LeaseSettings::default().retry * 2).await;
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        observer.abort();
+    }
     for _ in 0..2 {
         meshd::node::kubernetes::publish_dns(server.client(), "172.18.0.2".parse().unwrap(), 5353)
             .await

@@ -16,7 +16,9 @@ use meshd::discovery::probe::Prober;
 use meshd::discovery::sync::{self as catalog_sync, Followers, SyncErrors};
 use meshd::discovery::{discovery_peers, exports, kubernetes, ExportCatalog};
 use meshd::dns;
+use meshd::node::election::Election;
 use meshd::node::keeper::{Keeper, Prefixes};
+use meshd::node::lease::Leadership;
 use meshd::node::{NodeState, NodeView, Role};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,19 +60,6 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the control plane runtime")?;
     let mut config = Config::load(&cli.config)?;
-    if config.gateway_address.is_none() && config.kubernetes {
-        // Every node asks the API which node is the gateway; the answer holds until a restart.
-        let (node, address) = runtime
-            .block_on(async {
-                let client = kubernetes::connect().await?;
-                anyhow::Ok(meshd::node::kubernetes::gateway_node(client).await?)
-            })
-            .context(
-                "cannot tell which node is the gateway (kubernetes = true, no gateway_address)",
-            )?;
-        tracing::info!(%node, %address, "the gateway node, from the Kubernetes API");
-        config.gateway_address = Some(address);
-    }
     let own_addresses = runtime
         .block_on(async {
             let handle = meshd::netlink::connect()?;
@@ -82,9 +71,30 @@ fn run(cli: Cli) -> Result<()> {
         .context(
             "cannot read this node's addresses over netlink (to tell whether it is the gateway)",
         )?;
+    let mut election = None;
+    if config.gateway_address.is_none() && config.kubernetes {
+        // The candidates (labelled nodes) elect the active gateway through the Lease; every
+        // other node follows its holder.
+        let found = runtime
+            .block_on(async {
+                let client = kubernetes::connect().await?;
+                anyhow::Ok(Election::new(client, own_addresses.clone()).await?)
+            })
+            .context(
+                "cannot tell which nodes are gateway candidates (kubernetes = true, no gateway_address)",
+            )?;
+        let directory = found.directory();
+        tracing::info!(candidates = ?directory.candidates, node = %found.me(), candidate = directory.i_am_candidate(),
+            "gateway candidates, from the Kubernetes API");
+        if !directory.i_am_candidate() {
+            return runtime.block_on(run_agent(cli.config, config, Some(found)));
+        }
+        config.gateway_address = found.my_address();
+        election = Some(found);
+    }
     let role = meshd::node::role(config.gateway_address, &own_addresses);
     if role == Role::RouteAgent {
-        return runtime.block_on(run_agent(cli.config, config));
+        return runtime.block_on(run_agent(cli.config, config, None));
     }
     let catalog = exports::load(config.exports_file.as_deref(), &config.cluster, 1)?;
     if config.local_cidrs.is_empty() {
@@ -118,7 +128,14 @@ fn run(cli: Cli) -> Result<()> {
     let offload = tun.tcp_gso();
     let health = Health::new();
     health.watch_dataplane_threads();
-    let dataplane = Dataplane::start(tun, config.tx_threads, mtu, spec_from_config(&config))?;
+    // A candidate starts as a standby: nothing in or out until it holds the Lease.
+    let dataplane = Dataplane::start_as(
+        tun,
+        config.tx_threads,
+        mtu,
+        spec_from_config(&config),
+        election.is_none(),
+    )?;
     tracing::info!(
         cluster = %config.cluster,
         interface = %config.interface,
@@ -133,7 +150,7 @@ fn run(cli: Cli) -> Result<()> {
     );
 
     runtime.block_on(control_plane(
-        cli.config, config, catalog, dataplane, ifindex, mtu, health,
+        cli.config, config, catalog, dataplane, ifindex, mtu, health, election,
     ))
 }
 
@@ -176,16 +193,132 @@ async fn bind_discovery(
     }
 }
 
+/// What only the active gateway runs: the ServiceExport watcher and writers, and the
+/// meshd-dns endpoint. A gateway without election is always active.
+struct ActiveTasks {
+    kubernetes: tokio::task::JoinHandle<Result<(), kubernetes::WatcherError>>,
+    dns_endpoint: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ActiveTasks {
+    fn start(
+        config: &Config,
+        client: Option<&kube::Client>,
+        clusterset: &Arc<Clusterset>,
+    ) -> ActiveTasks {
+        let kubernetes = match client {
+            Some(client) => tokio::spawn(kubernetes::run(
+                client.clone(),
+                config.cluster.clone(),
+                config.local_cidrs.clone(),
+                clusterset.local_sender().clone(),
+                clusterset.subscribe(),
+            )),
+            None => tokio::spawn(futures::future::pending()),
+        };
+        // In Kubernetes the meshd-dns Service's endpoint is the active gateway, written by it:
+        // the DaemonSet runs on every node, and only the active gateway answers DNS.
+        let dns_endpoint = match (client, config.gateway_address, config.dns_listen) {
+            (Some(client), Some(address), Some(listen)) => Some(tokio::spawn(
+                publish_dns_endpoint(client.clone(), address, listen.port()),
+            )),
+            _ => None,
+        };
+        ActiveTasks {
+            kubernetes,
+            dns_endpoint,
+        }
+    }
+
+    fn standby() -> ActiveTasks {
+        ActiveTasks {
+            kubernetes: tokio::spawn(futures::future::pending()),
+            dns_endpoint: None,
+        }
+    }
+
+    fn abort(&self) {
+        self.kubernetes.abort();
+        if let Some(task) = &self.dns_endpoint {
+            task.abort();
+        }
+    }
+}
+
+/// Writes the meshd-dns Service's endpoint now and every 30 s.
+async fn publish_dns_endpoint(client: kube::Client, address: std::net::IpAddr, port: u16) {
+    let mut failing = false;
+    loop {
+        match meshd::node::kubernetes::publish_dns(client.clone(), address, port).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(endpoint = %SocketAddr::new(address, port), "the meshd-dns Service's endpoint is written again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                failing = true;
+                tracing::error!(error = %e, "cannot write the meshd-dns Service's endpoint (EndpointSlice meshd-dns-gateway): CoreDNS cannot reach this gateway's DNS until it is; meshd's Role needs create and patch on endpointslices (deploy/base/rbac.yaml)");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    }
+}
+
+/// The gateway metrics of the election.
+#[derive(Clone, Default)]
+struct GatewayMetrics {
+    active: prometheus_client::metrics::gauge::Gauge,
+    transitions: prometheus_client::metrics::counter::Counter,
+}
+
+impl GatewayMetrics {
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "meshd_gateway_active",
+            "1 while this meshd is its cluster's active gateway (it forwards), 0 as a standby",
+            self.active.clone(),
+        );
+        registry.register(
+            "meshd_gateway_transitions",
+            "How often this meshd became the active gateway or stopped being it",
+            self.transitions.clone(),
+        );
+    }
+}
+
+/// This node's part for its current role: the gateway's (with its VXLAN end), or a route
+/// agent's towards `gateway` (none yet: the bypass alone).
+async fn start_keeper(
+    config: &Config,
+    role: Role,
+    gateway: Option<std::net::IpAddr>,
+    prefixes: &tokio::sync::watch::Receiver<Prefixes>,
+    state: &NodeState,
+) -> Result<Keeper> {
+    Ok(Keeper::start(
+        meshd::netlink::connect().context("cannot open a netlink socket for the node's routes")?,
+        role,
+        gateway,
+        config.masquerade_bypass,
+        config.route_mode,
+        prefixes.clone(),
+        state.clone(),
+    )
+    .await?)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn control_plane(
     args: ConfigArgs,
-    config: Config,
+    mut config: Config,
     catalog: ExportCatalog,
     dataplane: Arc<Dataplane>,
     ifindex: u32,
     mtu: u16,
     health: Arc<Health>,
+    mut election: Option<Election>,
 ) -> Result<()> {
-    let (probe_targets, sync_peers) = discovery_peers(&config);
+    let (mut probe_targets, mut sync_peers) = discovery_peers(&config);
     let prober = Prober::new(config.discovery_port, Vec::new());
     let clusterset = Clusterset::new(&config.cluster, prober.clone());
     let kube_client = if config.kubernetes {
@@ -195,15 +328,9 @@ async fn control_plane(
     } else {
         None
     };
-    let mut kubernetes_task = if let Some(client) = kube_client.clone() {
+    let mut active = election.is_none();
+    if kube_client.is_some() {
         tracing::info!(cluster = %config.cluster, "local exports come from the Kubernetes API (ServiceExports)");
-        tokio::spawn(kubernetes::run(
-            client,
-            config.cluster.clone(),
-            config.local_cidrs.clone(),
-            clusterset.local_sender().clone(),
-            clusterset.subscribe(),
-        ))
     } else {
         tracing::info!(
             cluster = %config.cluster,
@@ -212,7 +339,11 @@ async fn control_plane(
             "local exports loaded"
         );
         clusterset.local_sender().send_replace(catalog);
-        tokio::spawn(futures::future::pending())
+    }
+    let mut active_tasks = if active {
+        ActiveTasks::start(&config, kube_client.as_ref(), &clusterset)
+    } else {
+        ActiveTasks::standby()
     };
     let view = clusterset.snapshot();
     let clusterset_task = tokio::spawn(clusterset.clone().run());
@@ -225,7 +356,6 @@ async fn control_plane(
             let (udp, tcp) = bind_discovery(addr, &config.interface).await?;
             tracing::info!(listen = %addr, peers = sync_peers.len(), "catalog sync and health probe are up");
             clusterset.set_peers(&probe_targets);
-            prober.set_targets(probe_targets);
             let mut followers = Followers::new(
                 clusterset.clone(),
                 prober.clone(),
@@ -233,7 +363,11 @@ async fn control_plane(
                 net.addr(),
                 config.discovery_port,
             );
-            followers.set_peers(sync_peers);
+            // A standby probes and syncs nothing: its tunnel forwards nothing.
+            if active {
+                prober.set_targets(probe_targets.clone());
+                followers.set_peers(sync_peers.clone());
+            }
             let probe = prober.clone();
             let catalog = clusterset.local_catalog();
             let sync_prober = prober.clone();
@@ -258,35 +392,67 @@ async fn control_plane(
     let monitor = PeerMonitor::new(dataplane.clone(), prober.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
     let node_state: NodeState = Arc::new(parking_lot::RwLock::new(NodeView::new(
-        Role::Gateway,
+        if active {
+            Role::Gateway
+        } else {
+            Role::RouteAgent
+        },
         config.gateway_address,
         config.masquerade_bypass,
     )));
     let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(node_prefixes(&config));
-    let keeper = Keeper::start(
-        meshd::netlink::connect().context("cannot open a netlink socket for the node's routes")?,
-        Role::Gateway,
-        config.gateway_address,
-        config.masquerade_bypass,
-        config.route_mode,
-        prefixes_rx,
-        node_state.clone(),
-    )
-    .await?;
+    // A standby is a route agent until it knows the holder (the election says so at once).
+    let mut keeper = Some(
+        start_keeper(
+            &config,
+            if active {
+                Role::Gateway
+            } else {
+                Role::RouteAgent
+            },
+            if active { config.gateway_address } else { None },
+            &prefixes_rx,
+            &node_state,
+        )
+        .await?,
+    );
     let (controller, mut wanted) = Controller::new(dataplane);
-    let mut routes = RouteTable::new(&config.interface, ifindex)
-        .context("cannot open a netlink socket for routes")?;
-    routes.sync(&wanted.borrow_and_update()).await?;
+    let routes = Arc::new(tokio::sync::Mutex::new(
+        RouteTable::new(&config.interface, ifindex)
+            .context("cannot open a netlink socket for routes")?,
+    ));
+    // Remote prefixes enter the tunnel only on the active gateway.
+    let (routing_tx, mut routing) = tokio::sync::watch::channel(active);
+    if active {
+        routes
+            .lock()
+            .await
+            .sync(&wanted.borrow_and_update())
+            .await?;
+    }
     health.routes_programmed();
-    let route_task = tokio::spawn(async move {
-        while wanted.changed().await.is_ok() {
-            let prefixes = wanted.borrow_and_update().clone();
-            if let Err(e) = routes.sync(&prefixes).await {
-                tracing::error!(error = %e, "route update failed; traffic to that prefix will not enter the tunnel until it is fixed");
+    let route_task = {
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = wanted.changed() => if changed.is_err() { break },
+                    changed = routing.changed() => if changed.is_err() { break },
+                }
+                let prefixes = if *routing.borrow_and_update() {
+                    wanted.borrow_and_update().clone()
+                } else {
+                    Vec::new()
+                };
+                if let Err(e) = routes.lock().await.sync(&prefixes).await {
+                    tracing::error!(error = %e, "route update failed; traffic to that prefix will not enter the tunnel until it is fixed");
+                }
             }
-        }
-    });
+        })
+    };
 
+    let gateway_metrics = GatewayMetrics::default();
+    gateway_metrics.active.set(i64::from(active));
     let mut metrics_task = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -300,6 +466,7 @@ async fn control_plane(
             prober.register_metrics(&mut registry);
             registry.register_collector(Box::new(metrics::ClustersetCollector::new(view.clone())));
             sync_errors.register(&mut registry);
+            gateway_metrics.register(&mut registry);
             tokio::spawn(metrics::serve(listener, registry))
         }
         None => tokio::spawn(futures::future::pending()),
@@ -320,30 +487,6 @@ async fn control_plane(
         }
         None => tokio::spawn(futures::future::pending()),
     };
-    // In Kubernetes the meshd-dns Service's endpoint is this gateway, written by it: the
-    // DaemonSet runs on every node, and only the gateway answers DNS.
-    let dns_endpoint_task = match (kube_client, config.gateway_address, config.dns_listen) {
-        (Some(client), Some(address), Some(listen)) => Some(tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                match meshd::node::kubernetes::publish_dns(client.clone(), address, listen.port())
-                    .await
-                {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!(endpoint = %SocketAddr::new(address, listen.port()), "the meshd-dns Service's endpoint is written again");
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        failing = true;
-                        tracing::error!(error = %e, "cannot write the meshd-dns Service's endpoint (EndpointSlice meshd-dns-gateway): CoreDNS cannot reach this gateway's DNS until it is; meshd's Role needs create and patch on endpointslices (deploy/base/rbac.yaml)");
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-            }
-        })),
-        _ => None,
-    };
 
     let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
     let admin_router = admin::admin_router(
@@ -358,7 +501,7 @@ async fn control_plane(
             dns_listen: config.dns_listen,
             metrics_listen: config.metrics_listen,
         },
-        node_state,
+        node_state.clone(),
     );
     let mut admin_task = tokio::spawn(admin::serve_admin(admin_listener, admin_router));
     tracing::info!(socket = %config.admin_socket.display(), "admin API is up");
@@ -366,11 +509,76 @@ async fn control_plane(
     let socket = uapi::socket_path(&config.interface);
     let mut uapi_task = tokio::spawn(uapi::serve(socket.clone(), controller.clone()));
 
+    let mut running_election = election.as_ref().map(|e| e.run_candidate(config.lease));
+    let mut leadership = running_election
+        .as_ref()
+        .map(|r| r.leadership.clone())
+        .unwrap_or_else(|| tokio::sync::watch::channel(Default::default()).1);
+    let mut holder: Option<String> = None;
+
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let result = loop {
         tokio::select! {
+            changed = leadership.changed(), if running_election.is_some() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the gateway election stopped"));
+                }
+                let now: Leadership = leadership.borrow_and_update().clone();
+                let Some(election) = election.as_mut() else { continue };
+                if now.active && !active {
+                    // Taking over: this node's part as the gateway, the routes into the
+                    // tunnel, then the dataplane on (it handshakes with every peer).
+                    active = true;
+                    gateway_metrics.active.set(1);
+                    gateway_metrics.transitions.inc();
+                    tracing::info!(node = %election.me(), "active gateway: taking over the tunnel");
+                    if let Some(k) = keeper.take() { k.hand_over().await; }
+                    keeper = start_keeper(&config, Role::Gateway, config.gateway_address, &prefixes_rx, &node_state).await
+                        .map_err(|e| tracing::error!(error = %e, "cannot put the gateway's part of the node in place")).ok();
+                    routing_tx.send_replace(true);
+                    if let Err(e) = routes.lock().await.sync(&controller.dataplane().spec().routed_prefixes()).await {
+                        tracing::error!(error = %e, "cannot route the remote prefixes into the tunnel");
+                    }
+                    controller.dataplane().set_forwarding(true);
+                    active_tasks = ActiveTasks::start(&config, kube_client.as_ref(), &clusterset);
+                    if let Some(followers) = followers.as_mut() {
+                        prober.set_targets(probe_targets.clone());
+                        followers.set_peers(sync_peers.clone());
+                    }
+                } else if !now.active && active {
+                    // Fenced or handed over: stop forwarding first, then the rest.
+                    controller.dataplane().set_forwarding(false);
+                    active = false;
+                    gateway_metrics.active.set(0);
+                    gateway_metrics.transitions.inc();
+                    tracing::warn!(node = %election.me(), "no longer the active gateway: standing by");
+                    routing_tx.send_replace(false);
+                    if let Err(e) = routes.lock().await.sync(&[]).await {
+                        tracing::error!(error = %e, "cannot take the remote prefixes out of the tunnel");
+                    }
+                    active_tasks.abort();
+                    active_tasks = ActiveTasks::standby();
+                    if let Some(followers) = followers.as_mut() {
+                        prober.set_targets(Vec::new());
+                        followers.set_peers(Vec::new());
+                    }
+                    holder = None;
+                }
+                let address = match &now.holder {
+                    Some(h) => election.address_of(h).await,
+                    None => None,
+                };
+                if !active && now.holder.is_some() && now.holder != holder {
+                    // A standby routes like an agent, to the holder.
+                    if let Some(k) = keeper.take() { k.hand_over().await; }
+                    keeper = start_keeper(&config, Role::RouteAgent, address, &prefixes_rx, &node_state).await
+                        .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
+                    holder = now.holder.clone();
+                }
+                node_state.write().election = Some(election.view(&now, address));
+            }
             _ = hangup.recv() => {
                 // Reading files, resolving endpoint names and reconciling the dataplane block:
                 // off the runtime, so that the health port and catalog sync keep answering.
@@ -396,12 +604,15 @@ async fn control_plane(
                     if !config.kubernetes {
                         generation += 1;
                     }
+                    (probe_targets, sync_peers) = discovery_peers(&new);
                     if let Some(followers) = followers.as_mut() {
-                        let (targets, peers) = discovery_peers(&new);
-                        clusterset.set_peers(&targets);
-                        prober.set_targets(targets);
-                        followers.set_peers(peers);
+                        clusterset.set_peers(&probe_targets);
+                        if active {
+                            prober.set_targets(probe_targets.clone());
+                            followers.set_peers(sync_peers.clone());
+                        }
                     }
+                    config.peers = new.peers;
                 }
             }
             _ = terminate.recv() => break Ok(()),
@@ -418,7 +629,7 @@ async fn control_plane(
             }
             r = &mut metrics_task => break Err(ended("the metrics server", r)),
             r = &mut health_task => break Err(ended("the health probe server", r)),
-            r = &mut kubernetes_task => break Err(ended("the ServiceExport watcher", r)),
+            r = &mut active_tasks.kubernetes => break Err(ended("the ServiceExport watcher", r)),
             r = &mut discovery_task => break Err(ended("the catalog sync and health probe", r)),
             r = &mut dns_task => {
                 break match r {
@@ -428,23 +639,33 @@ async fn control_plane(
             }
         }
     };
+    // A graceful stop hands over at once: forwarding off, the routes out of the tunnel, the
+    // Lease released (a standby takes it through its watch).
+    controller.dataplane().set_forwarding(false);
+    route_task.abort();
+    if active && running_election.is_some() {
+        if let Err(e) = routes.lock().await.sync(&[]).await {
+            tracing::error!(error = %e, "cannot take the remote prefixes out of the tunnel");
+        }
+    }
+    if let Some(running) = running_election.take() {
+        running.stop().await;
+    }
     drop(followers);
-    kubernetes_task.abort();
+    active_tasks.abort();
     discovery_task.abort();
     clusterset_task.abort();
-    route_task.abort();
     metrics_task.abort();
     health_task.abort();
     dns_task.abort();
     admin_task.abort();
     sampler_task.abort();
-    if let Some(task) = dns_endpoint_task {
-        task.abort();
-    }
     // The sockets go first: while the node's part is taken away, meshctl says "not running".
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&config.admin_socket);
-    keeper.stop().await;
+    if let Some(keeper) = keeper {
+        keeper.stop().await;
+    }
     tracing::info!("meshd stopped");
     result
 }
@@ -491,49 +712,68 @@ fn node_prefixes(config: &Config) -> Prefixes {
 }
 
 /// meshd on a node that is not the gateway: the route agent. It routes the remote CIDRs to the
-/// gateway node and keeps the masquerade bypass, with no tunnel, DNS or catalog of its own; it
+/// gateway node (`gateway_address`, or the holder of the gateway Lease when `election` is
+/// given) and keeps the masquerade bypass, with no tunnel, DNS or catalog of its own; it
 /// serves the probes and an admin API that `meshctl peers` reads.
-async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
-    let gateway = config
-        .gateway_address
-        .context("a route agent needs gateway_address")?;
-    tracing::info!(
-        cluster = %config.cluster,
-        %gateway,
-        "this node is not the gateway ({gateway} is not one of its addresses): running as route agent"
-    );
+async fn run_agent(args: ConfigArgs, config: Config, mut election: Option<Election>) -> Result<()> {
+    let mut gateway = config.gateway_address;
+    match (&election, gateway) {
+        (Some(e), _) => tracing::info!(cluster = %config.cluster, node = %e.me(),
+            "this node is not a gateway candidate: running as route agent, routing to the holder of the gateway Lease"),
+        (None, Some(gw)) => tracing::info!(cluster = %config.cluster, gateway = %gw,
+            "this node is not the gateway ({gw} is not one of its addresses): running as route agent"),
+        (None, None) => anyhow::bail!("a route agent needs gateway_address"),
+    }
     if config.metrics_listen.is_some() {
         tracing::info!("route agent: /metrics is served by the gateway node's meshd only");
     }
     let state: NodeState = Arc::new(parking_lot::RwLock::new(NodeView::new(
         Role::RouteAgent,
-        Some(gateway),
+        gateway,
         config.masquerade_bypass,
     )));
     let (prefixes_tx, prefixes_rx) = tokio::sync::watch::channel(node_prefixes(&config));
-    let keeper = Keeper::start(
-        meshd::netlink::connect().context("cannot open a netlink socket for the node's routes")?,
-        Role::RouteAgent,
-        Some(gateway),
-        config.masquerade_bypass,
-        config.route_mode,
-        prefixes_rx,
-        state.clone(),
-    )
-    .await?;
+    let mut keeper =
+        Some(start_keeper(&config, Role::RouteAgent, gateway, &prefixes_rx, &state).await?);
+    let running_election = election.as_ref().map(Election::run_follower);
+    let mut leadership = running_election
+        .as_ref()
+        .map(|r| r.leadership.clone())
+        .unwrap_or_else(|| tokio::sync::watch::channel(Leadership::default()).1);
     let health = Health::new();
     health.routes_programmed();
     let mut health_task = serve_health(config.health_listen, &health).await?;
     let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
     let mut admin_task = tokio::spawn(admin::serve_admin(
         admin_listener,
-        admin::agent_router(state),
+        admin::agent_router(state.clone()),
     ));
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let result = loop {
         tokio::select! {
+            changed = leadership.changed(), if running_election.is_some() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the gateway Lease watch stopped"));
+                }
+                let now = leadership.borrow_and_update().clone();
+                let Some(election) = election.as_mut() else { continue };
+                let address = match &now.holder {
+                    Some(h) => election.address_of(h).await,
+                    None => None,
+                };
+                // During a hand-over (no holder) the routes stay: the old gateway may still be
+                // the best guess, and the new one replaces them as soon as it is known.
+                if address.is_some() && address != gateway {
+                    tracing::info!(holder = ?now.holder, gateway = ?address, "the active gateway changed: routing to it");
+                    if let Some(k) = keeper.take() { k.hand_over().await; }
+                    keeper = start_keeper(&config, Role::RouteAgent, address, &prefixes_rx, &state).await
+                        .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
+                    gateway = address;
+                }
+                state.write().election = Some(election.view(&now, address));
+            }
             _ = hangup.recv() => {
                 let args = args.clone();
                 match tokio::task::spawn_blocking(move || Config::load(&args)).await {
@@ -556,10 +796,15 @@ async fn run_agent(args: ConfigArgs, config: Config) -> Result<()> {
             r = &mut health_task => break Err(ended("the health probe server", r)),
         }
     };
+    if let Some(running) = running_election {
+        running.stop().await;
+    }
     admin_task.abort();
     health_task.abort();
     let _ = std::fs::remove_file(&config.admin_socket);
-    keeper.stop().await;
+    if let Some(keeper) = keeper {
+        keeper.stop().await;
+    }
     tracing::info!("meshd (route agent) stopped");
     result
 }

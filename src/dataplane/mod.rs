@@ -40,6 +40,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tun_rs::SyncDevice;
@@ -140,6 +141,9 @@ pub struct Dataplane {
     table: ArcSwap<PeerTable>,
     udp: ArcSwap<UdpPort>,
     running: Mutex<Running>,
+    /// This gateway forwards: the only one in its cluster, or the active one of several
+    /// candidates. A standby drops everything, in and out, and runs no timers.
+    forwarding: AtomicBool,
     pub drops: DropStats,
 }
 
@@ -198,6 +202,18 @@ impl Dataplane {
         mtu: u16,
         spec: DeviceSpec,
     ) -> Result<Arc<Self>, ApplyError> {
+        Dataplane::start_as(tun, queues, mtu, spec, true)
+    }
+
+    /// [`Dataplane::start`], forwarding or (`forwarding` false) as a standby that drops every
+    /// packet until [`Dataplane::set_forwarding`] turns it on.
+    pub fn start_as(
+        tun: SyncDevice,
+        queues: usize,
+        mtu: u16,
+        spec: DeviceSpec,
+        forwarding: bool,
+    ) -> Result<Arc<Self>, ApplyError> {
         let udp = UdpPort::bind(spec.listen_port)?;
         if udp.is_ipv4_only() {
             tracing::warn!(
@@ -227,6 +243,7 @@ impl Dataplane {
                 identity: None,
                 next_index: first_index,
             }),
+            forwarding: AtomicBool::new(forwarding),
             drops: DropStats::default(),
         });
         let initial_port = dataplane.udp.load().port();
@@ -248,6 +265,23 @@ impl Dataplane {
     fn spawn_rx(self: &Arc<Self>, port: Arc<UdpPort>) -> Result<(), ApplyError> {
         let me = self.clone();
         spawn("meshd-rx", move || me.rx_loop(&port))
+    }
+
+    /// Whether this gateway forwards (see [`Dataplane::set_forwarding`]).
+    pub fn forwarding(&self) -> bool {
+        self.forwarding.load(Ordering::Acquire)
+    }
+
+    /// Turns forwarding off (a standby: every packet is dropped as `standby`, the timers stop)
+    /// or on. Turned on, every session starts over and a handshake goes to every peer whose
+    /// endpoint is known: the peers' sessions with another candidate (same key) are not ours,
+    /// and the handshake moves their endpoint here (WireGuard roaming).
+    pub fn set_forwarding(&self, on: bool) {
+        let was = self.forwarding.swap(on, Ordering::AcqRel);
+        if on && !was {
+            let peers = self.restart_sessions();
+            self.initiate_handshakes(&peers);
+        }
     }
 
     /// The spec currently applied (the listen port is the one actually bound).

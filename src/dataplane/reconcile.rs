@@ -116,14 +116,40 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Starts every peer's protocol state over (no sessions); returns the peers.
+    pub(super) fn restart_sessions(&self) -> Vec<Arc<Peer>> {
+        let running = self.running.lock();
+        let Some(identity) = running.identity.clone() else {
+            return Vec::new();
+        };
+        let mut peers = Vec::new();
+        for want in &running.spec.peers {
+            if let Some(peer) = running.peers.get(&want.public_key) {
+                let psk = want.preshared_key.as_ref().map(|k| *k.as_bytes());
+                peer.replace_tunn(identity.tunn(
+                    &want.public_key,
+                    psk,
+                    want.persistent_keepalive,
+                    peer.index,
+                ));
+                peers.push(peer.clone());
+            }
+        }
+        peers
+    }
+
     /// Starts a handshake with each new peer whose endpoint we know, so that a restarted gateway
-    /// is reachable at once instead of after its peer's session times out.
-    fn initiate_handshakes(&self, peers: &[Arc<Peer>]) {
+    /// is reachable at once instead of after its peer's session times out. A standby sends
+    /// nothing.
+    pub(super) fn initiate_handshakes(&self, peers: &[Arc<Peer>]) {
+        if !self.forwarding() {
+            return;
+        }
         let mut out = [0u8; WG_ROOM];
         let port = self.udp.load();
         for peer in peers {
             let Some(to) = peer.endpoint() else { continue };
-            let result = peer.tunn().format_handshake_initiation(&mut out, false);
+            let result = peer.tunn().format_handshake_initiation(&mut out, true);
             if let boringtun::noise::TunnResult::WriteToNetwork(init) = result {
                 peer.stats.count_tx(init.len());
                 self.send(&port, init, to);

@@ -35,6 +35,15 @@ impl Dataplane {
                 if n == 0 {
                     break;
                 }
+                if !self.forwarding() {
+                    for m in meta.iter().take(n) {
+                        let stride = if m.stride == 0 { m.len } else { m.stride };
+                        for _ in 0..m.len.div_ceil(stride.max(1)) {
+                            self.drops.count(DropReason::Standby);
+                        }
+                    }
+                    continue;
+                }
                 let table = self.table.load();
                 for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
                     let src = udp::canonical(m.addr);

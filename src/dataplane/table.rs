@@ -61,10 +61,13 @@ pub enum DropReason {
     /// A handshake message from an address that sent more than its share
     /// ([`super::sources`]), dropped before any DH work.
     RateLimited,
+    /// Arrived or read while this gateway is a standby: another candidate holds the gateway
+    /// Lease and forwards for the cluster ([`crate::node::lease`]).
+    Standby,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Garbage,
         DropReason::UnknownPeer,
         DropReason::Replay,
@@ -78,6 +81,7 @@ impl DropReason {
         DropReason::Oversized,
         DropReason::BadDestination,
         DropReason::RateLimited,
+        DropReason::Standby,
     ];
 
     /// The label used in logs and metrics.
@@ -96,6 +100,7 @@ impl DropReason {
             DropReason::Oversized => "oversized",
             DropReason::BadDestination => "bad_destination",
             DropReason::RateLimited => "rate_limited",
+            DropReason::Standby => "standby",
         }
     }
 

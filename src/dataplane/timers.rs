@@ -20,6 +20,9 @@ impl Dataplane {
                 }
                 self.measure_paths(&table);
             }
+            if !self.forwarding() {
+                continue;
+            }
             let port = self.udp.load();
             for peer in table.peers() {
                 let result = peer.tunn().update_timers(&mut out);

@@ -70,6 +70,12 @@ impl Dataplane {
         };
         loop {
             let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
+            if !self.forwarding() {
+                for _ in 0..n {
+                    self.drops.count(DropReason::Standby);
+                }
+                continue;
+            }
             let table = self.table.load();
             let port = self.udp.load();
             let segments = self.max_segments();

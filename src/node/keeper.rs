@@ -67,7 +67,8 @@ async fn route_to_gateway(
 
 /// The running keeper: [`Keeper::stop`] takes everything away.
 pub struct Keeper {
-    stop: Option<oneshot::Sender<()>>,
+    /// Stops the task; `true`: leave the bypass in place for the next keeper.
+    stop: Option<oneshot::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -108,7 +109,12 @@ impl Keeper {
                 "removed routes an earlier meshd left (proto 77)"
             );
         }
-        blocking(Bypass::remove).await?;
+        // Writing the bypass replaces the table in one transaction: no moment without it (a
+        // packet passing then would be masqueraded, and conntrack would keep that for its
+        // whole flow). Only a bypass that is off has its leftover removed.
+        if !bypass_enabled {
+            blocking(Bypass::remove).await?;
+        }
         let wanted = prefixes.borrow_and_update().clone();
         let mut bypass = None;
         if bypass_enabled {
@@ -199,12 +205,16 @@ impl Keeper {
 
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task = tokio::spawn(async move {
+            let mut keep_bypass = false;
             let mut tick = tokio::time::interval(super::CHECK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let mut error = None;
                 tokio::select! {
-                    _ = &mut stop_rx => break,
+                    keep = &mut stop_rx => {
+                        keep_bypass = keep.unwrap_or(false);
+                        break;
+                    }
                     changed = prefixes.changed() => {
                         if changed.is_err() { break; }
                         let wanted = prefixes.borrow_and_update().clone();
@@ -266,7 +276,7 @@ impl Keeper {
                 )
                 .await;
             }
-            if bypass.is_some() {
+            if bypass.is_some() && !keep_bypass {
                 if let Err(e) = blocking(Bypass::remove).await {
                     tracing::error!(error = %e, "the masquerade bypass could not be removed: nft delete table inet meshd");
                 }
@@ -289,9 +299,21 @@ impl Keeper {
     }
 
     /// Takes the bypass and the routes away, and waits until they are gone.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.end(false).await;
+    }
+
+    /// Takes the routes and the VXLAN end away but leaves the bypass, for a keeper of a new
+    /// role (the node became or stopped being the active gateway, or the gateway moved): the
+    /// next one rewrites the bypass in one transaction, so no packet meets kindnet's
+    /// masquerade in between.
+    pub async fn hand_over(self) {
+        self.end(true).await;
+    }
+
+    async fn end(mut self, keep_bypass: bool) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(keep_bypass);
         }
         let _ = (&mut self.task).await;
     }
@@ -326,7 +348,9 @@ async fn publish(
     };
     view.find_problems();
     view.problems.extend(unread);
-    *state.write() = view;
+    let mut shown = state.write();
+    view.election = shown.election.take();
+    *shown = view;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Which node is the gateway, from the Kubernetes API: the node labelled
-//! `meshd.io/gateway=true`, at its InternalIP. Every node's meshd asks the same question and
-//! compares the answer with its own addresses ([`super::role`]).
+//! The cluster's nodes from the Kubernetes API: which are gateway candidates (labelled
+//! `meshd.io/gateway=true`), their InternalIPs, and which node this meshd runs on (the node
+//! whose InternalIP is one of its addresses: meshd runs in the host's network). The candidates
+//! elect the active gateway ([`super::lease`]); the others route to it.
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
@@ -14,53 +15,75 @@ pub const GATEWAY_LABEL: &str = "meshd.io/gateway";
 pub enum GatewayError {
     #[error("cannot list the nodes to find the gateway (label {GATEWAY_LABEL}=true): {0}; meshd's ClusterRole needs get/list on nodes (deploy/base/rbac.yaml)")]
     List(#[source] kube::Error),
-    #[error("no node is labelled {GATEWAY_LABEL}=true: label the gateway node (kubectl label node NODE {GATEWAY_LABEL}=true), or set gateway_address")]
+    #[error("no node is labelled {GATEWAY_LABEL}=true: label the gateway node, or two for a standby (kubectl label node NODE {GATEWAY_LABEL}=true), or set gateway_address")]
     NoneLabelled,
-    #[error("the gateway node {node} has no InternalIP address in its status: set gateway_address to its address instead")]
+    #[error("the gateway candidate {node} (labelled {GATEWAY_LABEL}=true) has no valid InternalIP address in its status: fix the node's address, remove the label, or set gateway_address instead")]
     NoAddress { node: String },
 }
 
-/// The gateway node's name and InternalIP. Several labelled nodes: the first by name, with a
-/// warning (one gateway per cluster until gateway HA).
-pub async fn gateway_node(client: kube::Client) -> Result<(String, IpAddr), GatewayError> {
+/// The cluster's nodes as meshd needs them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Directory {
+    /// Node name → its InternalIP (nodes without one are left out).
+    pub addresses: std::collections::BTreeMap<String, IpAddr>,
+    /// The gateway candidates' names, sorted.
+    pub candidates: Vec<String>,
+    /// This node's name, when one of its InternalIPs is ours.
+    pub me: Option<String>,
+}
+
+impl Directory {
+    /// Whether this node is a gateway candidate.
+    pub fn i_am_candidate(&self) -> bool {
+        self.me
+            .as_ref()
+            .is_some_and(|me| self.candidates.contains(me))
+    }
+}
+
+/// Lists the nodes: every node's InternalIP, the labelled candidates (at least one, each
+/// with an address), and which of them has one of `own` addresses.
+pub async fn directory(client: kube::Client, own: &[IpAddr]) -> Result<Directory, GatewayError> {
     let nodes = Api::<Node>::all(client)
         .list(&ListParams::default())
         .await
         .map_err(GatewayError::List)?;
-    let mut labelled: Vec<Node> = nodes
-        .items
-        .into_iter()
-        .filter(|n| {
-            n.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(GATEWAY_LABEL))
-                .is_some_and(|v| v == "true")
-        })
-        .collect();
-    labelled.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let names: Vec<String> = labelled
-        .iter()
-        .filter_map(|n| n.metadata.name.clone())
-        .collect();
-    let node = labelled
-        .into_iter()
-        .next()
-        .ok_or(GatewayError::NoneLabelled)?;
-    let name = node.metadata.name.clone().unwrap_or_default();
-    if names.len() > 1 {
-        tracing::warn!(gateway = %name, labelled = ?names,
-            "several nodes are labelled {GATEWAY_LABEL}=true: the first by name is the gateway; remove the label from the others");
+    let mut directory = Directory::default();
+    for node in nodes.items {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let labelled = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(GATEWAY_LABEL))
+            .is_some_and(|v| v == "true");
+        let addresses: Vec<IpAddr> = node
+            .status
+            .and_then(|s| s.addresses)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .collect();
+        let Some(first) = addresses.first().copied() else {
+            if labelled {
+                return Err(GatewayError::NoAddress { node: name });
+            }
+            continue;
+        };
+        if addresses.iter().any(|a| own.contains(a)) {
+            directory.me = Some(name.clone());
+        }
+        if labelled {
+            directory.candidates.push(name.clone());
+        }
+        directory.addresses.insert(name, first);
     }
-    let address = node
-        .status
-        .and_then(|s| s.addresses)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse::<IpAddr>().ok())
-        .ok_or_else(|| GatewayError::NoAddress { node: name.clone() })?;
-    Ok((name, address))
+    directory.candidates.sort();
+    if directory.candidates.is_empty() {
+        return Err(GatewayError::NoneLabelled);
+    }
+    Ok(directory)
 }
 
 /// The Service CoreDNS forwards `clusterset.local` to (deploy/base/dns-service.yaml). It has no

@@ -6,8 +6,10 @@
 
 pub mod agent;
 pub mod bypass;
+pub mod election;
 pub mod keeper;
 pub mod kubernetes;
+pub mod lease;
 pub mod vxlan;
 
 use ipnet::IpNet;
@@ -83,6 +85,10 @@ pub struct NodeView {
     /// What is missing on this node, each with its fix; empty when all is in place.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// The gateway election, when the gateway is elected through the Lease (`kubernetes =
+    /// true` without `gateway_address`); `null` for a configured gateway.
+    #[serde(default)]
+    pub election: Option<election::ElectionView>,
 }
 
 impl NodeView {
@@ -99,6 +105,7 @@ impl NodeView {
             },
             forwarding: forwarding_enabled(),
             problems: Vec::new(),
+            election: None,
         }
     }
 

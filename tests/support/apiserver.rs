@@ -1,8 +1,8 @@
 //! An in-process Kubernetes API server for the ServiceExport watcher's tests (tests/watcher.rs):
 //! axum on 127.0.0.1, speaking the real list/watch protocol to an unmodified kube-rs client.
 //!
-//! It holds Services, EndpointSlices, ServiceExports and ServiceImports as JSON (the tests build
-//! the built-in ones from k8s-openapi types) under one global resourceVersion, keeps the history
+//! It holds Nodes, Services, EndpointSlices, Leases, ServiceExports and ServiceImports as JSON
+//! (the tests build the built-in ones from k8s-openapi types) under one global resourceVersion, keeps the history
 //! of changes so that a watch can resume from any version not compacted away, and answers:
 //!
 //! - discovery of the MCS group (`/apis/multicluster.x-k8s.io/<version>`; 404 for versions it
@@ -11,7 +11,9 @@
 //! - `?watch=true&resourceVersion=N&allowWatchBookmarks=true`: the changes after N, then live
 //!   ones, as newline-delimited `{"type": ..., "object": ...}`; a version older than the last
 //!   compaction gets an ERROR event with a 410 Status, as a real API server does;
-//! - GET of one object, POST (create), merge PATCH of an object or its `/status`, DELETE.
+//! - `fieldSelector=metadata.name=NAME` on lists and watches;
+//! - GET of one object, POST (create), PUT (replace; a stale `metadata.resourceVersion` gets
+//!   409 Conflict), merge PATCH of an object or its `/status`, DELETE.
 //!
 //! Tests steer it: change objects (with or without a watch event), delete a namespace, send
 //! bookmarks, expire or drop every open watch, hold new watches back, refuse a verb with 403, and
@@ -41,7 +43,7 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind {
         plural: "nodes",
         kind: "Node",
@@ -58,6 +60,12 @@ const KINDS: [Kind; 5] = [
         plural: "endpointslices",
         kind: "EndpointSlice",
         group: "discovery.k8s.io",
+        status_subresource: false,
+    },
+    Kind {
+        plural: "leases",
+        kind: "Lease",
+        group: "coordination.k8s.io",
         status_subresource: false,
     },
     Kind {
@@ -103,7 +111,7 @@ impl Request {
 /// One accepted write.
 #[derive(Debug, Clone)]
 pub struct Write {
-    /// create, patch or delete.
+    /// create, update, patch or delete.
     pub verb: String,
     /// The resource, with `/status` for the subresource: `serviceexports/status`.
     pub resource: String,
@@ -534,7 +542,7 @@ fn route(shared: &Shared, path: &str) -> Route {
             return Route::Unknown;
         };
         let expected = match group {
-            "discovery.k8s.io" => "v1",
+            "discovery.k8s.io" | "coordination.k8s.io" => "v1",
             MCS_GROUP => match shared.mcs_version() {
                 Some(version) => version,
                 None => return Route::Unknown,
@@ -628,6 +636,7 @@ async fn answer(
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, None) => "create",
         (&Method::PATCH, Some(_)) => "patch",
+        (&Method::PUT, Some(_)) => "update",
         (&Method::DELETE, Some(_)) => "delete",
         _ => {
             let response = failure(
@@ -671,6 +680,7 @@ async fn answer(
         "get" => get(shared, &target),
         "create" => create(shared, &target, &body),
         "patch" => patch(shared, &target, &headers, &body),
+        "update" => update(shared, &target, &body),
         _ => delete(shared, &target),
     };
     (request, response)
@@ -760,14 +770,39 @@ fn list_item(kind: Kind, object: &Value) -> Value {
     object
 }
 
-fn list(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> Response {
-    if query.contains_key("labelSelector") || query.contains_key("fieldSelector") {
-        return failure(
+/// The name a `fieldSelector=metadata.name=NAME` asks for (`Some(None)`: no selector); the
+/// only selector the server understands.
+fn name_selector(query: &BTreeMap<String, String>) -> Result<Option<String>, Box<Response>> {
+    if query.contains_key("labelSelector") {
+        return Err(Box::new(failure(
             StatusCode::BAD_REQUEST,
             "BadRequest",
-            "the test API server does not filter lists".into(),
-        );
+            "the test API server does not filter by label".into(),
+        )));
     }
+    match query.get("fieldSelector") {
+        None => Ok(None),
+        Some(selector) => match selector.strip_prefix("metadata.name=") {
+            Some(name) => Ok(Some(name.to_string())),
+            None => Err(Box::new(failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("the test API server filters by metadata.name only, not {selector}"),
+            ))),
+        },
+    }
+}
+
+fn named(object: &Value, name: &Option<String>) -> bool {
+    name.as_deref()
+        .is_none_or(|n| object["metadata"]["name"].as_str() == Some(n))
+}
+
+fn list(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> Response {
+    let name = match name_selector(query) {
+        Ok(name) => name,
+        Err(response) => return *response,
+    };
     let state = shared.state.lock().unwrap();
     let (offset, rv) = match query.get("continue") {
         Some(token) => {
@@ -779,7 +814,9 @@ fn list(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> R
     let all: Vec<Value> = state
         .objects
         .iter()
-        .filter(|((plural, ns, _), _)| *plural == target.kind.plural && matches(target, ns))
+        .filter(|((plural, ns, _), o)| {
+            *plural == target.kind.plural && matches(target, ns) && named(o, &name)
+        })
         .map(|(_, o)| list_item(target.kind, o))
         .collect();
     let limit = query
@@ -986,6 +1023,46 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) ->
     reply(StatusCode::OK, updated)
 }
 
+/// PUT: replaces the object. A body naming a resourceVersion other than the stored one is
+/// refused with 409 Conflict, as a real API server does (optimistic concurrency).
+fn update(shared: &Shared, target: &Target, body: &Bytes) -> Response {
+    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let mut state = shared.state.lock().unwrap();
+    let key = key(target);
+    let Some(current) = state.objects.get(&key).cloned() else {
+        return not_found(target);
+    };
+    let wanted = object["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
+    if wanted.is_some() && wanted.as_deref() != current["metadata"]["resourceVersion"].as_str() {
+        return failure(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                target.kind.plural,
+                target.kind.group,
+                target.name.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+    record_write(&mut state, "update", target, object.clone());
+    object["apiVersion"] = current["apiVersion"].clone();
+    object["kind"] = current["kind"].clone();
+    object["metadata"]["namespace"] = current["metadata"]["namespace"].clone();
+    object["metadata"]["name"] = current["metadata"]["name"].clone();
+    let (key, object, event) = state.put(object);
+    shared.record(&mut state, key, event, object.clone());
+    reply(StatusCode::OK, object)
+}
+
 fn delete(shared: &Shared, target: &Target) -> Response {
     let mut state = shared.state.lock().unwrap();
     let key = key(target);
@@ -1015,6 +1092,10 @@ async fn watch_response(
             break;
         }
     }
+    let name = match name_selector(&query) {
+        Ok(name) => name,
+        Err(response) => return *response,
+    };
     let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     let timeout = query
         .get("timeoutSeconds")
@@ -1049,7 +1130,10 @@ async fn watch_response(
             .history
             .iter()
             .filter(|c| {
-                c.rv > from && c.plural == target.kind.plural && matches(&target, &c.namespace)
+                c.rv > from
+                    && c.plural == target.kind.plural
+                    && matches(&target, &c.namespace)
+                    && named(&c.object, &name)
             })
             .cloned()
             .collect();
@@ -1076,7 +1160,9 @@ async fn watch_response(
             };
             let line = match message {
                 Ok(Broadcast::Change(c))
-                    if c.plural == target.kind.plural && matches(&target, &c.namespace) =>
+                    if c.plural == target.kind.plural
+                        && matches(&target, &c.namespace)
+                        && named(&c.object, &name) =>
                 {
                     Ok(event_line(c.event, &c.object))
                 }

@@ -356,3 +356,59 @@ pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Polls `f` every 100 ms until it holds or `limit` passes; how long it took.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The PID the lab recorded for `name` (m1, m1n2, ...).
+pub fn pid(lab: &Lab, name: &str) -> i32 {
+    std::fs::read_to_string(lab.state.join(format!("{name}.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Sends `signal` to `pid` and waits until the process is gone.
+pub fn stop(pid: i32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) };
+    let gone = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
+    assert!(
+        gone.is_some(),
+        "meshd {pid} did not exit on signal {signal}"
+    );
+}
+
+/// `meshctl peers --output json` on `node`; `Err` with meshctl's output when it gave no JSON.
+pub fn try_peers_json(lab: &Lab, node: &str) -> Result<serde_json::Value, String> {
+    let socket = lab.state.join(format!("{node}.admin.sock"));
+    let out = meshctl()
+        .args([
+            "peers",
+            "--output",
+            "json",
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+}
+
+pub fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
+    try_peers_json(lab, node).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -582,6 +582,30 @@ fn align(rows: &[Vec<String>]) -> String {
 /// The peers as an aligned table with a header row; `wide` adds the public key and MTU.
 /// This node's part under the peer table (on a route agent, instead of it): its role, the
 /// gateway, the masquerade bypass, a route agent's routes, and each problem with its fix.
+/// The election line: who is the active gateway, since when, and what this node is.
+fn render_election(e: &meshd::node::election::ElectionView) -> String {
+    let since = e
+        .since
+        .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s as i64).ok())
+        .map(|t| format!(" since {t}"))
+        .unwrap_or_default();
+    let me = match (e.active, e.candidate) {
+        (true, _) => "active gateway".to_string(),
+        (false, true) => "standby gateway candidate".to_string(),
+        (false, false) => "not a candidate".to_string(),
+    };
+    let holder = match (&e.holder, e.holder_address) {
+        (Some(_), _) if e.active => format!("holds the Lease{since}"),
+        (Some(h), Some(a)) => format!("active gateway {h} ({a}){since}"),
+        (Some(h), None) => format!("active gateway {h}{since}"),
+        (None, _) => "no active gateway right now (hand-over or expiry)".to_string(),
+    };
+    format!(
+        "election: {} is the {me} · {holder} · {} transitions\n",
+        e.node, e.transitions
+    )
+}
+
 fn render_node(node: &NodeView) -> String {
     let gateway = match (node.role, node.gateway) {
         (Role::Gateway, Some(address)) => format!("gateway {address} (this node)"),
@@ -604,6 +628,9 @@ fn render_node(node: &NodeView) -> String {
         .map(|p| format!(" · {p}"))
         .unwrap_or_default();
     let mut text = format!("node: {gateway}{path} · masquerade bypass: {bypass}\n");
+    if let Some(election) = &node.election {
+        text.push_str(&render_election(election));
+    }
     if node.role == Role::RouteAgent {
         let mut rows = vec![vec![
             "ROUTE".to_string(),
