@@ -75,6 +75,10 @@ pub struct PeerFile {
     pub name: String,
     pub public_key: String,
     pub endpoint: Option<String>,
+    /// Several addresses the peer may be at (the other cluster's gateway candidates), tried in
+    /// turn while handshakes go unanswered; instead of `endpoint`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     #[serde(default)]
     pub allowed_cidrs: Vec<String>,
     pub persistent_keepalive: Option<u16>,
@@ -177,7 +181,7 @@ pub struct ConfigArgs {
         long = "peer",
         env = "MESHD_PEERS",
         value_delimiter = ' ',
-        help = "A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT][,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP]. Repeat for several peers (space-separated in the environment)."
+        help = "A peer, added to the file's: name=N,public-key=K[,endpoint=HOST:PORT]...[,allowed=CIDR]...[,keepalive=SECS][,tunnel-address=IP]. Repeat for several peers (space-separated in the environment)."
     )]
     pub peers: Vec<String>,
 }
@@ -233,7 +237,10 @@ fn field(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct PeerConfig {
     pub name: String,
     pub public_key: PublicKey,
+    /// The first (or only) endpoint.
     pub endpoint: Option<SocketAddr>,
+    /// Every endpoint of `endpoints`, tried in turn (empty with `endpoint` alone).
+    pub endpoints: Vec<SocketAddr>,
     pub allowed_cidrs: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
     /// The peer gateway's own address inside the tunnel: meshd syncs catalogs with it and probes
@@ -372,7 +379,7 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
     let what = format!("--peer '{text}'");
     let mut name = None;
     let mut public_key = None;
-    let mut endpoint = None;
+    let mut endpoints = Vec::new();
     let mut allowed = Vec::new();
     let mut keepalive = None;
     let mut tunnel_address = None;
@@ -383,7 +390,7 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
         match key {
             "name" => name = Some(value.to_string()),
             "public-key" => public_key = Some(value.to_string()),
-            "endpoint" => endpoint = Some(value.to_string()),
+            "endpoint" => endpoints.push(value.to_string()),
             "allowed" => allowed.push(value.to_string()),
             "tunnel-address" => tunnel_address = Some(value.to_string()),
             "keepalive" => {
@@ -399,10 +406,16 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
             }
         }
     }
+    // One endpoint= is the endpoint; several are the endpoints, tried in turn.
+    let endpoint = match endpoints.len() {
+        1 => endpoints.pop(),
+        _ => None,
+    };
     Ok(PeerFile {
         name: name.ok_or_else(|| field(&what, "name=... is missing"))?,
         public_key: public_key.ok_or_else(|| field(&what, "public-key=... is missing"))?,
         endpoint,
+        endpoints,
         allowed_cidrs: allowed,
         persistent_keepalive: keepalive,
         tunnel_address,
@@ -651,11 +664,23 @@ impl Config {
             if let Some(other) = keys.insert(public_key, label.clone()) {
                 return Err(ConfigError::DuplicateKey { a: other, b: label });
             }
-            let endpoint = peer
-                .endpoint
-                .as_deref()
-                .map(|e| resolve_endpoint(&format!("{label}.endpoint"), e))
-                .transpose()?;
+            if peer.endpoint.is_some() && !peer.endpoints.is_empty() {
+                return Err(field(
+                    format!("{label}.endpoints"),
+                    "set endpoint (one address) or endpoints (several, tried in turn), not both",
+                ));
+            }
+            let mut endpoints = Vec::new();
+            for (i, e) in peer.endpoints.iter().enumerate() {
+                let address = resolve_endpoint(&format!("{label}.endpoints[{i}]"), e)?;
+                if !endpoints.contains(&address) {
+                    endpoints.push(address);
+                }
+            }
+            let endpoint = match peer.endpoint.as_deref() {
+                Some(e) => Some(resolve_endpoint(&format!("{label}.endpoint"), e)?),
+                None => endpoints.first().copied(),
+            };
             let allowed_cidrs =
                 parse_cidrs(&format!("{label}.allowed_cidrs"), &peer.allowed_cidrs)?;
             let tunnel_address = peer
@@ -672,6 +697,7 @@ impl Config {
                 name: peer.name,
                 public_key,
                 endpoint,
+                endpoints,
                 allowed_cidrs,
                 persistent_keepalive: peer.persistent_keepalive.filter(|k| *k > 0),
                 tunnel_address,
@@ -1014,6 +1040,51 @@ mod tests {
         assert!(text.contains("listen_prot"), "{text}");
         let text = err_text(load(&fx, "listen_port = 70000\n"));
         assert!(text.contains("listen_port"), "{text}");
+    }
+
+    #[test]
+    fn endpoints_list_the_other_clusters_gateways_in_order() {
+        let fx = fixture();
+        let peer = |line: &str| {
+            format!(
+                "[[peers]]\nname = \"m2\"\npublic_key = \"{}\"\n{line}\n",
+                pubkey()
+            )
+        };
+        let cfg = load(
+            &fx,
+            &peer("endpoints = [\"192.0.2.1:51820\", \"192.0.2.12:51820\", \"192.0.2.1:51820\"]"),
+        )
+        .unwrap();
+        let p = &cfg.peers[0];
+        assert_eq!(p.endpoint, Some("192.0.2.1:51820".parse().unwrap()));
+        assert_eq!(
+            p.endpoints,
+            vec![
+                "192.0.2.1:51820".parse::<SocketAddr>().unwrap(),
+                "192.0.2.12:51820".parse().unwrap()
+            ],
+            "in order, a repeat dropped"
+        );
+        let text = err_text(load(
+            &fx,
+            &peer("endpoint = \"192.0.2.1:51820\"\nendpoints = [\"192.0.2.12:51820\"]"),
+        ));
+        assert!(
+            text.starts_with("peers[0] (m2).endpoints: set endpoint (one address) or endpoints"),
+            "{text}"
+        );
+        let text = err_text(load(
+            &fx,
+            &peer("endpoints = [\"192.0.2.1:51820\", \"nowhere\"]"),
+        ));
+        assert!(text.contains("peers[0] (m2).endpoints[1]"), "{text}");
+        let spec = parse_peer_spec(&format!(
+            "name=m2,public-key={},endpoint=192.0.2.1:51820,endpoint=192.0.2.12:51820",
+            pubkey()
+        ))
+        .unwrap();
+        assert_eq!((spec.endpoint, spec.endpoints.len()), (None, 2));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Gateway HA in the lab (scripts/lab.sh --nodes 3,1 --no-nat --ha): M1's first two nodes are
 //! gateway candidates, labelled in the test's API server (listening on M1's cluster switch),
 //! and elect the active gateway through its Lease; M1's third node is a route agent that
-//! follows the holder. The test hands the gateway over gracefully (SIGTERM), kills it (SIGKILL)
-//! and cuts it off from the API server, with pings at 50 ms intervals both ways between M1's
-//! worker pod and M2's pod, and prints each traffic gap. It needs root and skips otherwise.
+//! follows the holder. The test hands the gateway over gracefully (SIGTERM), kills it (SIGKILL),
+//! cuts its links, and cuts it off from the API server alone, with pings at 50 ms intervals
+//! both ways and an iperf3 stream (both directions) between M1's worker pod and M2's pod, and
+//! prints each traffic gap (bench/RESULTS.md, docs/ha.md); DNS for M1's exported service is
+//! asked of both candidates throughout. Then M2, restarted with both candidates as its
+//! endpoints (the standby's first), finds the active one. It needs root and skips otherwise.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
@@ -73,10 +76,12 @@ fn pinger(lab: &Lab, from: &str, to: &str, seconds: u32) -> Child {
 }
 
 /// The longest run of unanswered pings (each 50 ms) in ping's output, unanswered ones at the
-/// end included, as a duration, and the number of answers.
+/// end included, as a duration, and the number of answers (echo replies; an ICMP error such as
+/// "net unreachable" from a node on the way is no answer).
 fn longest_gap(output: &str) -> (Duration, usize) {
     let mut seqs: Vec<u64> = output
         .lines()
+        .filter(|l| l.contains(" bytes from "))
         .filter_map(|l| l.split("icmp_seq=").nth(1))
         .filter_map(|s| s.split_whitespace().next()?.parse().ok())
         .collect();
@@ -105,6 +110,87 @@ fn longest_gap(output: &str) -> (Duration, usize) {
 fn gap_of(child: Child) -> (Duration, usize) {
     let out = child.wait_with_output().unwrap();
     longest_gap(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// An iperf3 stream both ways from M1's worker pod to M2's pod for `seconds`, reporting every
+/// 100 ms (JSON); its server runs in M2's pod on port 5299.
+fn iperf(lab: &Lab, seconds: u32) -> Child {
+    lab.exec_ok("m2pod", &["iperf3", "-s", "-1", "-D", "-p", "5299"]);
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("m1n3pod"),
+            "iperf3",
+            "-c",
+            M2_POD,
+            "-p",
+            "5299",
+        ])
+        .args(["--bidir", "-J", "-i", "0.1", "-t", &seconds.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The longest run of 100 ms intervals without a byte, each way, from iperf3's JSON.
+fn iperf_gaps(child: Child) -> (Duration, Duration) {
+    let out = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let longest = |key: &str| {
+        let mut run = 0u64;
+        let mut worst = 0u64;
+        for interval in report["intervals"].as_array().into_iter().flatten() {
+            if interval[key]["bytes"].as_u64().unwrap_or(0) == 0 {
+                run += 1;
+                worst = worst.max(run);
+            } else {
+                run = 0;
+            }
+        }
+        Duration::from_millis(worst * 100)
+    };
+    (longest("sum"), longest("sum_bidir_reverse"))
+}
+
+/// Cuts (or restores) every link of `node`: all traffic in, out and through its cluster and
+/// underlay interfaces dropped, the routes left as they are.
+fn cut_links(lab: &Lab, node: &str, cut: bool) {
+    let op = if cut { "-I" } else { "-D" };
+    for dev in ["eth0", "ul0"] {
+        for (chain, side) in [
+            ("INPUT", "-i"),
+            ("OUTPUT", "-o"),
+            ("FORWARD", "-i"),
+            ("FORWARD", "-o"),
+        ] {
+            lab.exec_ok(node, &["iptables", op, chain, side, dev, "-j", "DROP"]);
+        }
+    }
+}
+
+/// Whether meshd on `node` answers an A record for `name` (its DNS listens on every address).
+fn dns_answers(lab: &Lab, node: &str, name: &str) -> bool {
+    let address = if node == "m1gw" {
+        "172.18.1.1"
+    } else {
+        "172.18.1.2"
+    };
+    let out = lab.exec(
+        "m1n3",
+        &[
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            &format!("@{address}"),
+            name,
+            "A",
+        ],
+    );
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty()
 }
 
 /// Waits until one candidate holds the Lease and traffic flows from M1's worker pod to M2's.
@@ -137,6 +223,17 @@ fn tx_bytes(lab: &Lab, node: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How the active gateway goes away.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// SIGTERM: a rolling update or a drain.
+    Graceful,
+    /// SIGKILL: a crash.
+    Crash,
+    /// Every link of its node cut.
+    LinksCut,
+}
+
 #[test]
 fn two_candidates_hand_over_on_stop_crash_and_partition() {
     if !root_or_skip("two_candidates_hand_over_on_stop_crash_and_partition") {
@@ -152,8 +249,8 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         stop(pid(&lab, node), libc::SIGTERM);
     }
 
-    // The API server on M1's switch, reachable from every M1 node; the nodes labelled as the
-    // lab has them (the first two are candidates).
+    // The API server on M1's switch, reachable from every M1 node; the nodes as the lab has
+    // them (the first two are candidates), and M1's web service exported.
     lab.exec_ok(
         "m1sw",
         &[
@@ -188,6 +285,23 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         }
         server.apply(node);
     }
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "demo", "name": "web"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+    }));
+    server.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "demo", "name": "web-1",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [M1_POD], "conditions": {"ready": true}}],
+    }));
+    server.apply(json!({
+        "apiVersion": server.mcs_api_version(), "kind": "ServiceExport",
+        "metadata": {"namespace": "demo", "name": "web"},
+    }));
     server.write_kubeconfig(&lab.state.join("kubeconfig"));
     // The lab's configuration, with the election instead of gateway_address, exports from the
     // API, and DNS on every candidate's own addresses.
@@ -217,10 +331,13 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
     let standby = peers_json(&lab, "m1n2");
     assert_eq!(standby["node"]["election"]["active"], false, "{standby}");
     assert_eq!(standby["node"]["election"]["candidate"], true, "{standby}");
-    // The standby routes like an agent, to the active gateway.
+    // The standby routes like an agent, to the active gateway, and already answers DNS for
+    // this cluster's services (its ServiceExport watcher is warm, it writes nothing).
     assert!(lab
         .exec_ok("m1n2", &["ip", "route", "show", "proto", "77"])
-        .contains("10.245.0.0/16 via 172.18.1.1"),);
+        .contains("10.245.0.0/16 via 172.18.1.1"));
+    const WEB: &str = "web.demo.svc.clusterset.local";
+    assert!(wait_until(Duration::from_secs(10), || dns_answers(&lab, "m1n2", WEB)).is_some());
     let table = meshctl()
         .args(["peers", "--socket"])
         .arg(lab.state.join("m1gw.admin.sock"))
@@ -231,30 +348,53 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         "{}",
         text(&table)
     );
+    let gauge = |node: &str| {
+        metric(
+            &lab.http_get(node, "127.0.0.1:9090", "/metrics"),
+            "meshd_gateway_active",
+        )
+    };
+    assert_eq!((gauge("m1gw"), gauge("m1n2")), (Some(1.0), Some(0.0)));
 
-    let mut gaps = Vec::new();
-    for (what, signal) in [
-        ("graceful (SIGTERM)", libc::SIGTERM),
-        ("crash (SIGKILL)", libc::SIGKILL),
-    ] {
+    let mut results = Vec::new();
+    for failure in [Failure::Graceful, Failure::Crash, Failure::LinksCut] {
         let active = holder(&server).unwrap();
-        let out = pinger(&lab, "m1n3pod", M2_POD, 8);
-        let back = pinger(&lab, "m2pod", M1_WORKER_POD, 8);
+        let survivor = CANDIDATES.into_iter().find(|c| *c != active).unwrap();
+        let out = pinger(&lab, "m1n3pod", M2_POD, 10);
+        let back = pinger(&lab, "m2pod", M1_WORKER_POD, 10);
+        let stream = iperf(&lab, 10);
         std::thread::sleep(Duration::from_secs(2));
-        stop(pid(&lab, active), signal);
+        match failure {
+            Failure::Graceful => stop(pid(&lab, active), libc::SIGTERM),
+            Failure::Crash => stop(pid(&lab, active), libc::SIGKILL),
+            Failure::LinksCut => cut_links(&lab, active, true),
+        }
+        // DNS for this cluster's service, asked of the survivor every 100 ms until the end of
+        // the measurement: it never stops answering.
+        let mut unanswered = 0;
+        for _ in 0..30 {
+            if !dns_answers(&lab, survivor, WEB) {
+                unanswered += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let next = await_active(&lab, &server, Some(active));
         let (there, answered) = gap_of(out);
         let (back_gap, back_answered) = gap_of(back);
+        let (stream_there, stream_back) = iperf_gaps(stream);
         eprintln!(
-            "{what}: {active} -> {next}: longest gap {there:?} M1 worker pod -> M2 ({answered} answers), {back_gap:?} M2 -> M1 worker pod ({back_answered} answers)"
+            "{failure:?}: {active} -> {next}: ping gap {there:?} M1 worker pod -> M2 ({answered} answers), {back_gap:?} back ({back_answered} answers); iperf3 without a byte {stream_there:?} there, {stream_back:?} back; DNS unanswered by the survivor {unanswered} of 30"
         );
+        assert_eq!(next, survivor);
         assert!(
-            answered > 40 && back_answered > 40,
-            "traffic did not come back after the {what} hand-over; m1n3's routes:\n{}\nits log:\n{}",
-            lab.exec_ok("m1n3", &["ip", "route"]),
-            std::fs::read_to_string(lab.state.join("m1n3.log")).unwrap_or_default()
+            answered > 100 && back_answered > 100,
+            "traffic did not come back after {failure:?}"
         );
-        gaps.push((what, there, back_gap));
+        assert_eq!(
+            unanswered, 0,
+            "the surviving candidate stopped answering DNS"
+        );
+        results.push((failure, there, back_gap, stream_there, stream_back));
         // M2 follows the new gateway: its endpoint for M1 moved (WireGuard roaming).
         let dump = lab.wg_dump(2);
         let expected = if next == "m1n2" {
@@ -263,13 +403,24 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
             "192.0.2.1:"
         };
         assert!(dump[1][2].starts_with(expected), "{dump:?}");
-        // The stopped one comes back as a standby.
-        children.push(start(&lab, active));
-        assert!(wait_until(Duration::from_secs(10), || {
-            try_peers_json(&lab, active).is_ok_and(|j| j["node"]["election"]["holder"].is_string())
+        // The old one comes back as a standby.
+        match failure {
+            Failure::LinksCut => cut_links(&lab, active, false),
+            _ => children.push(start(&lab, active)),
+        }
+        assert!(wait_until(Duration::from_secs(15), || {
+            try_peers_json(&lab, active).is_ok_and(|j| {
+                j["node"]["election"]["holder"] == node_name(next)
+                    && j["node"]["election"]["active"] == false
+            })
         })
         .is_some());
     }
+    let transitions = metric(
+        &lab.http_get("m1n2", "127.0.0.1:9090", "/metrics"),
+        "meshd_gateway_transitions_total",
+    );
+    assert!(transitions >= Some(1.0), "{transitions:?}");
 
     // Cut off from the API server but not from M2: the active gateway stops forwarding before
     // its Lease can expire, and the standby starts only after that. The bytes each sends to M2,
@@ -278,8 +429,7 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
     let other = CANDIDATES.into_iter().find(|c| *c != active).unwrap();
     let out = pinger(&lab, "m1n3pod", M2_POD, 9);
     std::thread::sleep(Duration::from_secs(1));
-    for chain in ["OUTPUT", "INPUT"] {
-        let dir = if chain == "OUTPUT" { "-d" } else { "-s" };
+    for (chain, dir) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
         lab.exec_ok(
             active,
             &["iptables", "-I", chain, dir, API_ADDRESS, "-j", "DROP"],
@@ -301,22 +451,77 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         both.is_empty(),
         "both gateways sent in intervals {both:?}: {samples:?}"
     );
-    let last = samples.last().unwrap();
-    let first = samples.first().unwrap();
+    let (first, last) = (samples.first().unwrap(), samples.last().unwrap());
     assert!(last.1 > first.1, "the standby never took over: {samples:?}");
     assert_eq!(holder(&server), Some(other));
-    eprintln!("partition from the API server: {active} fenced, {other} took over; longest gap {partition_gap:?} ({answered} answers)");
-    assert!(answered > 40);
-    for (what, there, back) in &gaps {
-        eprintln!("RESULT {what}: {there:?} / {back:?}");
+    eprintln!("partition from the API server: {active} fenced, {other} took over; ping gap {partition_gap:?} ({answered} answers)");
+    assert!(answered > 100);
+    for (chain, dir) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
+        lab.exec_ok(
+            active,
+            &["iptables", "-D", chain, dir, API_ADDRESS, "-j", "DROP"],
+        );
+    }
+
+    // M2 restarted with both of M1's candidates as its endpoints, the standby's first: the
+    // standby answers nothing (it drops), and M2 moves on to the active one.
+    let standby = active;
+    let underlay = |ns: &str| {
+        if ns == "m1gw" {
+            "192.0.2.1"
+        } else {
+            "192.0.2.12"
+        }
+    };
+    let dropped = |ns: &str| {
+        metric(
+            &lab.http_get(ns, "127.0.0.1:9090", "/metrics"),
+            "meshd_dropped_packets_total{reason=\"standby\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = dropped(standby);
+    let endpoints = format!(
+        "endpoints = [\"{}:51820\", \"{}:51820\"]",
+        underlay(standby),
+        underlay(other)
+    );
+    let mut m2 = lab.restart_meshd(2, |c| {
+        c.replace("endpoint = \"192.0.2.1:51820\"", &endpoints)
+    });
+    let found = lab.ping_within("m2pod", M1_WORKER_POD, Duration::from_secs(30));
+    eprintln!("M2 found the active gateway through its endpoints after {found:?}");
+    assert!(found.is_some(), "{}", lab.log(2));
+    assert!(dropped(standby) > before, "the standby answered M2");
+    let dump = lab.wg_dump(2);
+    assert!(dump[1][2].starts_with(underlay(other)), "{dump:?}");
+    assert!(lab.log(2).contains("trying its next one"), "{}", lab.log(2));
+
+    for (failure, there, back, stream_there, stream_back) in &results {
+        eprintln!("RESULT {failure:?}: ping {there:?} / {back:?}, iperf3 {stream_there:?} / {stream_back:?}");
     }
     eprintln!("RESULT partition: {partition_gap:?}");
-
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(m2.id() as i32, libc::SIGTERM) };
+    let _ = m2.wait();
     for node in ["m1gw", "m1n2", "m1n3"] {
-        // SAFETY: kill has no memory-safety preconditions.
+        // SAFETY: as above.
         unsafe { libc::kill(pid(&lab, node), libc::SIGTERM) };
     }
     for mut child in children {
         let _ = child.wait();
     }
+}
+
+#[test]
+fn a_gap_counts_unanswered_and_errored_pings_to_the_end() {
+    let out = "64 bytes from 10.245.1.10: icmp_seq=1 ttl=61 time=0.4 ms\n\
+               64 bytes from 10.245.1.10: icmp_seq=2 ttl=61 time=0.4 ms\n\
+               From 172.18.1.1 icmp_seq=3 Destination Net Unreachable\n\
+               64 bytes from 10.245.1.10: icmp_seq=6 ttl=61 time=0.4 ms\n\
+               \n--- 10.245.1.10 ping statistics ---\n\
+               12 packets transmitted, 3 received, +1 errors\n";
+    // Lost: 3-5 (150 ms) and 7-12 at the end (300 ms).
+    assert_eq!(longest_gap(out), (Duration::from_millis(300), 3));
+    assert_eq!(longest_gap(""), (Duration::ZERO, 0));
 }

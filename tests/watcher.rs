@@ -188,6 +188,8 @@ struct Watcher {
     local: watch::Receiver<ExportCatalog>,
     /// `None` once the test dropped it.
     view: Option<watch::Sender<Arc<ClustersetView>>>,
+    /// Whether the watcher writes (the active gateway's) or only reads (a standby's).
+    writing: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), kubernetes::WatcherError>>,
 }
 
@@ -199,6 +201,11 @@ impl Drop for Watcher {
 
 /// Runs the watcher of cluster m1 against `server`, with `view` as the clusterset view.
 fn start(server: &ApiServer, view: Arc<ClustersetView>) -> Watcher {
+    start_as(server, view, true)
+}
+
+/// [`start`], writing (the active gateway's watcher) or not (a standby's).
+fn start_as(server: &ApiServer, view: Arc<ClustersetView>, write: bool) -> Watcher {
     // The watcher's log, shown for failing tests (MESHD_LOG=debug for more).
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -213,16 +220,19 @@ fn start(server: &ApiServer, view: Arc<ClustersetView>) -> Watcher {
         services: Vec::new(),
     });
     let (view_tx, view_rx) = watch::channel(view);
+    let (writing, writing_rx) = watch::channel(write);
     let task = tokio::spawn(kubernetes::run(
         server.client(),
         "m1".into(),
         Vec::new(),
         local_tx,
         view_rx,
+        writing_rx,
     ));
     Watcher {
         local,
         view: Some(view_tx),
+        writing,
         task,
     }
 }
@@ -418,6 +428,30 @@ async fn an_exported_cluster_ip_service_becomes_the_catalog_with_its_ready_endpo
             "unexpected write {write:?}"
         );
     }
+}
+
+/// A standby gateway keeps the watches and the catalog warm (its DNS answers for this cluster's
+/// services) but writes nothing; made active, it writes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_reads_and_publishes_but_writes_only_once_active() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start_as(&server, view(vec![]), false);
+    let catalog = watcher
+        .catalog("demo/web", |c| !c.services.is_empty())
+        .await;
+    assert_eq!(catalog.services[0].name, "web");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        server.writes().is_empty(),
+        "a standby wrote: {:?}",
+        server.writes()
+    );
+    watcher.writing.send_replace(true);
+    eventually("the active gateway's status on demo/web", || {
+        has_condition(&server, "demo", "web", "Valid", "True", "Valid")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

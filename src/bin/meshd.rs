@@ -193,29 +193,13 @@ async fn bind_discovery(
     }
 }
 
-/// What only the active gateway runs: the ServiceExport watcher and writers, and the
-/// meshd-dns endpoint. A gateway without election is always active.
+/// What only the active gateway runs besides the tunnel: the meshd-dns endpoint.
 struct ActiveTasks {
-    kubernetes: tokio::task::JoinHandle<Result<(), kubernetes::WatcherError>>,
     dns_endpoint: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ActiveTasks {
-    fn start(
-        config: &Config,
-        client: Option<&kube::Client>,
-        clusterset: &Arc<Clusterset>,
-    ) -> ActiveTasks {
-        let kubernetes = match client {
-            Some(client) => tokio::spawn(kubernetes::run(
-                client.clone(),
-                config.cluster.clone(),
-                config.local_cidrs.clone(),
-                clusterset.local_sender().clone(),
-                clusterset.subscribe(),
-            )),
-            None => tokio::spawn(futures::future::pending()),
-        };
+    fn start(config: &Config, client: Option<&kube::Client>) -> ActiveTasks {
         // In Kubernetes the meshd-dns Service's endpoint is the active gateway, written by it:
         // the DaemonSet runs on every node, and only the active gateway answers DNS.
         let dns_endpoint = match (client, config.gateway_address, config.dns_listen) {
@@ -224,21 +208,14 @@ impl ActiveTasks {
             )),
             _ => None,
         };
-        ActiveTasks {
-            kubernetes,
-            dns_endpoint,
-        }
+        ActiveTasks { dns_endpoint }
     }
 
     fn standby() -> ActiveTasks {
-        ActiveTasks {
-            kubernetes: tokio::spawn(futures::future::pending()),
-            dns_endpoint: None,
-        }
+        ActiveTasks { dns_endpoint: None }
     }
 
     fn abort(&self) {
-        self.kubernetes.abort();
         if let Some(task) = &self.dns_endpoint {
             task.abort();
         }
@@ -329,8 +306,19 @@ async fn control_plane(
         None
     };
     let mut active = election.is_none();
-    if kube_client.is_some() {
+    // The ServiceExport watcher runs on a standby too (warm watches, and DNS answers for this
+    // cluster's services); only the active gateway writes statuses and ServiceImports.
+    let (writing_tx, writing_rx) = tokio::sync::watch::channel(active);
+    let mut kubernetes_task = if let Some(client) = kube_client.clone() {
         tracing::info!(cluster = %config.cluster, "local exports come from the Kubernetes API (ServiceExports)");
+        tokio::spawn(kubernetes::run(
+            client,
+            config.cluster.clone(),
+            config.local_cidrs.clone(),
+            clusterset.local_sender().clone(),
+            clusterset.subscribe(),
+            writing_rx,
+        ))
     } else {
         tracing::info!(
             cluster = %config.cluster,
@@ -339,9 +327,10 @@ async fn control_plane(
             "local exports loaded"
         );
         clusterset.local_sender().send_replace(catalog);
-    }
+        tokio::spawn(futures::future::pending())
+    };
     let mut active_tasks = if active {
-        ActiveTasks::start(&config, kube_client.as_ref(), &clusterset)
+        ActiveTasks::start(&config, kube_client.as_ref())
     } else {
         ActiveTasks::standby()
     };
@@ -542,7 +531,8 @@ async fn control_plane(
                         tracing::error!(error = %e, "cannot route the remote prefixes into the tunnel");
                     }
                     controller.dataplane().set_forwarding(true);
-                    active_tasks = ActiveTasks::start(&config, kube_client.as_ref(), &clusterset);
+                    active_tasks = ActiveTasks::start(&config, kube_client.as_ref());
+                    writing_tx.send_replace(true);
                     if let Some(followers) = followers.as_mut() {
                         prober.set_targets(probe_targets.clone());
                         followers.set_peers(sync_peers.clone());
@@ -558,6 +548,7 @@ async fn control_plane(
                     if let Err(e) = routes.lock().await.sync(&[]).await {
                         tracing::error!(error = %e, "cannot take the remote prefixes out of the tunnel");
                     }
+                    writing_tx.send_replace(false);
                     active_tasks.abort();
                     active_tasks = ActiveTasks::standby();
                     if let Some(followers) = followers.as_mut() {
@@ -629,7 +620,7 @@ async fn control_plane(
             }
             r = &mut metrics_task => break Err(ended("the metrics server", r)),
             r = &mut health_task => break Err(ended("the health probe server", r)),
-            r = &mut active_tasks.kubernetes => break Err(ended("the ServiceExport watcher", r)),
+            r = &mut kubernetes_task => break Err(ended("the ServiceExport watcher", r)),
             r = &mut discovery_task => break Err(ended("the catalog sync and health probe", r)),
             r = &mut dns_task => {
                 break match r {
@@ -652,6 +643,7 @@ async fn control_plane(
         running.stop().await;
     }
     drop(followers);
+    kubernetes_task.abort();
     active_tasks.abort();
     discovery_task.abort();
     clusterset_task.abort();

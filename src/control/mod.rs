@@ -29,6 +29,7 @@ pub fn spec_from_config(config: &Config) -> DeviceSpec {
                 public_key: p.public_key,
                 preshared_key: None,
                 endpoint: p.endpoint,
+                endpoints: p.endpoints.clone(),
                 allowed_ips: p.allowed_cidrs.clone(),
                 persistent_keepalive: p.persistent_keepalive,
             })

@@ -88,6 +88,7 @@ pub fn apply_set(spec: &DeviceSpec, lines: &[String]) -> Result<DeviceSpec, Uapi
                     public_key: public,
                     preshared_key: None,
                     endpoint: None,
+                    endpoints: Vec::new(),
                     allowed_ips: Vec::new(),
                     persistent_keepalive: None,
                 });
@@ -446,6 +447,7 @@ mod tests {
                 public_key: peer,
                 preshared_key: None,
                 endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+                endpoints: Vec::new(),
                 allowed_ips: vec!["10.245.0.0/16".parse().unwrap()],
                 persistent_keepalive: Some(25),
             }],

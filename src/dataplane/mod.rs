@@ -70,6 +70,8 @@ pub struct PeerSpec {
     pub preshared_key: Option<PresharedKey>,
     /// The configured endpoint; the running peer's endpoint also follows roaming.
     pub endpoint: Option<SocketAddr>,
+    /// Every endpoint the peer may be at (`endpoints`; empty or one: no rotation).
+    pub endpoints: Vec<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
 }

@@ -41,6 +41,11 @@ pub struct Peer {
     pub index: u32,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
+    /// Where the peer may be (its configured `endpoints`): with two or more, a handshake left
+    /// unanswered moves the endpoint to the next ([`Peer::initiation_sent`]).
+    candidates: RwLock<Vec<SocketAddr>>,
+    /// The peer's received-packet count when the timers last sent a handshake initiation.
+    rx_at_initiation: AtomicU64,
     /// The largest inner packet the route to the endpoint carries, never above the tunnel MTU
     /// (0 until measured).
     path_limit: AtomicU16,
@@ -72,6 +77,8 @@ impl Peer {
             index,
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(endpoint),
+            candidates: RwLock::new(Vec::new()),
+            rx_at_initiation: AtomicU64::new(0),
             path_limit: AtomicU16::new(0),
             stats: PeerStats::default(),
         }
@@ -96,6 +103,33 @@ impl Peer {
         if self.endpoint() != Some(addr) {
             *self.endpoint.write() = Some(addr);
         }
+    }
+
+    /// Sets the endpoints the peer may be at (see [`Peer::initiation_sent`]).
+    pub(crate) fn set_candidates(&self, candidates: Vec<SocketAddr>) {
+        *self.candidates.write() = candidates;
+    }
+
+    /// Called when the timers send a handshake initiation (a retry, or a new handshake after
+    /// the peer fell silent). When nothing came from the peer since the previous one and it has
+    /// several endpoints, the endpoint moves to the next of them (after the last: the first;
+    /// one learned by roaming, not in the list: the first), which is returned. A side behind
+    /// NAT thus finds whichever of the other cluster's gateways is active.
+    pub(crate) fn initiation_sent(&self) -> Option<SocketAddr> {
+        let rx = self.stats.rx_packets.load(Ordering::Relaxed);
+        let silent = self.rx_at_initiation.swap(rx, Ordering::Relaxed) == rx;
+        let candidates = self.candidates.read();
+        if !silent || candidates.len() < 2 {
+            return None;
+        }
+        let current = self.endpoint();
+        let next = match candidates.iter().position(|c| Some(*c) == current) {
+            Some(i) => candidates[(i + 1) % candidates.len()],
+            None => candidates[0],
+        };
+        drop(candidates);
+        *self.endpoint.write() = Some(next);
+        Some(next)
     }
 
     /// The largest inner packet the path to the peer carries, once measured
@@ -130,5 +164,47 @@ impl Peer {
             persistent_keepalive: keepalive,
             path_mtu: self.path_limit(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    fn peer(endpoint: &str) -> Peer {
+        let (ours, theirs) = (PrivateKey::generate(), PrivateKey::generate());
+        let identity = super::super::Identity::new(ours.to_dalek());
+        Peer::new(
+            theirs.public_key(),
+            1,
+            identity.tunn(&theirs.public_key(), None, None, 1),
+            Some(endpoint.parse().unwrap()),
+        )
+    }
+
+    #[test]
+    fn unanswered_initiations_walk_the_endpoints_and_an_answer_stops_them() {
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "192.0.2.1:51820".parse().unwrap(),
+            "192.0.2.12:51820".parse().unwrap(),
+            "198.51.100.7:4000".parse().unwrap(),
+        );
+        let p = peer("192.0.2.1:51820");
+        // One endpoint: nothing to rotate to.
+        assert_eq!(p.initiation_sent(), None);
+        p.set_candidates(vec![a, b]);
+        assert_eq!(p.initiation_sent(), Some(b), "nothing ever came back");
+        assert_eq!(p.endpoint(), Some(b));
+        assert_eq!(p.initiation_sent(), Some(a), "after the last, the first");
+        // The peer answers: the next initiation (a rekey) keeps the endpoint...
+        p.stats.count_rx(148);
+        assert_eq!(p.initiation_sent(), None);
+        assert_eq!(p.endpoint(), Some(a));
+        // ... and only a second one in silence moves it.
+        assert_eq!(p.initiation_sent(), Some(b));
+        // Roamed to an address outside the list: back to the first.
+        p.set_endpoint(c);
+        assert_eq!(p.initiation_sent(), Some(a));
     }
 }

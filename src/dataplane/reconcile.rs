@@ -85,6 +85,9 @@ impl Dataplane {
                                 peer.set_endpoint(endpoint);
                             }
                         }
+                        if before.endpoints != want.endpoints {
+                            peer.set_candidates(want.endpoints.clone());
+                        }
                         peer.clone()
                     }
                     None => {
@@ -93,6 +96,7 @@ impl Dataplane {
                             identity.tunn(&want.public_key, psk, want.persistent_keepalive, index);
                         tracing::info!(peer = %want.name, public_key = %want.public_key, "peer added");
                         let peer = Arc::new(Peer::new(want.public_key, index, tunn, want.endpoint));
+                        peer.set_candidates(want.endpoints.clone());
                         fresh.push(peer.clone());
                         peer
                     }

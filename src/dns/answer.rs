@@ -20,8 +20,10 @@
 //! A name that exists with no data of the asked type is NODATA (NOERROR, no answer, SOA); a
 //! service exported only by clusters that are down or have no ready endpoint exists and is
 //! NODATA, so resolvers do not cache a denial during a short outage. Unknown names in the zone
-//! are NXDOMAIN with SOA, names outside it REFUSED, and everything in the zone SERVFAIL until the
-//! first catalog is loaded.
+//! are NXDOMAIN with SOA, and names outside it REFUSED. Until the view is loaded (this cluster's
+//! catalog read and every peer asked once; a standby gateway never asks) only what is known is
+//! answered: a name with records gets them, and what would be a denial (NXDOMAIN, NODATA) is
+//! SERVFAIL instead, so that no resolver caches the denial of a name that may yet appear.
 
 use crate::discovery::catalog::{ClusterEntry, ExportedService, ServiceType};
 use crate::discovery::ClustersetView;
@@ -197,12 +199,18 @@ pub fn answer(view: &Snapshot, name: &Name, qtype: RecordType) -> Answer {
     if !in_zone {
         return Answer::bare(Rcode::Refused);
     }
-    if !view.view.loaded {
+    let found = in_zone_answer(view, &labels[..n - 2], qtype);
+    if !view.view.loaded && found.records.is_empty() {
         return Answer::bare(Rcode::ServFail);
     }
+    found
+}
+
+/// The answer for a name in the zone, from its labels left of `clusterset.local`.
+fn in_zone_answer(view: &Snapshot, labels: &[&[u8]], qtype: RecordType) -> Answer {
     // Inside the zone, from the right: svc, ns, service, ...
-    let mut rel = Vec::with_capacity(n - 2);
-    for label in labels[..n - 2].iter().rev() {
+    let mut rel = Vec::with_capacity(labels.len());
+    for label in labels.iter().rev() {
         match std::str::from_utf8(label) {
             Ok(text) => rel.push(text),
             Err(_) => return Answer::nx_domain(),
@@ -689,16 +697,35 @@ mod tests {
     }
 
     #[test]
-    fn servfail_until_the_first_catalog_is_loaded_but_refused_stays_refused() {
-        let view = Snapshot::new(Arc::new(ClustersetView::unloaded()));
+    fn until_loaded_known_names_answer_and_denials_are_servfail_but_refused_stays_refused() {
+        let empty = Snapshot::new(Arc::new(ClustersetView::unloaded()));
         assert_eq!(
-            ask(&view, "web.demo.svc.clusterset.local.", RecordType::A).rcode,
+            ask(&empty, "web.demo.svc.clusterset.local.", RecordType::A).rcode,
             Rcode::ServFail
         );
         assert_eq!(
-            ask(&view, "example.com.", RecordType::A).rcode,
+            ask(&empty, "example.com.", RecordType::A).rcode,
             Rcode::Refused
         );
+        // This cluster's catalog is in, a peer not asked yet (a standby, or a gateway starting):
+        // what is known answers, what is not is no denial yet.
+        let mut partial = view();
+        partial.loaded = false;
+        let partial = Snapshot::new(Arc::new(partial));
+        assert_eq!(
+            ask(&partial, "web.demo.svc.clusterset.local.", RecordType::A),
+            ok(vec![a("10.96.0.10"), a("10.97.0.10")])
+        );
+        for (name, qtype) in [
+            ("nothere.demo.svc.clusterset.local.", RecordType::A),
+            ("web.demo.svc.clusterset.local.", RecordType::MX),
+        ] {
+            assert_eq!(
+                ask(&partial, name, qtype).rcode,
+                Rcode::ServFail,
+                "{name} {qtype}"
+            );
+        }
     }
 
     #[test]

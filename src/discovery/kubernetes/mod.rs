@@ -115,6 +115,9 @@ struct McsResources {
 /// the view is loaded; a cluster missing from the view has its ServiceImports withdrawn, so the
 /// view should keep a peer whose tunnel is down (with `up: false`) rather than drop it.
 ///
+/// Writes (statuses, ServiceImports) only while `writing` is true: a standby gateway keeps its
+/// watches and catalog warm, and only the active one writes.
+///
 /// Errors of the API (unreachable, forbidden, the MCS CRDs not installed) are logged and retried,
 /// never returned: they must not take down the tunnel. `Err` means an internal watch stopped.
 pub async fn run(
@@ -123,6 +126,7 @@ pub async fn run(
     local_cidrs: Vec<ipnet::IpNet>,
     local: watch::Sender<ExportCatalog>,
     mut view: watch::Receiver<Arc<ClustersetView>>,
+    mut writing: watch::Receiver<bool>,
 ) -> Result<(), WatcherError> {
     let span = tracing::info_span!("kubernetes", cluster = %cluster);
     async move {
@@ -184,10 +188,12 @@ pub async fn run(
         let mut pass = writes::Pass::new(client, cluster, local_cidrs, mcs.exports, mcs.imports);
         loop {
             let snapshot = view.borrow_and_update().clone();
-            pass.run(&stores, &snapshot, &mut catalog).await;
-            let retry = pass.needs_retry();
+            let write = *writing.borrow_and_update();
+            pass.run(&stores, &snapshot, &mut catalog, write).await;
+            let retry = write && pass.needs_retry();
             tokio::select! {
                 _ = changed.notified() => {}
+                changed = writing.changed() => if changed.is_err() { return Ok(()) },
                 closed = view.changed() => if closed.is_err() { return Ok(()) },
                 _ = tokio::time::sleep(RETRY), if retry => {}
                 stopped = watches.join_next() => return Err(watch_stopped(stopped)),

@@ -61,7 +61,15 @@ impl Pass {
         self.problems.retry()
     }
 
-    pub async fn run(&mut self, stores: &Stores, view: &ClustersetView, catalog: &mut Publisher) {
+    /// Publishes the local catalog and, when `write` (the active gateway), writes the
+    /// ServiceExport statuses and the ServiceImports.
+    pub async fn run(
+        &mut self,
+        stores: &Stores,
+        view: &ClustersetView,
+        catalog: &mut Publisher,
+        write: bool,
+    ) {
         let exports = stores.exports.state();
         let verdicts = local::decide(
             &exports,
@@ -72,6 +80,9 @@ impl Pass {
         let services: Vec<ExportedService> =
             verdicts.iter().filter_map(|v| v.service.clone()).collect();
         catalog.publish(&services);
+        if !write {
+            return;
+        }
 
         self.problems.begin();
         self.write_statuses(&exports, &verdicts, &services, view)
