@@ -568,7 +568,9 @@ async fn control_plane(
                         .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
                     holder = now.holder.clone();
                 }
-                node_state.write().election = Some(election.view(&now, address));
+                let mut shown = node_state.write();
+                shown.election = Some(election.view(&now, address));
+                shown.find_problems();
             }
             _ = hangup.recv() => {
                 // Reading files, resolving endpoint names and reconciling the dataplane block:
@@ -764,7 +766,9 @@ async fn run_agent(args: ConfigArgs, config: Config, mut election: Option<Electi
                         .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
                     gateway = address;
                 }
-                state.write().election = Some(election.view(&now, address));
+                let mut shown = state.write();
+                shown.election = Some(election.view(&now, address));
+                shown.find_problems();
             }
             _ = hangup.recv() => {
                 let args = args.clone();

@@ -346,10 +346,10 @@ async fn publish(
         },
         None => None,
     };
-    view.find_problems();
-    view.problems.extend(unread);
     let mut shown = state.write();
     view.election = shown.election.take();
+    view.find_problems();
+    view.problems.extend(unread);
     *shown = view;
 }
 

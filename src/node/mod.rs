@@ -123,6 +123,13 @@ impl NodeView {
                     .to_string(),
             });
         }
+        if self.election.as_ref().is_some_and(|e| e.holder.is_none()) {
+            problems.push(format!(
+                "no active gateway: no candidate holds the Lease {} (kubectl -n meshd-system get lease {}; the candidates' meshd logs say why); traffic to the other clusters waits",
+                lease::LEASE_NAME,
+                lease::LEASE_NAME
+            ));
+        }
         for route in self.routes.iter().filter(|r| !r.in_place) {
             problems.push(format!(
                 "no route for {} via the gateway {}: meshd puts it back within {} s; if it does not, see its log",

@@ -212,6 +212,10 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
         }
         let code = match answer {
             Ok(response) => {
+                let agent = response
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.role == Role::RouteAgent);
                 match args.output {
                     Output::Json => {
                         serde_json::to_writer_pretty(&mut *out, &response)?;
@@ -219,10 +223,6 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
                     }
                     Output::Table | Output::Wide => {
                         let wide = args.output == Output::Wide;
-                        let agent = response
-                            .node
-                            .as_ref()
-                            .is_some_and(|n| n.role == Role::RouteAgent);
                         if !agent {
                             write!(out, "{}", render_table(&response.peers, wide, unix_now()))?;
                         }
@@ -231,7 +231,9 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
                         }
                     }
                 }
-                let all_up = response.peers.iter().all(|p| p.status == PeerState::Up)
+                // A route agent (a standby gateway candidate too) has no tunnel of its own:
+                // its node's problems alone decide.
+                let all_up = (agent || response.peers.iter().all(|p| p.status == PeerState::Up))
                     && response.node.as_ref().is_none_or(|n| n.problems.is_empty());
                 if all_up {
                     0
@@ -590,9 +592,9 @@ fn render_election(e: &meshd::node::election::ElectionView) -> String {
         .map(|t| format!(" since {t}"))
         .unwrap_or_default();
     let me = match (e.active, e.candidate) {
-        (true, _) => "active gateway".to_string(),
-        (false, true) => "standby gateway candidate".to_string(),
-        (false, false) => "not a candidate".to_string(),
+        (true, _) => "the active gateway",
+        (false, true) => "a standby gateway candidate",
+        (false, false) => "a route agent (not a gateway candidate)",
     };
     let holder = match (&e.holder, e.holder_address) {
         (Some(_), _) if e.active => format!("holds the Lease{since}"),
@@ -601,7 +603,7 @@ fn render_election(e: &meshd::node::election::ElectionView) -> String {
         (None, _) => "no active gateway right now (hand-over or expiry)".to_string(),
     };
     format!(
-        "election: {} is the {me} · {holder} · {} transitions\n",
+        "election: {} is {me} · {holder} · {} transitions\n",
         e.node, e.transitions
     )
 }
@@ -757,6 +759,52 @@ mod tests {
             allowed_cidrs: vec!["10.246.0.0/16".parse().unwrap()],
             mtu: 1420,
         }
+    }
+
+    #[test]
+    fn the_election_line_names_the_active_gateway_since_when_and_what_this_node_is() {
+        use meshd::node::election::ElectionView;
+        let gw = "172.18.1.1".parse().unwrap();
+        let mut node = NodeView::new(Role::Gateway, Some(gw), true);
+        node.masquerade_bypass.in_place = true;
+        node.forwarding = true;
+        let mut election = ElectionView {
+            node: "m1-gw".into(),
+            candidate: true,
+            active: true,
+            holder: Some("m1-gw".into()),
+            holder_address: Some(gw),
+            since: Some(1_796_000_000),
+            transitions: 2,
+        };
+        node.election = Some(election.clone());
+        node.find_problems();
+        assert_eq!(
+            render_node(&node).lines().nth(1),
+            Some("election: m1-gw is the active gateway · holds the Lease since 2026-11-30T00:53:20Z · 2 transitions")
+        );
+        election.node = "m1-n2".into();
+        election.active = false;
+        node.election = Some(election.clone());
+        assert_eq!(
+            render_node(&node).lines().nth(1),
+            Some("election: m1-n2 is a standby gateway candidate · active gateway m1-gw (172.18.1.1) since 2026-11-30T00:53:20Z · 2 transitions")
+        );
+        // Nobody holds it (a hand-over, or every candidate down): said, and a problem.
+        election.holder = None;
+        election.holder_address = None;
+        election.candidate = false;
+        node.election = Some(election);
+        node.find_problems();
+        let text = render_node(&node);
+        assert!(
+            text.contains("election: m1-n2 is a route agent (not a gateway candidate) · no active gateway right now"),
+            "{text}"
+        );
+        assert!(
+            text.contains("problem: no active gateway: no candidate holds the Lease meshd-gateway"),
+            "{text}"
+        );
     }
 
     #[test]
