@@ -187,6 +187,53 @@ pub struct ConfigArgs {
 }
 
 /// How a route agent sends the remote clusters' traffic to the gateway node.
+/// How the gateway Lease is held (see [`crate::node::lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// How long a holder's record stands without renewal (whole seconds, as the Lease keeps it).
+    pub duration: std::time::Duration,
+    /// A holder that has not renewed for this long stops being active (fencing).
+    pub renew_deadline: std::time::Duration,
+    /// How often a holder renews and a standby checks for expiry.
+    pub retry: std::time::Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            duration: std::time::Duration::from_secs(3),
+            renew_deadline: std::time::Duration::from_secs(2),
+            retry: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+impl LeaseSettings {
+    /// Checks the settings' order (retry < renew deadline < duration); the error names the
+    /// settings and the rule.
+    pub fn check(&self) -> Result<(), String> {
+        if self.duration.as_secs() == 0 || self.duration.subsec_nanos() != 0 {
+            return Err(format!(
+                "lease_duration_seconds must be whole seconds, at least 1 (got {:?})",
+                self.duration
+            ));
+        }
+        if self.renew_deadline >= self.duration {
+            return Err(format!(
+                "lease_renew_deadline_ms ({:?}) must be shorter than lease_duration_seconds ({:?}): a holder that cannot renew must stop forwarding before its Lease expires",
+                self.renew_deadline, self.duration
+            ));
+        }
+        if self.retry.is_zero() || self.retry >= self.renew_deadline {
+            return Err(format!(
+                "lease_retry_ms ({:?}) must be above zero and shorter than lease_renew_deadline_ms ({:?}), so that a holder renews more than once per deadline",
+                self.retry, self.renew_deadline
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RouteMode {
     /// Direct when the gateway node is on this node's network (no `via` on the route to it),
@@ -289,7 +336,7 @@ pub struct Config {
     pub route_mode: RouteMode,
     /// The gateway election's Lease settings (with `kubernetes = true` and no
     /// `gateway_address`).
-    pub lease: crate::node::lease::LeaseSettings,
+    pub lease: LeaseSettings,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -742,8 +789,8 @@ impl Config {
             ));
         }
 
-        let defaults = crate::node::lease::LeaseSettings::default();
-        let lease = crate::node::lease::LeaseSettings {
+        let defaults = LeaseSettings::default();
+        let lease = LeaseSettings {
             duration: std::time::Duration::from_secs(
                 args.lease_duration_seconds
                     .or(file.lease_duration_seconds)
@@ -1043,6 +1090,29 @@ mod tests {
     }
 
     #[test]
+    fn settings_must_fence_before_expiry() {
+        assert_eq!(LeaseSettings::default().check(), Ok(()));
+        let bad = |d: u64, r: u64, t: u64| LeaseSettings {
+            duration: std::time::Duration::from_millis(d),
+            renew_deadline: std::time::Duration::from_millis(r),
+            retry: std::time::Duration::from_millis(t),
+        };
+        assert!(bad(3000, 3000, 500)
+            .check()
+            .unwrap_err()
+            .contains("lease_renew_deadline_ms"));
+        assert!(bad(3000, 2000, 2000)
+            .check()
+            .unwrap_err()
+            .contains("lease_retry_ms"));
+        assert!(bad(2500, 2000, 500)
+            .check()
+            .unwrap_err()
+            .contains("whole seconds"));
+        assert!(bad(0, 0, 0).check().unwrap_err().contains("at least 1"));
+    }
+
+    #[test]
     fn endpoints_list_the_other_clusters_gateways_in_order() {
         let fx = fixture();
         let peer = |line: &str| {
@@ -1235,7 +1305,7 @@ mod tests {
         assert_eq!(config.route_mode, RouteMode::Auto);
         let config = load(&fx, "route_mode = \"vxlan\"\n").unwrap();
         assert_eq!(config.route_mode, RouteMode::Vxlan);
-        assert_eq!(config.lease, crate::node::lease::LeaseSettings::default());
+        assert_eq!(config.lease, LeaseSettings::default());
         let config = load(
             &fx,
             "lease_duration_seconds = 10\nlease_renew_deadline_ms = 7000\nlease_retry_ms = 1000\n",

@@ -5,8 +5,10 @@
 //! cuts its links, and cuts it off from the API server alone, with pings at 50 ms intervals
 //! both ways and an iperf3 stream (both directions) between M1's worker pod and M2's pod, and
 //! prints each traffic gap (bench/RESULTS.md, docs/ha.md); DNS for M1's exported service is
-//! asked of both candidates throughout. Then M2, restarted with both candidates as its
-//! endpoints (the standby's first), finds the active one. It needs root and skips otherwise.
+//! asked of the surviving candidate throughout. Then M2, restarted with both candidates as its
+//! endpoints (the standby's first), finds the active one; and with M2 behind NAT (M1 has no
+//! endpoint for it), M2 finds the new gateway after a crash through its health probe. It needs
+//! root and skips otherwise.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
@@ -348,6 +350,29 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         "{}",
         text(&table)
     );
+    let standby_table = meshctl()
+        .args(["peers", "--socket"])
+        .arg(lab.state.join("m1n2.admin.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        standby_table.status.code(),
+        Some(0),
+        "{}",
+        text(&standby_table)
+    );
+    assert!(
+        text(&standby_table).contains(
+            "election: m1-n2 is a standby gateway candidate · active gateway m1-gw (172.18.1.1) since"
+        ),
+        "{}",
+        text(&standby_table)
+    );
+    eprintln!(
+        "meshctl peers on the active gateway:\n{}\nmeshctl peers on the standby:\n{}",
+        String::from_utf8_lossy(&table.stdout),
+        String::from_utf8_lossy(&standby_table.stdout)
+    );
     let gauge = |node: &str| {
         metric(
             &lab.http_get(node, "127.0.0.1:9090", "/metrics"),
@@ -497,10 +522,66 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
     assert!(dump[1][2].starts_with(underlay(other)), "{dump:?}");
     assert!(lab.log(2).contains("trying its next one"), "{}", lab.log(2));
 
+    // Behind NAT: M1 has no endpoint for M2, which reaches out with keepalives, so a new M1
+    // gateway cannot reach M2 first. M2 notices through its health probe that M1 went silent
+    // and moves on to its next endpoint at once.
+    for node in CANDIDATES {
+        stop(pid(&lab, node), libc::SIGTERM);
+    }
+    let ha_config = lab.state.join("m1-ha.toml");
+    let without_endpoint: String = std::fs::read_to_string(&ha_config)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("endpoint = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&ha_config, without_endpoint).unwrap();
+    children.push(start(&lab, "m1gw"));
+    stop(m2.id() as i32, libc::SIGKILL);
+    let _ = m2.wait();
+    m2 = lab.start_meshd(2, |c| {
+        c.lines()
+            .map(|l| {
+                if l.starts_with("endpoints = ") {
+                    "endpoints = [\"192.0.2.1:51820\", \"192.0.2.12:51820\"]\npersistent_keepalive = 2"
+                        .to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    assert_eq!(await_active(&lab, &server, None), "m1gw");
+    children.push(start(&lab, "m1n2"));
+    assert!(wait_until(Duration::from_secs(10), || {
+        try_peers_json(&lab, "m1n2").is_ok_and(|j| j["node"]["election"]["holder"] == "m1-gw")
+    })
+    .is_some());
+    let out = pinger(&lab, "m1n3pod", M2_POD, 12);
+    let back = pinger(&lab, "m2pod", M1_WORKER_POD, 12);
+    std::thread::sleep(Duration::from_secs(2));
+    stop(pid(&lab, "m1gw"), libc::SIGKILL);
+    assert_eq!(await_active(&lab, &server, Some("m1gw")), "m1n2");
+    let (nat_there, nat_answered) = gap_of(out);
+    let (nat_back, nat_back_answered) = gap_of(back);
+    eprintln!("Crash with M2 behind NAT: ping gap {nat_there:?} there ({nat_answered} answers), {nat_back:?} back ({nat_back_answered} answers)");
+    assert!(
+        nat_answered > 100 && nat_back_answered > 100,
+        "M2 never found the new gateway:\n{}",
+        lab.log(2)
+    );
+    assert!(
+        lab.log(2).contains("trying its next endpoint"),
+        "{}",
+        lab.log(2)
+    );
+
     for (failure, there, back, stream_there, stream_back) in &results {
         eprintln!("RESULT {failure:?}: ping {there:?} / {back:?}, iperf3 {stream_there:?} / {stream_back:?}");
     }
     eprintln!("RESULT partition: {partition_gap:?}");
+    eprintln!("RESULT crash, M2 behind NAT: ping {nat_there:?} / {nat_back:?}");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(m2.id() as i32, libc::SIGTERM) };
     let _ = m2.wait();

@@ -420,8 +420,9 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
     let _ = routed.wait();
 
     // The gateway from the Kubernetes API: with kubernetes = true and no gateway_address, the
-    // agent asks the API server (the test's, listening inside m1n2) for the node labelled
-    // meshd.io/gateway=true and routes to its InternalIP.
+    // agent asks the API server (the test's, listening inside m1n2) for the nodes labelled
+    // meshd.io/gateway=true; with one candidate, it routes to its InternalIP at once, before any
+    // Lease names a holder (this gateway runs without the election; tests/ha.rs has it).
     lab.exec_ok("m1n2", &["ip", "route", "del", "172.18.1.1/32"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listener = in_netns(&lab.ns("m1n2"), || {
@@ -479,7 +480,9 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         "no route to the labelled gateway:\n{logged}"
     );
     assert!(
-        logged.contains("the gateway node, from the Kubernetes API") && logged.contains("m1-gw"),
+        logged.contains("gateway candidates, from the Kubernetes API")
+            && logged.contains("one gateway candidate: routing to it")
+            && logged.contains("m1-gw"),
         "{logged}"
     );
     assert!(lab

@@ -377,6 +377,10 @@ async fn control_plane(
     };
 
     let mut health_task = serve_health(config.health_listen, &health).await?;
+    let endpoints_task = tokio::spawn(next_endpoint_when_unreachable(
+        prober.clone(),
+        dataplane.clone(),
+    ));
 
     let monitor = PeerMonitor::new(dataplane.clone(), prober.clone(), mtu);
     let sampler_task = tokio::spawn(monitor.clone().run_sampler());
@@ -645,6 +649,7 @@ async fn control_plane(
         running.stop().await;
     }
     drop(followers);
+    endpoints_task.abort();
     kubernetes_task.abort();
     active_tasks.abort();
     discovery_task.abort();
@@ -662,6 +667,26 @@ async fn control_plane(
     }
     tracing::info!("meshd stopped");
     result
+}
+
+/// When a peer stops answering the health probe, moves it to its next endpoint at once
+/// ([`Dataplane::try_next_endpoint`]; peers with one endpoint are left to WireGuard's timers).
+async fn next_endpoint_when_unreachable(prober: Arc<Prober>, dataplane: Arc<Dataplane>) {
+    let mut changes = prober.changes();
+    let mut reachable: std::collections::HashMap<meshd::keys::PublicKey, bool> =
+        std::collections::HashMap::new();
+    while changes.changed().await.is_ok() {
+        for peer in dataplane.spec().peers {
+            let now = prober.reachable(&peer.public_key);
+            let was = reachable.insert(peer.public_key, now);
+            if was == Some(true) && !now {
+                if let Some(next) = dataplane.try_next_endpoint(&peer.public_key) {
+                    tracing::info!(peer = %peer.name, endpoint = %next,
+                        "the peer stopped answering the health probe: trying its next endpoint");
+                }
+            }
+        }
+    }
 }
 
 /// The probes on `listen` (none: a task that never ends).
@@ -711,6 +736,14 @@ fn node_prefixes(config: &Config) -> Prefixes {
 /// serves the probes and an admin API that `meshctl peers` reads.
 async fn run_agent(args: ConfigArgs, config: Config, mut election: Option<Election>) -> Result<()> {
     let mut gateway = config.gateway_address;
+    if let Some(e) = &election {
+        // One candidate is the gateway whether or not it holds the Lease yet (or runs a meshd
+        // that does not elect): route to it at once; the Lease's holder decides from then on.
+        if let [only] = e.directory().candidates.as_slice() {
+            gateway = e.directory().addresses.get(only).copied();
+            tracing::info!(candidate = %only, gateway = ?gateway, "one gateway candidate: routing to it until the Lease names a holder");
+        }
+    }
     match (&election, gateway) {
         (Some(e), _) => tracing::info!(cluster = %config.cluster, node = %e.me(),
             "this node is not a gateway candidate: running as route agent, routing to the holder of the gateway Lease"),

@@ -286,6 +286,20 @@ impl Dataplane {
         }
     }
 
+    /// The peer `key` stopped answering its health probe: when it has several endpoints, moves
+    /// to the next and sends a handshake there at once, instead of waiting for WireGuard's own
+    /// timers (15 s of silence, then a retry every 5 s). This is how a side behind NAT finds
+    /// the other cluster's new active gateway within seconds. Returns the new endpoint.
+    pub fn try_next_endpoint(&self, key: &PublicKey) -> Option<SocketAddr> {
+        if !self.forwarding() {
+            return None;
+        }
+        let peer = self.running.lock().peers.get(key).cloned()?;
+        let next = peer.next_endpoint()?;
+        self.initiate_handshakes(&[peer]);
+        Some(next)
+    }
+
     /// The spec currently applied (the listen port is the one actually bound).
     pub fn spec(&self) -> DeviceSpec {
         self.running.lock().spec.clone()

@@ -118,8 +118,17 @@ impl Peer {
     pub(crate) fn initiation_sent(&self) -> Option<SocketAddr> {
         let rx = self.stats.rx_packets.load(Ordering::Relaxed);
         let silent = self.rx_at_initiation.swap(rx, Ordering::Relaxed) == rx;
+        if !silent {
+            return None;
+        }
+        self.next_endpoint()
+    }
+
+    /// Moves the endpoint to the next of the peer's endpoints (see [`Peer::initiation_sent`]);
+    /// `None` when it has fewer than two.
+    pub(crate) fn next_endpoint(&self) -> Option<SocketAddr> {
         let candidates = self.candidates.read();
-        if !silent || candidates.len() < 2 {
+        if candidates.len() < 2 {
             return None;
         }
         let current = self.endpoint();

@@ -22,55 +22,10 @@ use kube::runtime::{watcher, WatchStreamExt};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
 
+pub use crate::config::LeaseSettings;
+
 /// The Lease's name, in meshd's namespace.
 pub const LEASE_NAME: &str = "meshd-gateway";
-
-/// How the Lease is held: see the module documentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseSettings {
-    /// How long a holder's record stands without renewal (whole seconds, as the Lease keeps it).
-    pub duration: Duration,
-    /// A holder that has not renewed for this long stops being active (fencing).
-    pub renew_deadline: Duration,
-    /// How often a holder renews and a standby checks for expiry.
-    pub retry: Duration,
-}
-
-impl Default for LeaseSettings {
-    fn default() -> Self {
-        LeaseSettings {
-            duration: Duration::from_secs(3),
-            renew_deadline: Duration::from_secs(2),
-            retry: Duration::from_millis(500),
-        }
-    }
-}
-
-impl LeaseSettings {
-    /// Checks the settings' order (retry < renew deadline < duration); the error names the
-    /// settings and the rule.
-    pub fn check(&self) -> Result<(), String> {
-        if self.duration.as_secs() == 0 || self.duration.subsec_nanos() != 0 {
-            return Err(format!(
-                "lease_duration_seconds must be whole seconds, at least 1 (got {:?})",
-                self.duration
-            ));
-        }
-        if self.renew_deadline >= self.duration {
-            return Err(format!(
-                "lease_renew_deadline_ms ({:?}) must be shorter than lease_duration_seconds ({:?}): a holder that cannot renew must stop forwarding before its Lease expires",
-                self.renew_deadline, self.duration
-            ));
-        }
-        if self.retry.is_zero() || self.retry >= self.renew_deadline {
-            return Err(format!(
-                "lease_retry_ms ({:?}) must be above zero and shorter than lease_renew_deadline_ms ({:?}), so that a holder renews more than once per deadline",
-                self.retry, self.renew_deadline
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// The Lease as this process last saw it change.
 #[derive(Debug, Clone)]
@@ -511,28 +466,5 @@ mod tests {
         let gone = Leadership::from_seen(Some(&s), t0 + Duration::from_secs(4));
         assert_eq!(gone.holder, None, "an expired holder is no holder");
         assert_eq!(seen(Some(""), 3, t0).holder(), None, "released");
-    }
-
-    #[test]
-    fn settings_must_fence_before_expiry() {
-        assert_eq!(LeaseSettings::default().check(), Ok(()));
-        let bad = |d: u64, r: u64, t: u64| LeaseSettings {
-            duration: Duration::from_millis(d),
-            renew_deadline: Duration::from_millis(r),
-            retry: Duration::from_millis(t),
-        };
-        assert!(bad(3000, 3000, 500)
-            .check()
-            .unwrap_err()
-            .contains("lease_renew_deadline_ms"));
-        assert!(bad(3000, 2000, 2000)
-            .check()
-            .unwrap_err()
-            .contains("lease_retry_ms"));
-        assert!(bad(2500, 2000, 500)
-            .check()
-            .unwrap_err()
-            .contains("whole seconds"));
-        assert!(bad(0, 0, 0).check().unwrap_err().contains("at least 1"));
     }
 }

@@ -54,9 +54,10 @@ pub struct StanzaArgs {
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
     /// Where the other cluster reaches this gateway's WireGuard port: an address or host name and
-    /// the UDP port (after any port forward), e.g. 203.0.113.10:51820.
+    /// the UDP port (after any port forward), e.g. 203.0.113.10:51820. Repeat it for each gateway
+    /// candidate (docs/ha.md): the stanza then lists them as `endpoints`.
     #[arg(long, value_name = "HOST:PORT")]
-    pub endpoint: Option<String>,
+    pub endpoint: Vec<String>,
     /// This gateway cannot be reached (it is behind NAT): the other cluster waits for its first
     /// packet and learns its address from it.
     #[arg(long, conflicts_with = "endpoint")]
@@ -150,8 +151,9 @@ fn flag_error(flag: &str, problem: impl Into<String>) -> JoinError {
 pub struct PeerStanza {
     pub name: String,
     pub public_key: PublicKey,
-    /// As given (a host name stays a name: the other meshd resolves it).
-    pub endpoint: Option<String>,
+    /// As given (a host name stays a name: the other meshd resolves it); several: one per gateway
+    /// candidate.
+    pub endpoints: Vec<String>,
     /// This cluster's CIDRs, then the tunnel address as a host route unless they contain it.
     pub allowed_cidrs: Vec<IpNet>,
     pub tunnel_address: Option<IpAddr>,
@@ -170,6 +172,8 @@ struct PeerToml<'a> {
     public_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     endpoint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoints: Option<Vec<&'a str>>,
     allowed_cidrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tunnel_address: Option<String>,
@@ -184,7 +188,12 @@ impl PeerStanza {
             peers: [PeerToml {
                 name: &self.name,
                 public_key: self.public_key.to_base64(),
-                endpoint: self.endpoint.as_deref(),
+                endpoint: match self.endpoints.as_slice() {
+                    [one] => Some(one.as_str()),
+                    _ => None,
+                },
+                endpoints: (self.endpoints.len() > 1)
+                    .then(|| self.endpoints.iter().map(String::as_str).collect()),
                 allowed_cidrs: self.allowed_cidrs.iter().map(|c| c.to_string()).collect(),
                 tunnel_address: self.tunnel_address.map(|a| a.to_string()),
                 persistent_keepalive: self.persistent_keepalive,
@@ -347,18 +356,22 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
             "missing: give this cluster's pod and service CIDRs, e.g. --local-cidr 10.244.0.0/16,10.96.0.0/16, or --config with local_cidrs set",
         ));
     }
-    let endpoint = match (&args.endpoint, args.no_endpoint) {
-        (Some(text), _) => {
-            let text = text.trim();
-            resolve_endpoint("--endpoint", text).map_err(JoinError::Input)?;
-            Some(text.to_string())
-        }
-        (None, true) => None,
-        (None, false) => {
+    let endpoints = match (args.endpoint.as_slice(), args.no_endpoint) {
+        ([], true) => Vec::new(),
+        ([], false) => {
             return Err(flag_error(
                 "--endpoint",
                 "missing: give the host:port where the other cluster reaches this gateway (e.g. 203.0.113.10:51820), or --no-endpoint if it cannot (behind NAT: it then learns this gateway's address from its packets)",
             ))
+        }
+        (texts, _) => {
+            let mut endpoints = Vec::new();
+            for text in texts {
+                let text = text.trim();
+                resolve_endpoint("--endpoint", text).map_err(JoinError::Input)?;
+                endpoints.push(text.to_string());
+            }
+            endpoints
         }
     };
 
@@ -374,7 +387,7 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
             "no tunnel address (--tunnel-address or tunnel_address): the other cluster will treat this one as a plain WireGuard peer, without service catalog or health probe".to_string(),
         ),
     }
-    if endpoint.is_none() {
+    if endpoints.is_empty() {
         notes.push(format!(
             "no endpoint: the other cluster will wait for {name} to contact it, so {name} needs the other cluster's endpoint, and a persistent keepalive towards it if {name} is behind NAT (the other cluster's `meshctl stanza --persistent-keepalive 25`)",
             name = config.cluster
@@ -383,7 +396,7 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
     let stanza = PeerStanza {
         name: config.cluster.clone(),
         public_key: private_key.public_key(),
-        endpoint,
+        endpoints,
         allowed_cidrs,
         tunnel_address,
         persistent_keepalive: args.persistent_keepalive.filter(|k| *k > 0),
@@ -425,10 +438,16 @@ pub fn describe(config: &Config) -> String {
         config.tunnel_address.map_or_else(none, |a| a.to_string()),
     );
     for peer in &config.peers {
-        let endpoint = peer.endpoint.map_or_else(
-            || "none (learned from its packets)".to_string(),
-            |e| e.to_string(),
-        );
+        let endpoint = match (peer.endpoint, peer.endpoints.len()) {
+            (_, n) if n > 1 => peer
+                .endpoints
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(" or "),
+            (Some(e), _) => e.to_string(),
+            (None, _) => "none (learned from its packets)".to_string(),
+        };
         let keepalive = peer
             .persistent_keepalive
             .map_or_else(|| "off".to_string(), |k| format!("{k} s"));
@@ -645,7 +664,7 @@ mod tests {
         StanzaArgs {
             private_key_file: Some(fx.key_path.clone()),
             cluster: Some("m1".into()),
-            endpoint: Some("192.0.2.1:51820".into()),
+            endpoint: vec!["192.0.2.1:51820".into()],
             local_cidrs: vec!["10.244.0.0/16".into(), "10.96.0.0/16".into()],
             tunnel_address: Some("100.64.0.1/24".into()),
             persistent_keepalive: Some(25),
@@ -673,7 +692,7 @@ mod tests {
             PeerStanza {
                 name: "m1".into(),
                 public_key: fx.key.public_key(),
-                endpoint: Some("192.0.2.1:51820".into()),
+                endpoints: vec!["192.0.2.1:51820".into()],
                 allowed_cidrs: cidrs(&["10.244.0.0/16", "10.96.0.0/16", "100.64.0.1/32"]),
                 tunnel_address: Some("100.64.0.1".parse().unwrap()),
                 persistent_keepalive: Some(25),
@@ -696,6 +715,25 @@ mod tests {
     }
 
     #[test]
+    fn two_endpoints_make_an_endpoints_list_for_gateway_candidates() {
+        let fx = fixture();
+        let args = StanzaArgs {
+            endpoint: vec!["192.0.2.1:51820".into(), "192.0.2.11:51820".into()],
+            ..m1_args(&fx)
+        };
+        let (stanza, _) = peer_stanza(&args).unwrap();
+        let text = stanza.to_toml();
+        assert!(
+            text.contains("endpoints = [\"192.0.2.1:51820\", \"192.0.2.11:51820\"]\n")
+                && !text.contains("endpoint = "),
+            "{text}"
+        );
+        // The other cluster's meshd reads it as both endpoints, in order.
+        let file: meshd::config::ConfigFile = toml::from_str(&text).unwrap();
+        assert_eq!(file.peers[0].endpoints.len(), 2);
+    }
+
+    #[test]
     fn stanza_reads_defaults_from_the_config_and_flags_win() {
         let fx = fixture();
         let config = fx.dir.path().join("meshd.toml");
@@ -709,7 +747,7 @@ mod tests {
         .unwrap();
         let args = StanzaArgs {
             config: Some(config.clone()),
-            endpoint: Some("[2001:db8::1]:51820".into()),
+            endpoint: vec!["[2001:db8::1]:51820".into()],
             ..StanzaArgs::default()
         };
         let (stanza, _) = peer_stanza(&args).unwrap();
@@ -747,14 +785,14 @@ mod tests {
         assert_eq!(stanza.tunnel_address, Some("10.244.255.1".parse().unwrap()));
         let args = StanzaArgs {
             tunnel_address: None,
-            endpoint: None,
+            endpoint: Vec::new(),
             no_endpoint: true,
             persistent_keepalive: Some(0),
             ..m1_args(&fx)
         };
         let (stanza, notes) = peer_stanza(&args).unwrap();
         assert_eq!(stanza.tunnel_address, None);
-        assert_eq!(stanza.endpoint, None);
+        assert!(stanza.endpoints.is_empty());
         assert_eq!(stanza.persistent_keepalive, None);
         assert_eq!(notes.len(), 2, "{notes:?}");
         let text = stanza.to_toml();
@@ -796,14 +834,14 @@ mod tests {
             ),
             (
                 StanzaArgs {
-                    endpoint: Some("192.0.2.1".into()),
+                    endpoint: vec!["192.0.2.1".into()],
                     ..m1_args(&fx)
                 },
                 "--endpoint: '192.0.2.1' is not a reachable host:port",
             ),
             (
                 StanzaArgs {
-                    endpoint: None,
+                    endpoint: Vec::new(),
                     ..m1_args(&fx)
                 },
                 "--endpoint: missing",
@@ -857,7 +895,7 @@ mod tests {
         .unwrap();
         let args = StanzaArgs {
             config: Some(config.clone()),
-            endpoint: Some("192.0.2.1:51820".into()),
+            endpoint: vec!["192.0.2.1:51820".into()],
             ..StanzaArgs::default()
         };
         let text = refused(&args);
