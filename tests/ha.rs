@@ -34,26 +34,11 @@ fn node_name(ns: &str) -> &'static str {
 
 /// Starts meshd on M1's node `node` with the election configuration.
 fn start(lab: &Lab, node: &str) -> Child {
-    let log = std::fs::File::create(lab.state.join(format!("{node}.log"))).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(node)])
-        .arg(env!("CARGO_BIN_EXE_meshd"))
-        .arg("--config")
-        .arg(lab.state.join("m1-ha.toml"))
-        .arg("--admin-socket")
-        .arg(lab.state.join(format!("{node}.admin.sock")))
-        .env("KUBECONFIG", lab.state.join("kubeconfig"))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    std::fs::write(
-        lab.state.join(format!("{node}.pid")),
-        child.id().to_string(),
+    lab.spawn_node_meshd(
+        node,
+        &lab.state.join("m1-ha.toml"),
+        Some(&lab.state.join("kubeconfig")),
     )
-    .unwrap();
-    child
 }
 
 /// The node holding the Lease (its lab namespace), if any.
@@ -69,7 +54,7 @@ fn holder(server: &apiserver::ApiServer) -> Option<&'static str> {
 fn pinger(lab: &Lab, from: &str, to: &str, seconds: u32) -> Child {
     Command::new("ip")
         .args(["netns", "exec", &lab.ns(from)])
-        .args(["ping", "-n", "-i", "0.05", "-W", "1"])
+        .args(["ping", "-D", "-n", "-i", "0.05", "-W", "1"])
         .args(["-c", &(seconds * 20).to_string(), to])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -77,18 +62,30 @@ fn pinger(lab: &Lab, from: &str, to: &str, seconds: u32) -> Child {
         .unwrap()
 }
 
-/// The longest run of unanswered pings (each 50 ms) in ping's output, unanswered ones at the
-/// end included, as a duration, and the number of answers (echo replies; an ICMP error such as
-/// "net unreachable" from a node on the way is no answer).
+/// The longest time without an echo reply in ping's output (`ping -D`: each line starts with
+/// its Unix time), less the 50 ms ping interval, and the number of replies. Between two replies
+/// it is their timestamps' distance (ping's own sends may slip on a busy machine, so counting
+/// lost sequence numbers would undercount); before the first and after the last it is the lost
+/// sequence numbers times 50 ms. An ICMP error such as "net unreachable" from a node on the way
+/// is no reply.
 fn longest_gap(output: &str) -> (Duration, usize) {
-    let mut seqs: Vec<u64> = output
+    let mut replies: Vec<(u64, f64)> = output
         .lines()
         .filter(|l| l.contains(" bytes from "))
-        .filter_map(|l| l.split("icmp_seq=").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((seq, time))
+        })
         .collect();
-    seqs.sort_unstable();
-    seqs.dedup();
+    replies.sort_by_key(|r| r.0);
+    replies.dedup_by_key(|r| r.0);
     let sent: u64 = output
         .lines()
         .find_map(|l| {
@@ -98,15 +95,21 @@ fn longest_gap(output: &str) -> (Duration, usize) {
         })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
-    let mut bounds = vec![0];
-    bounds.extend(&seqs);
-    bounds.push(sent + 1);
-    let gap = bounds
+    let interval = 0.05;
+    let between = replies
         .windows(2)
-        .map(|w| w[1].saturating_sub(w[0] + 1))
-        .max()
-        .unwrap_or(0);
-    (Duration::from_millis(gap * 50), seqs.len())
+        .map(|w| (w[1].1 - w[0].1 - interval).max(0.0))
+        .fold(0.0, f64::max);
+    let (first, last) = match (replies.first(), replies.last()) {
+        (Some(f), Some(l)) => (f.0, l.0),
+        _ => (sent + 1, 0),
+    };
+    let edges = first.saturating_sub(1).max(sent.saturating_sub(last)) as f64 * interval;
+    let gap = between.max(edges);
+    (
+        Duration::from_millis((gap * 1000.0).round() as u64),
+        replies.len(),
+    )
 }
 
 fn gap_of(child: Child) -> (Duration, usize) {
@@ -287,19 +290,7 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         }
         server.apply(node);
     }
-    server.apply(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": "demo", "name": "web"},
-        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
-                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
-    }));
-    server.apply(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": "demo", "name": "web-1",
-                     "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [M1_POD], "conditions": {"ready": true}}],
-    }));
+    server.apply_service(("demo", "web"), "10.96.0.10", "web-1", M1_POD);
     server.apply(json!({
         "apiVersion": server.mcs_api_version(), "kind": "ServiceExport",
         "metadata": {"namespace": "demo", "name": "web"},
@@ -340,6 +331,11 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
         .contains("10.245.0.0/16 via 172.18.1.1"));
     const WEB: &str = "web.demo.svc.clusterset.local";
     assert!(wait_until(Duration::from_secs(10), || dns_answers(&lab, "m1n2", WEB)).is_some());
+    // The active gateway's peer settles to up (a handshake, answered traffic, the probe).
+    assert!(wait_until(Duration::from_secs(15), || {
+        try_peers_json(&lab, "m1gw").is_ok_and(|j| j["peers"][0]["status"] == "up")
+    })
+    .is_some());
     let table = meshctl()
         .args(["peers", "--socket"])
         .arg(lab.state.join("m1gw.admin.sock"))
@@ -596,13 +592,18 @@ fn two_candidates_hand_over_on_stop_crash_and_partition() {
 
 #[test]
 fn a_gap_counts_unanswered_and_errored_pings_to_the_end() {
-    let out = "64 bytes from 10.245.1.10: icmp_seq=1 ttl=61 time=0.4 ms\n\
-               64 bytes from 10.245.1.10: icmp_seq=2 ttl=61 time=0.4 ms\n\
-               From 172.18.1.1 icmp_seq=3 Destination Net Unreachable\n\
-               64 bytes from 10.245.1.10: icmp_seq=6 ttl=61 time=0.4 ms\n\
+    let out = "[100.000] 64 bytes from 10.245.1.10: icmp_seq=1 ttl=61 time=0.4 ms\n\
+               [100.050] 64 bytes from 10.245.1.10: icmp_seq=2 ttl=61 time=0.4 ms\n\
+               [100.100] From 172.18.1.1 icmp_seq=3 Destination Net Unreachable\n\
+               [100.460] 64 bytes from 10.245.1.10: icmp_seq=6 ttl=61 time=0.4 ms\n\
+               [100.510] 64 bytes from 10.245.1.10: icmp_seq=7 ttl=61 time=0.4 ms\n\
                \n--- 10.245.1.10 ping statistics ---\n\
-               12 packets transmitted, 3 received, +1 errors\n";
-    // Lost: 3-5 (150 ms) and 7-12 at the end (300 ms).
-    assert_eq!(longest_gap(out), (Duration::from_millis(300), 3));
+               10 packets transmitted, 4 received, +1 errors\n";
+    // Between 2 and 6: 410 ms by the clock less one interval (the sends slipped: three lost
+    // sequence numbers would say 150 ms); 8-10 lost at the end: 150 ms.
+    assert_eq!(longest_gap(out), (Duration::from_millis(360), 4));
+    let silent_start = "[5.0] 64 bytes from 10.245.1.10: icmp_seq=9 ttl=61 time=0.4 ms\n\
+                        9 packets transmitted, 1 received\n";
+    assert_eq!(longest_gap(silent_start), (Duration::from_millis(400), 1));
     assert_eq!(longest_gap(""), (Duration::ZERO, 0));
 }

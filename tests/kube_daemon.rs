@@ -61,19 +61,7 @@ fn meshd_serves_dns_for_the_clusters_service_exports() {
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let server = runtime.block_on(apiserver::ApiServer::start());
-    server.apply(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": "demo", "name": "web"},
-        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
-                 "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
-    }));
-    server.apply(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": "demo", "name": "web-x1",
-                     "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": ["10.244.1.10"], "conditions": {"ready": true}}],
-    }));
+    server.apply_service(("demo", "web"), "10.96.0.10", "web-x1", "10.244.1.10");
     let export = json!({
         "apiVersion": server.mcs_api_version(), "kind": "ServiceExport",
         "metadata": {"namespace": "demo", "name": "web",

@@ -75,6 +75,24 @@ async fn until(
         .map(|_| Instant::now())
 }
 
+/// Node A (through `a_client`) takes the Lease, then node B starts and names A as the holder.
+async fn holder_and_standby(server: &ApiServer, a_client: kube::Client) -> (Running, Running) {
+    let mut a = candidate_via(a_client, "node-a");
+    assert!(until(&mut a.view, Duration::from_secs(10), |l| l.active)
+        .await
+        .is_some());
+    let mut b = candidate(server, "node-b");
+    assert!(
+        until(&mut b.view, Duration::from_secs(10), |l| {
+            l.holder.as_deref() == Some("node-a")
+        })
+        .await
+        .is_some(),
+        "the standby names the holder"
+    );
+    (a, b)
+}
+
 #[tokio::test]
 async fn a_stale_resource_version_is_refused_with_409() {
     let server = ApiServer::start().await;
@@ -127,21 +145,7 @@ async fn a_stale_resource_version_is_refused_with_409() {
 #[tokio::test]
 async fn one_candidate_holds_the_lease_and_a_release_hands_it_over() {
     let server = ApiServer::start().await;
-    let a = candidate(&server, "node-a");
-    let mut a_view = a.view.clone();
-    assert!(until(&mut a_view, Duration::from_secs(10), |l| l.active)
-        .await
-        .is_some());
-    let mut b = candidate(&server, "node-b");
-    assert!(
-        until(&mut b.view, Duration::from_secs(10), |l| l
-            .holder
-            .as_deref()
-            == Some("node-a"))
-        .await
-        .is_some(),
-        "the standby names the holder"
-    );
+    let (a, mut b) = holder_and_standby(&server, server.client()).await;
     // Both run for a while: never both active (every change of either is looked at).
     let (mut av, mut bv) = (a.view.clone(), b.view.clone());
     let watch_both = async {
@@ -190,17 +194,7 @@ async fn one_candidate_holds_the_lease_and_a_release_hands_it_over() {
 #[tokio::test]
 async fn a_crashed_holder_is_replaced_only_after_its_lease_expires() {
     let server = ApiServer::start().await;
-    let a = candidate(&server, "node-a");
-    let mut a_view = a.view.clone();
-    assert!(until(&mut a_view, Duration::from_secs(10), |l| l.active)
-        .await
-        .is_some());
-    let mut b = candidate(&server, "node-b");
-    assert!(
-        until(&mut b.view, Duration::from_secs(10), |l| l.holder.is_some())
-            .await
-            .is_some()
-    );
+    let (a, mut b) = holder_and_standby(&server, server.client()).await;
     let crashed = Instant::now();
     a.kill();
     let took = until(&mut b.view, Duration::from_secs(10), |l| l.active)
@@ -222,16 +216,7 @@ async fn a_holder_that_cannot_renew_stops_before_anyone_else_starts() {
     let server = ApiServer::start().await;
     // The holder reaches the API server through a link the test can cut.
     let (link, open) = cuttable_link(&server.url).await;
-    let mut a = candidate_via(client_of(&link), "node-a");
-    assert!(until(&mut a.view, Duration::from_secs(10), |l| l.active)
-        .await
-        .is_some());
-    let mut b = candidate(&server, "node-b");
-    assert!(
-        until(&mut b.view, Duration::from_secs(10), |l| l.holder.is_some())
-            .await
-            .is_some()
-    );
+    let (mut a, mut b) = holder_and_standby(&server, client_of(&link)).await;
     // Partitioned: the holder's requests and its watch hang, unanswered.
     open.send_replace(false);
     let cut = Instant::now();

@@ -83,31 +83,7 @@ fn snapshot(lab: &Lab, node: &str) -> String {
 
 /// Starts meshd as the lab does on a non-gateway node of cluster `i`.
 fn start_agent(lab: &Lab, node: &str, i: u8) -> Child {
-    let log = std::fs::File::create(lab.state.join(format!("{node}.log"))).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(node)])
-        .arg(env!("CARGO_BIN_EXE_meshd"))
-        .args([
-            "--config",
-            lab.state.join(format!("m{i}.toml")).to_str().unwrap(),
-        ])
-        .args([
-            "--admin-socket",
-            lab.state
-                .join(format!("{node}.admin.sock"))
-                .to_str()
-                .unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    std::fs::write(
-        lab.state.join(format!("{node}.pid")),
-        child.id().to_string(),
-    )
-    .unwrap();
-    child
+    lab.spawn_node_meshd(node, &lab.state.join(format!("m{i}.toml")), None)
 }
 
 fn agent_routes(lab: &Lab, node: &str) -> String {

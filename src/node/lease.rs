@@ -44,14 +44,7 @@ impl Seen {
     /// Whether the record no longer stands: nobody renewed it for its duration since we saw
     /// it, by our own clock.
     pub fn expired(&self, now: Instant) -> bool {
-        let seconds = self
-            .lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.lease_duration_seconds)
-            .unwrap_or(0)
-            .max(0);
-        now >= self.at + Duration::from_secs(seconds as u64)
+        now >= expiry(self)
     }
 }
 

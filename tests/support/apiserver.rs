@@ -287,6 +287,30 @@ impl ApiServer {
 
     /// Like [`apply`](Self::apply), but no watch ever sees the change: only a new list does (as
     /// after a compaction that swallowed the event).
+    /// Applies a ClusterIP Service `namespace/name` at `cluster_ip` with one port (http/TCP/80)
+    /// and its EndpointSlice `slice` with one ready endpoint at `endpoint`.
+    pub fn apply_service(
+        &self,
+        (namespace, name): (&str, &str),
+        cluster_ip: &str,
+        slice: &str,
+        endpoint: &str,
+    ) {
+        self.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": namespace, "name": name},
+            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+        }));
+        self.apply(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": namespace, "name": slice,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [endpoint], "conditions": {"ready": true}}],
+        }));
+    }
+
     pub fn apply_unwatched(&self, object: Value) {
         let mut state = self.state();
         state.put(object);
@@ -887,13 +911,21 @@ fn record_write(state: &mut State, verb: &str, target: &Target, body: Value) {
     });
 }
 
-fn create(shared: &Shared, target: &Target, body: &Bytes) -> Response {
-    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
-        return failure(
+/// A request body as JSON, or the 400 a real API server answers to anything else.
+fn json_body(body: &Bytes) -> Result<Value, Box<Response>> {
+    serde_json::from_slice::<Value>(body).map_err(|_| {
+        Box::new(failure(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "the body is not JSON".into(),
-        );
+        ))
+    })
+}
+
+fn create(shared: &Shared, target: &Target, body: &Bytes) -> Response {
+    let mut object = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return *response,
     };
     let Some(namespace) = target.namespace.clone() else {
         return failure(
@@ -986,12 +1018,9 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) ->
             format!("the test API server takes merge patches only, not {content_type}"),
         );
     }
-    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON".into(),
-        );
+    let patch = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return *response,
     };
     let mut state = shared.state.lock().unwrap();
     let key = key(target);
@@ -1026,12 +1055,9 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) ->
 /// PUT: replaces the object. A body naming a resourceVersion other than the stored one is
 /// refused with 409 Conflict, as a real API server does (optimistic concurrency).
 fn update(shared: &Shared, target: &Target, body: &Bytes) -> Response {
-    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON".into(),
-        );
+    let mut object = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return *response,
     };
     let mut state = shared.state.lock().unwrap();
     let key = key(target);

@@ -291,6 +291,41 @@ impl Lab {
         child
     }
 
+    /// Starts meshd on `node` (one of the lab's namespaces) with `config`, as the lab starts a
+    /// route agent: its admin socket at `<state>/<node>.admin.sock`, its log at
+    /// `<state>/<node>.log`, its PID in `<state>/<node>.pid`; with `kubeconfig`, the Kubernetes
+    /// API it names. The caller owns (and must reap) it.
+    pub fn spawn_node_meshd(
+        &self,
+        node: &str,
+        config: &Path,
+        kubeconfig: Option<&Path>,
+    ) -> std::process::Child {
+        let log = std::fs::File::create(self.state.join(format!("{node}.log"))).unwrap();
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.ns(node)])
+            .arg(env!("CARGO_BIN_EXE_meshd"))
+            .arg("--config")
+            .arg(config)
+            .arg("--admin-socket")
+            .arg(self.state.join(format!("{node}.admin.sock")))
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        if let Some(kubeconfig) = kubeconfig {
+            command
+                .env("KUBECONFIG", kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST");
+        }
+        let child = command.spawn().unwrap();
+        std::fs::write(
+            self.state.join(format!("{node}.pid")),
+            child.id().to_string(),
+        )
+        .unwrap();
+        child
+    }
+
     /// Opens a UDP socket bound inside namespace `ns` (the socket stays in it after we return).
     pub fn udp_socket_in(&self, ns: &str) -> UdpSocket {
         in_netns(&self.ns(ns), || UdpSocket::bind("0.0.0.0:0").unwrap())
