@@ -507,7 +507,8 @@ async fn control_plane(
         .as_ref()
         .map(|r| r.leadership.clone())
         .unwrap_or_else(|| tokio::sync::watch::channel(Default::default()).1);
-    let mut holder: Option<String> = None;
+    // The gateway a standby routes to (the Lease holder's address).
+    let mut routed_to: Option<std::net::IpAddr> = None;
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -559,22 +560,11 @@ async fn control_plane(
                         prober.set_targets(Vec::new());
                         followers.set_peers(Vec::new());
                     }
-                    holder = None;
+                    routed_to = None;
                 }
-                let address = match &now.holder {
-                    Some(h) => election.address_of(h).await,
-                    None => None,
-                };
-                if !active && now.holder.is_some() && now.holder != holder {
-                    // A standby routes like an agent, to the holder.
-                    if let Some(k) = keeper.take() { k.hand_over().await; }
-                    keeper = start_keeper(&config, Role::RouteAgent, address, &prefixes_rx, &node_state).await
-                        .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
-                    holder = now.holder.clone();
-                }
-                let mut shown = node_state.write();
-                shown.election = Some(election.view(&now, address));
-                shown.find_problems();
+                // A standby routes like an agent, to the holder.
+                let follow = (!active).then_some((&mut routed_to, &mut keeper));
+                follow_holder(&config, election, &now, follow, &prefixes_rx, &node_state).await;
             }
             _ = hangup.recv() => {
                 // Reading files, resolving endpoint names and reconciling the dataplane block:
@@ -689,6 +679,40 @@ async fn next_endpoint_when_unreachable(prober: Arc<Prober>, dataplane: Arc<Data
     }
 }
 
+/// Shows the election `now` on this node and, given `routing` (the gateway this node routes
+/// to and its keeper: a route agent, or a standby candidate), routes to the Lease holder when
+/// it changed. During a hand-over (no holder) the routes stay: the old gateway may still be the
+/// best guess, and the new one replaces them as soon as it is known.
+async fn follow_holder(
+    config: &Config,
+    election: &mut Election,
+    now: &Leadership,
+    routing: Option<(&mut Option<std::net::IpAddr>, &mut Option<Keeper>)>,
+    prefixes: &tokio::sync::watch::Receiver<Prefixes>,
+    state: &NodeState,
+) {
+    let address = match &now.holder {
+        Some(h) => election.address_of(h).await,
+        None => None,
+    };
+    if let Some((routed_to, keeper)) = routing {
+        if address.is_some() && address != *routed_to {
+            tracing::info!(holder = ?now.holder, gateway = ?address, "the active gateway changed: routing to it");
+            if let Some(k) = keeper.take() {
+                k.hand_over().await;
+            }
+            *keeper = start_keeper(config, Role::RouteAgent, address, prefixes, state)
+                .await
+                .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway"))
+                .ok();
+            *routed_to = address;
+        }
+    }
+    let mut shown = state.write();
+    shown.election = Some(election.view(now, address));
+    shown.find_problems();
+}
+
 /// The probes on `listen` (none: a task that never ends).
 async fn serve_health(
     listen: Option<SocketAddr>,
@@ -786,22 +810,7 @@ async fn run_agent(args: ConfigArgs, config: Config, mut election: Option<Electi
                 }
                 let now = leadership.borrow_and_update().clone();
                 let Some(election) = election.as_mut() else { continue };
-                let address = match &now.holder {
-                    Some(h) => election.address_of(h).await,
-                    None => None,
-                };
-                // During a hand-over (no holder) the routes stay: the old gateway may still be
-                // the best guess, and the new one replaces them as soon as it is known.
-                if address.is_some() && address != gateway {
-                    tracing::info!(holder = ?now.holder, gateway = ?address, "the active gateway changed: routing to it");
-                    if let Some(k) = keeper.take() { k.hand_over().await; }
-                    keeper = start_keeper(&config, Role::RouteAgent, address, &prefixes_rx, &state).await
-                        .map_err(|e| tracing::error!(error = %e, "cannot route to the active gateway")).ok();
-                    gateway = address;
-                }
-                let mut shown = state.write();
-                shown.election = Some(election.view(&now, address));
-                shown.find_problems();
+                follow_holder(&config, election, &now, Some((&mut gateway, &mut keeper)), &prefixes_rx, &state).await;
             }
             _ = hangup.recv() => {
                 let args = args.clone();

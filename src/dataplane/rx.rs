@@ -36,12 +36,11 @@ impl Dataplane {
                     break;
                 }
                 if !self.forwarding() {
-                    for m in meta.iter().take(n) {
+                    let datagrams = meta.iter().take(n).map(|m| {
                         let stride = if m.stride == 0 { m.len } else { m.stride };
-                        for _ in 0..m.len.div_ceil(stride.max(1)) {
-                            self.drops.count(DropReason::Standby);
-                        }
-                    }
+                        m.len.div_ceil(stride.max(1))
+                    });
+                    self.drops.count_n(DropReason::Standby, datagrams.sum());
                     continue;
                 }
                 let table = self.table.load();

@@ -126,7 +126,12 @@ pub struct DropStats([AtomicU64; DropReason::ALL.len()]);
 
 impl DropStats {
     pub fn count(&self, reason: DropReason) {
-        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.count_n(reason, 1);
+    }
+
+    /// Counts `n` packets dropped for `reason` at once (a whole batch).
+    pub fn count_n(&self, reason: DropReason, n: usize) {
+        self.0[reason as usize].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn get(&self, reason: DropReason) -> u64 {

@@ -4,9 +4,6 @@
 use super::table::{DropReason, PeerTable};
 use super::{pmtu, Dataplane, MAX_PACKET, TIMER_TICK, WG_ROOM};
 
-/// The first byte of a WireGuard handshake initiation.
-const HANDSHAKE_INITIATION: u8 = 1;
-
 impl Dataplane {
     /// Drives every peer's WireGuard timers and resets the handshake rate limiter each second.
     pub(super) fn timer_loop(&self) {
@@ -30,7 +27,10 @@ impl Dataplane {
             for peer in table.peers() {
                 let result = peer.tunn().update_timers(&mut out);
                 if let boringtun::noise::TunnResult::WriteToNetwork(datagram) = result {
-                    if datagram.first() == Some(&HANDSHAKE_INITIATION) {
+                    if matches!(
+                        boringtun::noise::Tunn::parse_incoming_packet(datagram),
+                        Ok(boringtun::noise::Packet::HandshakeInit(_))
+                    ) {
                         if let Some(next) = peer.initiation_sent() {
                             tracing::info!(public_key = %peer.public_key, endpoint = %next,
                                 "no answer from the peer's endpoint: trying its next one (endpoints)");

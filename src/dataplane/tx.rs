@@ -71,9 +71,7 @@ impl Dataplane {
         loop {
             let n = self.read_tun_batch(queue, &mut original, &mut bufs, &mut sizes);
             if !self.forwarding() {
-                for _ in 0..n {
-                    self.drops.count(DropReason::Standby);
-                }
+                self.drops.count_n(DropReason::Standby, n);
                 continue;
             }
             let table = self.table.load();

@@ -284,6 +284,9 @@ impl Candidate {
         let retry = self.settings.retry;
         // Ours: the record we last wrote, and when the write that made it was sent.
         let mut held: Option<(Lease, Instant)> = None;
+        // A failing take is logged once, not every retry (cut off from the API server, a
+        // standby tries twice a second for as long as that lasts).
+        let mut failing = false;
         loop {
             let now = Instant::now();
             match held.take() {
@@ -291,6 +294,12 @@ impl Candidate {
                     let snapshot = seen.borrow_and_update().clone();
                     let mut view =
                         Leadership::from_seen(snapshot.as_ref().and_then(Option::as_ref), now);
+                    if view.holder.as_deref() == Some(self.identity.as_str()) {
+                        // A record naming us that we do not hold (we fenced, or restarted):
+                        // nobody forwards until it is taken again.
+                        view.holder = None;
+                        view.since = None;
+                    }
                     let free = match &snapshot {
                         None => false,
                         Some(None) => true,
@@ -309,6 +318,7 @@ impl Candidate {
                                     .and_then(|s| s.acquire_time.as_ref())
                                     .map(|t| SystemTime::from(t.0));
                                 tracing::info!(node = %self.identity, lease = LEASE_NAME, "this node took the gateway Lease: active gateway");
+                                failing = false;
                                 view = Leadership {
                                     holder: Some(self.identity.clone()),
                                     since,
@@ -324,9 +334,11 @@ impl Candidate {
                                 held = Some((lease, sent));
                             }
                             Err(WriteError::Conflict) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, lease = LEASE_NAME, "cannot take the free gateway Lease; trying again")
+                            Err(e) if !failing => {
+                                failing = true;
+                                tracing::warn!(error = %e, lease = LEASE_NAME, "cannot take the free gateway Lease; trying again every lease_retry_ms (logged once; check that this node reaches the API server)")
                             }
+                            Err(_) => {}
                         }
                     }
                     out.send_if_modified(|l| replace_if_changed(l, view));
