@@ -8,6 +8,8 @@
 #   --workers  two nodes per cluster: from the pod of M1's second node (a route agent) to the
 #              pod of M2's second node, across both gateways (default: gateway pod to pod)
 #   tcp1: TCP, 1 stream   tcp4: TCP, 4 streams   udp: UDP at --udp-rate, 1300-byte datagrams
+#   --impls also takes meshd-overlap: meshd in the --overlap lab (both clusters on the same
+#              CIDRs, every packet translated to and from global ranges), to set beside meshd
 #   --smoke   one 1-second tcp1 run of each implementation that is installed (CI; no installs)
 # Prints, per mode, receiver Mbit/s (min / median / max of N runs), meshd's median divided by
 # each implementation's, and whole-machine CPU-seconds per GB moved (median); for UDP the loss.
@@ -61,7 +63,7 @@ hz=$(getconf CLK_TCK)
 
 # One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%".
 measure() {
-  local mode=$1 args out before after
+  local mode=$1 target=$2 args out before after
   case "$mode" in
     tcp1) args=(-t "$seconds") ;;
     tcp4) args=(-t "$seconds" -P 4) ;;
@@ -70,7 +72,7 @@ measure() {
   ip netns exec "$server" iperf3 -s -1 -D
   sleep 0.3
   before=$(busy_ticks)
-  out=$(ip netns exec "$client" iperf3 -c "$server_ip" -f m "${args[@]}")
+  out=$(ip netns exec "$client" iperf3 -c "$target" -f m "${args[@]}")
   after=$(busy_ticks)
   local line
   if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
@@ -86,15 +88,21 @@ measure() {
 
 declare -A mbps cpu loss
 for impl in $impls; do
-  if ! "$lab" up --prefix bn --nodes "$nodes" --m1 "$impl" --m2 "$impl" >/tmp/meshd-bench-lab.log 2>&1; then
+  # meshd-overlap: meshd with both clusters on the same CIDRs; M2's pod is reached at its
+  # global address (M2's pods are 100.82.0.0/16 to M1).
+  lab_impl=$impl extra=() target=$server_ip
+  if [ "$impl" = meshd-overlap ]; then
+    lab_impl=meshd extra=(--overlap) target=100.82.${server_ip#10.245.}
+  fi
+  if ! "$lab" up --prefix bn --nodes "$nodes" --m1 "$lab_impl" --m2 "$lab_impl" "${extra[@]}" >/tmp/meshd-bench-lab.log 2>&1; then
     cat /tmp/meshd-bench-lab.log >&2
-    echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --nodes $nodes --m1 $impl --m2 $impl" >&2
+    echo "lab up with $impl failed (output above); rerun: $lab up --prefix bn --nodes $nodes --m1 $lab_impl --m2 $lab_impl ${extra[*]}" >&2
     exit 1
   fi
   for mode in $modes; do
     samples=() cpus=() losses=()
     for _ in $(seq "$runs"); do
-      read -r m c l < <(measure "$mode")
+      read -r m c l < <(measure "$mode" "$target")
       samples+=("$m") cpus+=("$c") losses+=("$l")
     done
     mbps[$impl.$mode]=$(printf '%s\n' "${samples[@]}" | sort -n | tr '\n' ' ')

@@ -8,6 +8,7 @@ set -euo pipefail
 declare -A MESHD_PACKAGES=(
   [ip]=iproute2
   [ping]=iputils-ping
+  [traceroute]=traceroute
   [iperf3]=iperf3
   [dig]=dnsutils
   [wg]=wireguard-tools

@@ -36,6 +36,13 @@
 #               namespace, ulsw) that M1's first two nodes and M2's gateway share (m1n2 at
 #               192.0.2.12); tests/ha.rs runs the election there (needs --nodes with N1 >= 2)
 #   --tx-threads N   meshd's transmit threads (TUN queues), default 1
+#   --overlap   M2 is a kind cluster left at its defaults: exactly M1's pod and service CIDRs
+#               (10.244.0.0/16, 10.96.0.0/16; fd00:244::/64). Each cluster gets global ranges
+#               (global_cidrs): M1 is 100.81.0.0/16 (pods), 100.91.0.0/16 (services),
+#               fd00:f1::/64; M2 100.82.0.0/16, 100.92.0.0/16, fd00:f2::/64. Pods reach the other
+#               cluster at its global addresses; meshd translates (meshd in both gateways only).
+#               The demo adds a byte-exact transfer both ways, a UDP exchange, ping -M do at the
+#               path MTU and traceroute
 #   --from-image IMAGE  run each meshd gateway from IMAGE (scripts/image.sh) with podman, given
 #                    exactly what the rendered DaemonSet (kubectl kustomize deploy/overlays/mI)
 #                    gives its pod: the gateway's namespace as the node's network, its security
@@ -53,7 +60,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto HA=0
+M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto HA=0 OVERLAP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -61,6 +68,7 @@ while [ $# -gt 0 ]; do
     --prefix) P=$2; shift 2 ;;
     --nat) NAT=1; shift ;;
     --ha) HA=1; shift ;;
+    --overlap) OVERLAP=1; shift ;;
     --no-nat) NAT=0; shift ;;
     --nodes) NODES=$2; shift 2 ;;
     --route-mode) ROUTE_MODE=$2; shift 2 ;;
@@ -93,6 +101,9 @@ fi
 if [ "$HA" = 1 ] && { [ "$N1" -lt 2 ] || [ "$UNDERLAY6" = 1 ]; }; then
   echo "--ha needs a second M1 node (--nodes N1,N2 with N1 >= 2) and an IPv4 underlay" >&2; exit 2
 fi
+if [ "$OVERLAP" = 1 ] && { [ "$M1" != meshd ] || [ "$M2" != meshd ] || [ -n "$FROM_IMAGE" ]; }; then
+  echo "--overlap needs meshd in both gateways (--m1 meshd --m2 meshd, no --from-image): only meshd translates addresses" >&2; exit 2
+fi
 if [ "$M1" = none ] || [ "$M2" = none ]; then
   [ "$M1" = "$M2" ] || { echo "--m1 none needs --m2 none (plain routing has no tunnel)" >&2; exit 2; }
 fi
@@ -105,20 +116,40 @@ in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
 log() { printf '[lab] %s\n' "$*" >&2; }
 
 # cluster facts: index -> pod CIDR, service CIDR, pod IP, gateway pod-side IP, underlay IP, tunnel IP
-pod_cidr() { echo "10.24$((3 + $1)).0.0/16"; }
-svc_cidr() { echo "10.9$((5 + $1)).0.0/16"; }
-pod_ip() { echo "10.24$((3 + $1)).1.10"; }
-gw_pod_ip() { echo "10.24$((3 + $1)).1.1"; }
+# the second octet of cluster i's pod and service CIDRs (kind's defaults for both with --overlap)
+pod_octet() { if [ "$OVERLAP" = 1 ]; then echo 244; else echo $((243 + $1)); fi; }
+svc_octet() { if [ "$OVERLAP" = 1 ]; then echo 96; else echo $((95 + $1)); fi; }
+pod_cidr() { echo "10.$(pod_octet "$1").0.0/16"; }
+svc_cidr() { echo "10.$(svc_octet "$1").0.0/16"; }
+pod_ip() { echo "10.$(pod_octet "$1").1.10"; }
+gw_pod_ip() { echo "10.$(pod_octet "$1").1.1"; }
 underlay_ip() { echo "192.0.2.$1"; }
-pod6_cidr() { echo "fd00:24$((3 + $1))::/64"; }
-pod6_ip() { echo "fd00:24$((3 + $1))::10"; }
-gw_pod6_ip() { echo "fd00:24$((3 + $1))::1"; }
+pod6_cidr() { echo "fd00:$(pod_octet "$1")::/64"; }
+pod6_ip() { echo "fd00:$(pod_octet "$1")::10"; }
+gw_pod6_ip() { echo "fd00:$(pod_octet "$1")::1"; }
+# --overlap: cluster i's global ranges, as global_cidrs entries and as its peer routes them
+global_cidrs_of() { echo "\"$(pod_cidr "$1")=100.8$1.0.0/16\", \"$(svc_cidr "$1")=100.9$1.0.0/16\", \"$(pod6_cidr "$1")=fd00:f$1::/64\""; }
+remote_cidrs() {
+  if [ "$OVERLAP" = 1 ]; then echo "100.8$1.0.0/16 100.9$1.0.0/16 fd00:f$1::/64"
+  else echo "$(pod_cidr "$1") $(svc_cidr "$1") $(pod6_cidr "$1")"; fi
+}
+# address $2 of cluster $1 as the other cluster reaches it (its global form with --overlap)
+reach() {
+  local a=$2
+  if [ "$OVERLAP" != 1 ]; then echo "$a"; return; fi
+  case "$a" in
+    10.244.*) echo "100.8$1.${a#10.244.}" ;;
+    10.96.*) echo "100.9$1.${a#10.96.}" ;;
+    fd00:244::*) echo "fd00:f$1::${a#fd00:244::}" ;;
+    *) echo "$a" ;;
+  esac
+}
 underlay6_ip() { echo "fd00:192::$1"; }
 # the address:port a gateway's peer reaches it at
 endpoint_of() { if [ "$UNDERLAY6" = 1 ]; then echo "[$(underlay6_ip "$1")]:$port"; else echo "$(underlay_ip "$1"):$port"; fi; }
 tunnel_ip() { echo "100.64.0.$1"; }
-web_ip() { echo "10.9$((5 + $1)).0.10"; }
-hello_ip() { echo "10.97.0.20"; }
+web_ip() { echo "10.$(svc_octet "$1").0.10"; }
+hello_ip() { echo "10.$(svc_octet 2).0.20"; }
 svc_ips() { web_ip "$1"; [ "$1" = 2 ] && [ "$N2" = 1 ] && hello_ip; return 0; }
 iface() { echo "${P}m$1wg"; }
 other() { echo $((3 - $1)); }
@@ -127,8 +158,8 @@ nodes_of() { if [ "$1" = 1 ]; then echo "$N1"; else echo "$N2"; fi; }
 # on the pod side and on the cluster bridge
 node_ns() { if [ "$2" = 1 ]; then echo "m$1gw"; else echo "m$1n$2"; fi; }
 pod_ns() { if [ "$2" = 1 ]; then echo "m$1pod"; else echo "m$1n$2pod"; fi; }
-node_pod_ip() { echo "10.24$((3 + $1)).$2.10"; }
-node_pod_gw() { echo "10.24$((3 + $1)).$2.1"; }
+node_pod_ip() { echo "10.$(pod_octet "$1").$2.10"; }
+node_pod_gw() { echo "10.$(pod_octet "$1").$2.1"; }
 node_ip() { echo "172.18.$1.$2"; }
 # the pod on cluster i's last node (a non-gateway node when it has several)
 last_pod_ns() { pod_ns "$1" "$(nodes_of "$1")"; }
@@ -241,7 +272,7 @@ cluster_network() {
   for k in $(seq "$n"); do
     for j in $(seq "$n"); do
       [ "$j" = "$k" ] && continue
-      in_ns "$(node_ns "$i" "$k")" ip route add "10.24$((3 + i)).$j.0/24" via "$(node_ip "$i" "$j")"
+      in_ns "$(node_ns "$i" "$k")" ip route add "10.$(pod_octet "$i").$j.0/24" via "$(node_ip "$i" "$j")"
     done
     # the service CIDR: kube-proxy's stand-in is the gateway node's route to its pod
     [ "$k" = 1 ] || in_ns "$(node_ns "$i" "$k")" ip route add "$(svc_cidr "$i")" via "$(node_ip "$i" 1)"
@@ -371,7 +402,9 @@ web_servers() {
 }
 
 meshd_config() {
-  local i=$1 o endpoint keepalive="" gateway=""; o=$(other "$1")
+  local i=$1 o endpoint keepalive="" gateway="" globals="" allowed=""; o=$(other "$1")
+  if [ "$OVERLAP" = 1 ]; then globals="global_cidrs = [$(global_cidrs_of "$i")]"; fi
+  for net in $(remote_cidrs "$o") "$(tunnel_ip "$o")/32"; do allowed="$allowed${allowed:+, }\"$net\""; done
   # Several nodes: every node reads this file; the one with this address is the gateway.
   [ "$(nodes_of "$i")" = 1 ] || gateway="gateway_address = \"$(node_ip "$i" 1)\"
 route_mode = \"$ROUTE_MODE\""
@@ -394,12 +427,13 @@ exports_file = "$state/m$i.exports.toml"
 dns_listen = "$(gw_pod_ip "$i"):53"
 admin_socket = "$state/m$i.admin.sock"
 $gateway
+$globals
 
 [[peers]]
 name = "m$o"
 public_key = "$(cat "$state/m$o.pub")"
 $endpoint
-allowed_cidrs = ["$(pod_cidr "$o")", "$(svc_cidr "$o")", "$(pod6_cidr "$o")", "$(tunnel_ip "$o")/32"]
+allowed_cidrs = [$allowed]
 tunnel_address = "$(tunnel_ip "$o")"
 $keepalive
 CFG
@@ -522,9 +556,9 @@ wait_for_ping() {
 }
 
 wait_for_tunnel() {
-  wait_for_ping "traffic across the tunnel" m1pod "$(pod_ip 2)"
+  wait_for_ping "traffic across the tunnel" m1pod "$(reach 2 "$(pod_ip 2)")"
   if [ "$N1" != 1 ] || [ "$N2" != 1 ]; then
-    wait_for_ping "traffic between non-gateway nodes' pods" "$(last_pod_ns 1)" "$(last_pod_ip 2)"
+    wait_for_ping "traffic between non-gateway nodes' pods" "$(last_pod_ns 1)" "$(reach 2 "$(last_pod_ip 2)")"
   fi
 }
 
@@ -581,7 +615,11 @@ demo() {
   # From a pod on M1's last node to one on M2's last node: with several nodes, neither is the
   # gateway's, so the traffic crosses the route agents, the masquerade bypass and both gateways.
   local a b an bn
-  a=$(last_pod_ns 1) b=$(last_pod_ns 2) an=$(last_pod_ip 1) bn=$(last_pod_ip 2)
+  a=$(last_pod_ns 1) b=$(last_pod_ns 2) an=$(reach 1 "$(last_pod_ip 1)") bn=$(reach 2 "$(last_pod_ip 2)")
+  if [ "$OVERLAP" = 1 ]; then
+    echo
+    echo "== overlapping clusters: both use $(pod_cidr 1) and $(svc_cidr 1); $a is $(last_pod_ip 1) in M1, $an to M2; $b is $(last_pod_ip 2) in M2, $bn to M1"
+  fi
   echo
   echo "== ping $a ($an) -> $b ($bn) and back"
   in_ns "$a" ping -c 3 -i 0.2 "$bn"
@@ -612,10 +650,13 @@ demo() {
     echo
     echo "== curl http://$name/ from $a (its resolver is M1's meshd; M2's $b serves it)"
     in_ns "$a" curl -sS --max-time 5 "http://$name/"
+    [ "$OVERLAP" = 1 ] && overlap_demo "$a" "$b" "$an" "$bn"
     echo
     echo "== meshctl peers on M1's gateway"
     if [ -n "$FROM_IMAGE" ]; then
       podman exec "$(container 1)" meshctl peers
+    elif [ "$OVERLAP" = 1 ]; then
+      meshctl peers -o wide --socket "$state/m1.admin.sock"
     else
       meshctl peers --socket "$state/m1.admin.sock"
     fi
@@ -626,7 +667,69 @@ demo() {
     fi
   fi
   echo
-  echo "lab demo passed: pods in 10.244.0.0/16 and 10.245.0.0/16 reach each other through meshd"
+  if [ "$OVERLAP" = 1 ]; then
+    echo "lab demo passed: pods of two clusters that both use $(pod_cidr 1) reach each other through meshd's translation"
+  else
+    echo "lab demo passed: pods in $(pod_cidr 1) and $(pod_cidr 2) reach each other through meshd"
+  fi
+}
+
+# --overlap: what crosses only if translation is right, from pod a (M1) to pod b (M2) and back.
+overlap_demo() {
+  local a=$1 b=$2 an=$3 bn=$4 target out sum_there sum_back
+  echo
+  echo "== byte-exact bulk transfer: 32 MiB each way over HTTP, sha256 compared"
+  head -c 33554432 /dev/urandom >"$state/www-$b/bulk.bin"
+  cp "$state/www-$b/bulk.bin" "$state/www-$a/bulk.bin"
+  sum_there=$(in_ns "$a" curl -sS --max-time 60 "http://$bn/bulk.bin" | sha256sum | cut -d' ' -f1)
+  sum_back=$(in_ns "$b" curl -sS --max-time 60 "http://$an/bulk.bin" | sha256sum | cut -d' ' -f1)
+  local want; want=$(sha256sum <"$state/www-$b/bulk.bin" | cut -d' ' -f1)
+  echo "sent $want; $a got $sum_there; $b got $sum_back"
+  [ "$sum_there" = "$want" ] && [ "$sum_back" = "$want" ] || { log "bulk transfer corrupted"; return 1; }
+  echo
+  echo "== UDP exchange: $a -> $b:7000, the reply says whom $b saw"
+  in_ns "$b" python3 -c 'import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7000))
+for _ in range(20):
+    data, peer = s.recvfrom(100)
+    s.sendto(data + b" seen by m2 from " + peer[0].encode(), peer)' &
+  local server=$!
+  out=$(in_ns "$a" python3 -c 'import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+for _ in range(20):
+    s.sendto(b"hello from m1", (sys.argv[1], 7000))
+    try:
+        print(s.recvfrom(100)[0].decode()); break
+    except socket.timeout:
+        pass' "$bn")
+  kill "$server" 2>/dev/null || true
+  echo "$out"
+  [ "$out" = "hello from m1 seen by m2 from $an" ] || { log "UDP exchange: expected the reply to name $an"; return 1; }
+  echo
+  echo "== IPv6: m1pod ($(reach 1 "$(pod6_ip 1)")) -> m2pod ($(reach 2 "$(pod6_ip 2)")), both fd00:244::10 at home"
+  in_ns m1pod ping -6 -c 2 -i 0.2 "$(reach 2 "$(pod6_ip 2)")" | grep -E "bytes from|packet loss"
+  # M2's gateway pod behind a 1380-byte link: the frag-needed its node sends comes back through
+  # both translations, and the caller's next packets fit.
+  target=$(reach 2 "$(pod_ip 2)")
+  echo
+  echo "== ping -M do from $a to $target (M2's gateway pod, its link narrowed to 1380 bytes)"
+  in_ns m2gw ip link set pod0 mtu 1380
+  out=$(in_ns "$a" ping -M do -c 1 -W 2 -s 1392 "$target" 2>&1 || true)
+  echo "$out" | grep -E "mtu|bytes from" || true
+  echo "$out" | grep -q "mtu = 1380" || { in_ns m2gw ip link set pod0 mtu 1500; log "no frag-needed with mtu 1380 reached $a:"; echo "$out" >&2; return 1; }
+  in_ns "$a" ping -M do -c 2 -i 0.2 -s 1352 "$target" | grep -E "bytes from|packet loss"
+  in_ns m2gw ip link set pod0 mtu 1500
+  echo
+  echo "== traceroute from $a to $target"
+  out=$(in_ns "$a" traceroute -n -q 1 -w 1 "$target")
+  echo "$out"
+  echo "$out" | tail -1 | grep -q " $target " || { log "traceroute did not reach $target"; return 1; }
+  echo "$out" | grep -q " $(tunnel_ip 2) " || { log "traceroute did not show M2's gateway ($(tunnel_ip 2))"; return 1; }
+  echo
+  echo "== packets translated (M1's gateway, /metrics)"
+  in_ns m1gw curl -sS --max-time 2 http://127.0.0.1:9090/metrics | grep '^meshd_translated_packets_total'
 }
 
 case "$action" in

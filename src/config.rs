@@ -5,6 +5,7 @@
 //! into a checked [`Config`] that the rest of meshd trusts. Every error names the field (and the
 //! peer) at fault and says what to do.
 
+use crate::dataplane::translate::{GlobalCidr, Translation};
 use crate::keys::{KeyError, PrivateKey, PublicKey};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -45,6 +46,9 @@ pub struct ConfigFile {
     pub local_cidrs: Vec<String>,
     #[serde(default)]
     pub deliver_cidrs: Vec<String>,
+    /// `LOCAL=GLOBAL` pairs: the global range each local range stands as in the clusterset.
+    #[serde(default)]
+    pub global_cidrs: Vec<String>,
     pub tunnel_address: Option<String>,
     pub mtu: Option<u16>,
     pub metrics_listen: Option<String>,
@@ -114,6 +118,15 @@ pub struct ConfigArgs {
         value_delimiter = ','
     )]
     pub deliver_cidrs: Vec<String>,
+    /// LOCAL=GLOBAL: peers know the local range LOCAL (one of local_cidrs, or inside one) by the
+    /// global range GLOBAL of the same size, translated statelessly in the dataplane (for
+    /// clusters whose ranges overlap); replaces the file's list. Repeat or comma-separate.
+    #[arg(
+        long = "global-cidr",
+        env = "MESHD_GLOBAL_CIDRS",
+        value_delimiter = ','
+    )]
+    pub global_cidrs: Vec<String>,
     /// Address of this gateway inside the tunnel, with prefix (e.g. 100.64.0.1/24).
     #[arg(long, env = "MESHD_TUNNEL_ADDRESS")]
     pub tunnel_address: Option<String>,
@@ -261,15 +274,26 @@ pub enum ConfigError {
     Key(#[from] KeyError),
     #[error("{field}: {problem}")]
     Field { field: String, problem: String },
-    #[error("{a_owner} CIDR {a} overlaps {b_owner} CIDR {b}: every address must route to exactly one cluster; remove or narrow one of them")]
+    #[error("{a_owner} CIDR {a} overlaps {b_owner} CIDR {b}: every address must route to exactly one cluster; remove or narrow one of them{}", overlap_hint(*local_and_peer))]
     Overlap {
         a_owner: String,
         a: IpNet,
         b_owner: String,
         b: IpNet,
+        /// The overlap is between this cluster and a peer: global ranges can keep both.
+        local_and_peer: bool,
     },
     #[error("{a} and {b} have the same public key: each peer needs its own key; fix one of them")]
     DuplicateKey { a: String, b: String },
+}
+
+/// How two clusters that really use the same ranges can still join.
+fn overlap_hint(local_and_peer: bool) -> &'static str {
+    if local_and_peer {
+        ", or, when both clusters really use these ranges (a kind cluster left at its defaults uses 10.244.0.0/16 and 10.96.0.0/16), give each cluster global ranges with global_cidrs = [\"LOCAL=GLOBAL\", ...] and the peer's global ranges in its allowed_cidrs (docs/overlap.md)"
+    } else {
+        ""
+    }
 }
 
 fn field(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -306,6 +330,8 @@ pub struct Config {
     pub local_cidrs: Vec<IpNet>,
     /// Destinations beyond `local_cidrs` that decrypted packets may reach.
     pub deliver_cidrs: Vec<IpNet>,
+    /// The global ranges local ranges stand as (`global_cidrs`); empty: no translation.
+    pub translation: Translation,
     pub tunnel_address: Option<IpNet>,
     /// `None`: derive from the underlay (its MTU minus [`TUNNEL_OVERHEAD`]).
     pub mtu: Option<u16>,
@@ -469,16 +495,52 @@ pub fn parse_peer_spec(text: &str) -> Result<PeerFile, ConfigError> {
     })
 }
 
+/// Parses `global_cidrs` (`LOCAL=GLOBAL` each): LOCAL must lie within `local_cidrs`.
+fn parse_global_cidrs(texts: &[String], local_cidrs: &[IpNet]) -> Result<Translation, ConfigError> {
+    let mut cidrs = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let at = format!("global_cidrs[{i}]");
+        let Some((local, global)) = text.split_once('=') else {
+            return Err(field(
+                at,
+                format!("'{text}' is not LOCAL=GLOBAL; write e.g. \"10.244.0.0/16=100.82.0.0/16\""),
+            ));
+        };
+        let parse = |what: &str, t: &str| {
+            t.trim().parse::<IpNet>().map_err(|_| {
+                field(
+                    &at,
+                    format!("{what} '{t}' is not a CIDR; write LOCAL=GLOBAL, e.g. \"10.244.0.0/16=100.82.0.0/16\""),
+                )
+            })
+        };
+        let (local, global) = (parse("LOCAL", local)?, parse("GLOBAL", global)?);
+        if !local_cidrs.iter().any(|l| l.contains(&local)) {
+            return Err(field(
+                at,
+                format!("{local} is not one of local_cidrs (nor inside one); map this cluster's own ranges"),
+            ));
+        }
+        cidrs.push(GlobalCidr::new(local, global).map_err(|problem| field(&at, problem))?);
+    }
+    Translation::new(cidrs).map_err(|problem| field("global_cidrs", problem))
+}
+
 /// Checks that no two owners' CIDRs overlap, naming both on failure.
 pub fn check_overlaps(owned: &[(String, IpNet)]) -> Result<(), ConfigError> {
     for (i, (a_owner, a)) in owned.iter().enumerate() {
         for (b_owner, b) in &owned[i + 1..] {
             if a.contains(&b.network()) || b.contains(&a.network()) {
+                let local_and_peer = [a_owner, b_owner]
+                    .iter()
+                    .any(|o| o.starts_with("local cluster"))
+                    && [a_owner, b_owner].iter().any(|o| o.starts_with("peer"));
                 return Err(ConfigError::Overlap {
                     a_owner: a_owner.clone(),
                     a: *a,
                     b_owner: b_owner.clone(),
                     b: *b,
+                    local_and_peer,
                 });
             }
         }
@@ -575,6 +637,13 @@ impl Config {
                 "set without local_cidrs: give this cluster's pod and service CIDRs in local_cidrs too (without local_cidrs meshd checks no destination at all)",
             ));
         }
+
+        let global_texts = if args.global_cidrs.is_empty() {
+            file.global_cidrs
+        } else {
+            args.global_cidrs.clone()
+        };
+        let translation = parse_global_cidrs(&global_texts, &local_cidrs)?;
 
         let tunnel_address = match args.tunnel_address.clone().or(file.tunnel_address) {
             Some(text) => Some(text.trim().parse::<IpNet>().map_err(|_| {
@@ -681,6 +750,12 @@ impl Config {
                 deliver_cidrs
                     .iter()
                     .map(|c| (format!("deliver_cidrs of '{cluster}'"), *c)),
+            )
+            .chain(
+                translation
+                    .cidrs()
+                    .iter()
+                    .map(|c| (format!("global_cidrs of '{cluster}'"), c.global)),
             )
             .collect();
         for (what, peer) in peer_files {
@@ -821,6 +896,7 @@ impl Config {
             listen_port,
             local_cidrs,
             deliver_cidrs,
+            translation,
             tunnel_address,
             mtu,
             metrics_listen,
@@ -1051,6 +1127,61 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("peer 'm2' CIDR 10.244.0.0/24"), "{text}");
+        // The fix for clusters that really share ranges is named.
+        assert!(text.contains("global_cidrs"), "{text}");
+        // Two peers overlapping each other get no such hint: one of them is wrong.
+        let body = format!(
+            "{}[[peers]]\nname = \"m3\"\npublic_key = \"{}\"\nallowed_cidrs = [\"10.245.1.0/24\"]\n",
+            m2_peer(&pubkey(), "\"10.245.0.0/16\""),
+            pubkey()
+        );
+        assert!(!err_text(load(&fx, &body)).contains("global_cidrs"));
+    }
+
+    #[test]
+    fn global_ranges_let_clusters_with_the_same_ranges_join() {
+        let fx = fixture();
+        // M1 and a kind cluster at its defaults: both 10.244.0.0/16 and 10.96.0.0/16.
+        let body = format!(
+            "cluster = \"m1\"\nlocal_cidrs = [\"10.244.0.0/16\", \"10.96.0.0/16\"]\nglobal_cidrs = [\"10.244.0.0/16=100.81.0.0/16\", \"10.96.0.0/16=100.91.0.0/16\"]\n{}",
+            m2_peer(&pubkey(), "\"100.82.0.0/16\", \"100.92.0.0/16\"")
+        );
+        let config = load(&fx, &body).unwrap();
+        assert_eq!(config.translation.cidrs().len(), 2);
+        assert_eq!(
+            config.translation.global("10.96.0.10".parse().unwrap()),
+            "100.91.0.10".parse::<IpAddr>().unwrap()
+        );
+        let with = |globals: &str, peer: &str| {
+            err_text(load(
+                &fx,
+                &format!(
+                    "cluster = \"m1\"\nlocal_cidrs = [\"10.244.0.0/16\", \"10.96.0.0/16\"]\nglobal_cidrs = [{globals}]\n{}",
+                    m2_peer(&pubkey(), peer)
+                ),
+            ))
+        };
+        // A global range that is a peer's, or this cluster's own local range, is refused.
+        let text = with("\"10.244.0.0/16=100.82.0.0/16\"", "\"100.82.0.0/16\"");
+        assert!(
+            text.contains("global_cidrs of 'm1' CIDR 100.82.0.0/16") && text.contains("peer 'm2'"),
+            "{text}"
+        );
+        let text = with("\"10.244.0.0/16=10.96.0.0/16\"", "\"100.82.0.0/16\"");
+        assert!(
+            text.contains("global_cidrs of 'm1' CIDR 10.96.0.0/16"),
+            "{text}"
+        );
+        // Malformed pairs name the entry and the form.
+        let text = with("\"10.244.0.0/16\"", "\"100.82.0.0/16\"");
+        assert!(
+            text.contains("global_cidrs[0]") && text.contains("LOCAL=GLOBAL"),
+            "{text}"
+        );
+        let text = with("\"10.244.0.0/16=100.81.0.0/24\"", "\"100.82.0.0/16\"");
+        assert!(text.contains("prefix length"), "{text}");
+        let text = with("\"10.250.0.0/16=100.81.0.0/16\"", "\"100.82.0.0/16\"");
+        assert!(text.contains("not one of local_cidrs"), "{text}");
     }
 
     #[test]

@@ -296,14 +296,14 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         wait_until(Duration::from_secs(10), || agent_routes(&lab, "m1n3")
             .lines()
             .count()
-            == 2)
+            == 3)
         .is_some()
     );
     stop(killed.id() as i32, libc::SIGKILL);
     let _ = killed.wait();
     assert_eq!(
         agent_routes(&lab, "m1n3").lines().count(),
-        2,
+        3,
         "a killed meshd cannot clean up"
     );
     let mut again = start_agent(&lab, "m1n3", 1);
@@ -312,14 +312,14 @@ fn pods_on_every_node_reach_the_other_cluster_and_meshd_keeps_and_cleans_its_par
         try_peers_json(&lab, "m1n3").is_ok_and(|v| {
             v["node"]["routes"]
                 .as_array()
-                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["in_place"] == true))
+                .is_some_and(|r| r.len() == 3 && r.iter().all(|r| r["in_place"] == true))
         })
     });
     assert!(
         up.is_some(),
         "the restarted route agent did not put its routes in place"
     );
-    assert_eq!(agent_routes(&lab, "m1n3").lines().count(), 2);
+    assert_eq!(agent_routes(&lab, "m1n3").lines().count(), 3);
     assert!(lab
         .ping_within("m1n3pod", M2_WORKER_POD, Duration::from_secs(10))
         .is_some());

@@ -176,6 +176,20 @@ pub struct PeersResponse {
     /// place (absent from a meshd older than the route agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<crate::node::NodeView>,
+    /// This cluster's global ranges (`global_cidrs`) and the packets translated; absent when
+    /// the cluster has none (and on a route agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation: Option<TranslationView>,
+}
+
+/// The stateless translation between this cluster's local ranges and its global ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranslationView {
+    pub global_cidrs: Vec<crate::dataplane::GlobalCidr>,
+    /// Packets translated on their way to a peer (local source to global).
+    pub outbound_packets: u64,
+    /// Packets translated on their way in (global destination to local).
+    pub inbound_packets: u64,
 }
 
 /// The daemon's health, as `/healthz` and `/readyz` report it.

@@ -54,6 +54,18 @@ impl Collector for DataplaneCollector {
                 .iter()
                 .map(|r| ("reason", r.as_str().to_string(), drops.get(*r))),
         )?;
+        let translated = &self.dataplane.translated;
+        counter_family(
+            &mut encoder,
+            "meshd_translated_packets",
+            "Packets whose addresses the dataplane translated to or from this cluster's global ranges (global_cidrs), by direction.",
+            [
+                ("outbound", translated.outbound()),
+                ("inbound", translated.inbound()),
+            ]
+            .into_iter()
+            .map(|(direction, n)| ("direction", direction.to_string(), n)),
+        )?;
 
         let spec = self.dataplane.spec();
         let table = self.dataplane.table();

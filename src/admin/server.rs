@@ -5,7 +5,9 @@
 //! socket is created mode 0600 (its directory 0700 when meshd creates it), so only root reads
 //! meshd's state. `/healthz` and `/readyz` serve kubelet's probes from a [`Health`].
 
-use super::api::{ErrorBody, ExportsResponse, HealthView, PeersResponse, StatusView};
+use super::api::{
+    ErrorBody, ExportsResponse, HealthView, PeersResponse, StatusView, TranslationView,
+};
 use super::monitor::PeerMonitor;
 use crate::discovery::clusterset::Clusterset;
 use crate::node::NodeState;
@@ -102,9 +104,16 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn peers(State(state): State<AdminState>) -> Json<PeersResponse> {
+    let dataplane = state.monitor.dataplane();
+    let translation = dataplane.spec().translation;
     Json(PeersResponse {
         peers: state.monitor.peers(),
         node: Some(state.node.read().clone()),
+        translation: (!translation.is_empty()).then(|| TranslationView {
+            global_cidrs: translation.cidrs().to_vec(),
+            outbound_packets: dataplane.translated.outbound(),
+            inbound_packets: dataplane.translated.inbound(),
+        }),
     })
 }
 
@@ -182,6 +191,7 @@ pub fn agent_router(node: NodeState) -> Router {
                 Json(PeersResponse {
                     peers: Vec::new(),
                     node: Some(node.read().clone()),
+                    translation: None,
                 })
             }),
         )

@@ -360,10 +360,11 @@ async fn control_plane(
             let probe = prober.clone();
             let catalog = clusterset.local_catalog();
             let sync_prober = prober.clone();
+            let translation = Arc::new(config.translation.clone());
             let task = tokio::spawn(async move {
                 tokio::select! {
                     r = probe.run(udp) => r,
-                    r = catalog_sync::serve(tcp, catalog, sync_prober) => r,
+                    r = catalog_sync::serve(tcp, catalog, sync_prober, translation) => r,
                 }
             });
             (task, Some(followers))

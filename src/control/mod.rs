@@ -35,6 +35,7 @@ pub fn spec_from_config(config: &Config) -> DeviceSpec {
             })
             .collect(),
         delivery: delivery_from_config(config),
+        translation: config.translation.clone(),
     }
 }
 

@@ -26,12 +26,14 @@ mod rx;
 pub mod sources;
 mod table;
 mod timers;
+pub mod translate;
 mod tx;
 pub mod udp;
 
 pub use delivery::{Delivery, GatewayServices};
 pub use peer::{Peer, PeerStats, PeerStatus};
 pub use table::{DropReason, DropStats, Identity, Inbound, Outbound, PeerTable};
+pub use translate::{GlobalCidr, Translation, TranslationStats};
 
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use arc_swap::ArcSwap;
@@ -85,6 +87,8 @@ pub struct DeviceSpec {
     pub peers: Vec<PeerSpec>,
     /// Where decrypted packets may go (set from the configuration; `wg set` leaves it alone).
     pub delivery: Delivery,
+    /// The global ranges this cluster's ranges stand as (`global_cidrs`; `wg set` leaves it alone).
+    pub translation: Translation,
 }
 
 impl DeviceSpec {
@@ -147,6 +151,8 @@ pub struct Dataplane {
     /// candidates. A standby drops everything, in and out, and runs no timers.
     forwarding: AtomicBool,
     pub drops: DropStats,
+    /// Packets translated to and from the global ranges, each way.
+    pub translated: Arc<TranslationStats>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -247,6 +253,7 @@ impl Dataplane {
             }),
             forwarding: AtomicBool::new(forwarding),
             drops: DropStats::default(),
+            translated: Arc::default(),
         });
         let initial_port = dataplane.udp.load().port();
         dataplane.apply(DeviceSpec {

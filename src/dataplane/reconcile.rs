@@ -56,6 +56,8 @@ impl Dataplane {
         }
         let mut table = PeerTable::new(running.identity.clone());
         table.destinations = delivery::DestinationFilter::new(&spec.delivery);
+        table.translation = spec.translation.clone();
+        table.translated = self.translated.clone();
         let mut peers = HashMap::new();
         let mut fresh = Vec::new();
         if let Some(identity) = running.identity.clone() {

@@ -10,6 +10,7 @@ use super::delivery::DestinationFilter;
 use super::peer::Peer;
 use super::routing::CryptokeyRouter;
 use super::sources::SourceLimiter;
+use super::translate::{Translation, TranslationStats};
 use crate::keys::PublicKey;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -234,6 +235,9 @@ pub struct PeerTable {
     pub(crate) by_key: HashMap<[u8; 32], Arc<Peer>>,
     /// Where decrypted packets may go.
     pub(crate) destinations: DestinationFilter,
+    /// This cluster's global ranges (`global_cidrs`), and the dataplane's count of translations.
+    pub(crate) translation: Translation,
+    pub(crate) translated: Arc<TranslationStats>,
 }
 
 /// The destination address of an IP packet, if it is one.
@@ -281,6 +285,19 @@ impl PeerTable {
     /// The peer that owns `addr` by cryptokey routing.
     pub fn route(&self, addr: IpAddr) -> Option<&Arc<Peer>> {
         self.router.lookup(addr)
+    }
+
+    /// Translates a packet from the TUN device on its way to a peer (see [`super::translate`]).
+    pub fn translate_outbound(&self, packet: &mut [u8]) {
+        if self.translation.outbound(packet) {
+            self.translated.count_outbound();
+        }
+    }
+
+    /// Translates a packet this gateway makes up in answer to one from the TUN device (an ICMP
+    /// too-big about a translated packet): as if it came from the peer.
+    pub fn translate_reply(&self, packet: &mut [u8]) {
+        self.translation.inbound(packet);
     }
 
     /// Encrypts one packet from the TUN device into `out`.
@@ -451,6 +468,9 @@ impl PeerTable {
         match self.router.lookup(inner) {
             Some(owner) if owner.index == peer.index => {}
             _ => return Inbound::Drop(DropReason::BadSource),
+        }
+        if self.translation.inbound(packet) {
+            self.translated.count_inbound();
         }
         if self.destinations.allows(packet) {
             Inbound::ToTun(packet)

@@ -82,6 +82,7 @@ impl Dataplane {
             for (buf, size) in bufs.iter_mut().zip(&sizes).take(n) {
                 let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + size];
                 mss::clamp_with(packet, |p| table.mtu_towards(p, self.mtu));
+                table.translate_outbound(packet);
                 match table.encapsulate(packet, batch.room()) {
                     Outbound::Send(datagram, to) => {
                         let len = datagram.len();
@@ -119,6 +120,7 @@ impl Dataplane {
         match pmtu::too_big_reply(packet, limit, &mut scratch.reply[VIRTIO_NET_HDR_LEN..]) {
             Oversized::Reply(len) => {
                 self.drops.count(DropReason::TooBig);
+                table.translate_reply(&mut scratch.reply[VIRTIO_NET_HDR_LEN..][..len]);
                 self.write_reply(queue, &mut scratch.reply, len);
             }
             Oversized::Fragment => {

@@ -247,6 +247,19 @@ impl ExportCatalog {
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.services.iter().flat_map(ExportedService::addresses)
     }
+
+    /// Replaces every address the catalog hands out with `f` of it (service IPs and endpoint
+    /// IPs, in place, order kept).
+    pub fn map_addresses(&mut self, f: impl Fn(IpAddr) -> IpAddr) {
+        for service in &mut self.services {
+            for ip in &mut service.ips {
+                *ip = f(*ip);
+            }
+            for endpoint in &mut service.endpoints {
+                endpoint.ip = f(endpoint.ip);
+            }
+        }
+    }
 }
 
 /// The MCS `Conflict` condition of one of this cluster's exports, as the admin API shows it.

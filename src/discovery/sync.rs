@@ -21,6 +21,7 @@
 use super::catalog::ExportCatalog;
 use super::clusterset::Clusterset;
 use super::probe::Prober;
+use crate::dataplane::Translation;
 use crate::http::client::HttpError;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -425,6 +426,8 @@ impl Drop for Followers {
 #[derive(Clone)]
 struct ServeState {
     catalog: watch::Receiver<ExportCatalog>,
+    /// Peers know this cluster's addresses by their global ones (`global_cidrs`).
+    translation: Arc<Translation>,
     prober: Arc<Prober>,
     instance: u64,
 }
@@ -468,21 +471,27 @@ async fn serve_catalog(
             return StatusCode::NOT_MODIFIED.into_response();
         }
     }
-    let catalog = rx.borrow().clone();
+    let mut catalog = rx.borrow().clone();
+    if !state.translation.is_empty() {
+        catalog.map_addresses(|ip| state.translation.global(ip));
+    }
     let tag = state.tag(catalog.generation);
     ([(header::ETAG, tag)], axum::Json(catalog)).into_response()
 }
 
-/// Serves the local catalog to peers on `listener` (bound to our tunnel address).
+/// Serves the local catalog to peers on `listener` (bound to our tunnel address), with every
+/// address a global range stands for in its global form.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     catalog: watch::Receiver<ExportCatalog>,
     prober: Arc<Prober>,
+    translation: Arc<Translation>,
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/v1/catalog", axum::routing::get(serve_catalog))
         .with_state(ServeState {
             catalog,
+            translation,
             prober,
             instance: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
         });
@@ -759,7 +768,7 @@ mod tests {
             }],
         );
         let (tx, rx) = watch::channel(catalog());
-        tokio::spawn(serve(listener, rx, prober));
+        tokio::spawn(serve(listener, rx, prober, Arc::default()));
         // The client is "m1" at 127.0.0.3 asking the server, which plays m2.
         let m2 = SyncPeer {
             tunnel_address: "127.0.0.1".parse().unwrap(),
@@ -802,5 +811,52 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind, SyncFailure::Refused);
         assert!(e.message.contains("403"), "{e}");
+    }
+
+    /// A cluster with global ranges hands its peers the global form of every address (service
+    /// IPs and endpoints), which the peer takes as inside its allowed_cidrs; the local catalog
+    /// itself keeps the local addresses.
+    #[tokio::test]
+    async fn a_translated_cluster_serves_global_addresses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let prober = Prober::new(
+            port,
+            vec![crate::discovery::probe::ProbeTarget {
+                name: "m1".into(),
+                key: crate::keys::PrivateKey::generate().public_key(),
+                addr: "127.0.0.3".parse().unwrap(),
+            }],
+        );
+        let map = |l: &str, g: &str| {
+            crate::dataplane::GlobalCidr::new(l.parse().unwrap(), g.parse().unwrap()).unwrap()
+        };
+        let translation = Translation::new(vec![
+            map("10.245.0.0/16", "100.82.0.0/16"),
+            map("10.97.0.0/16", "100.92.0.0/16"),
+        ])
+        .unwrap();
+        let (_tx, rx) = watch::channel(catalog());
+        tokio::spawn(serve(listener, rx.clone(), prober, Arc::new(translation)));
+        let m2 = SyncPeer {
+            tunnel_address: "127.0.0.1".parse().unwrap(),
+            allowed_cidrs: vec![
+                "100.82.0.0/16".parse().unwrap(),
+                "100.92.0.0/16".parse().unwrap(),
+            ],
+            ..peer()
+        };
+        let me: IpAddr = "127.0.0.3".parse().unwrap();
+        let Answer::Changed(got, _) = fetch(me, &m2, port, None).await.unwrap() else {
+            panic!("no catalog");
+        };
+        let web = &got.catalog.services[0];
+        assert_eq!(web.ips, ["100.92.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            web.endpoints[0].ip,
+            "100.82.1.10".parse::<IpAddr>().unwrap()
+        );
+        assert!(got.quarantined.is_empty(), "{:?}", got.quarantined);
+        assert_eq!(*rx.borrow(), catalog());
     }
 }

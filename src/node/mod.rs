@@ -150,20 +150,17 @@ pub fn forwarding_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
 }
 
-/// The prefixes of every peer's allowed CIDRs that are remote clusters' (a peer's tunnel
-/// address, a /32 or /128, is the gateway's business alone).
+/// Every peer's allowed CIDRs: the remote clusters' ranges, and each peer gateway's tunnel
+/// address (its ICMP errors, frag-needed and time-exceeded, come from that address: a node with
+/// strict reverse-path filtering drops them unless the address routes back the same way).
 pub fn remote_prefixes(peers: &[crate::config::PeerConfig]) -> Vec<IpNet> {
-    peers
+    let mut all: Vec<IpNet> = peers
         .iter()
-        .flat_map(|p| {
-            p.allowed_cidrs
-                .iter()
-                .filter(move |c| {
-                    Some(c.addr()) != p.tunnel_address || c.prefix_len() < c.max_prefix_len()
-                })
-                .copied()
-        })
-        .collect()
+        .flat_map(|p| p.allowed_cidrs.iter().copied())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 #[cfg(test)]

@@ -68,6 +68,15 @@ pub struct StanzaArgs {
     /// This gateway's tunnel address with prefix, as in its config (e.g. 100.64.0.1/24).
     #[arg(long, value_name = "ADDRESS/PREFIX")]
     pub tunnel_address: Option<String>,
+    /// LOCAL=GLOBAL: the global range this cluster's LOCAL range stands as (its `global_cidrs`,
+    /// for clusters whose ranges overlap); the stanza then gives the global ranges. Repeat or
+    /// comma-separate.
+    #[arg(
+        long = "global-cidr",
+        value_name = "LOCAL=GLOBAL",
+        value_delimiter = ','
+    )]
+    pub global_cidrs: Vec<String>,
     /// Seconds between the keepalives the other cluster sends to this one: set it (25) when the
     /// other cluster is behind NAT, so its NAT mapping stays open.
     #[arg(long, value_name = "SECONDS")]
@@ -215,6 +224,7 @@ fn flag_for(field: &str, flags: &ConfigArgs) -> Option<&'static str> {
         "cluster" if flags.cluster.is_some() => Some("--cluster"),
         "local_cidrs" if !flags.local_cidrs.is_empty() => Some("--local-cidr"),
         "tunnel_address" if flags.tunnel_address.is_some() => Some("--tunnel-address"),
+        "global_cidrs" if !flags.global_cidrs.is_empty() => Some("--global-cidr"),
         _ => None,
     }
 }
@@ -334,6 +344,7 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
         private_key_file: args.private_key_file.clone(),
         local_cidrs: args.local_cidrs.clone(),
         tunnel_address: args.tunnel_address.clone(),
+        global_cidrs: args.global_cidrs.clone(),
         ..ConfigArgs::default()
     };
     let config = load_checked(file, args.config.as_deref(), &flags)?;
@@ -376,8 +387,23 @@ pub fn peer_stanza(args: &StanzaArgs) -> Result<(PeerStanza, Vec<String>), JoinE
     };
 
     let mut notes = Vec::new();
-    let mut allowed_cidrs = config.local_cidrs.clone();
-    let tunnel_address = config.tunnel_address.map(|net| net.addr());
+    // The other cluster knows this one by its global ranges, where it has them.
+    let translation = &config.translation;
+    let mut allowed_cidrs: Vec<IpNet> = config
+        .local_cidrs
+        .iter()
+        .map(|c| translation.global_net(*c))
+        .collect();
+    let tunnel_address = config
+        .tunnel_address
+        .map(|net| translation.global(net.addr()));
+    if !translation.is_empty() {
+        let pairs: Vec<String> = translation.cidrs().iter().map(|c| c.to_string()).collect();
+        notes.push(format!(
+            "global ranges: the other cluster reaches this one's {} (LOCAL=GLOBAL), translated by this gateway",
+            pairs.join(", ")
+        ));
+    }
     match tunnel_address {
         Some(addr) if !allowed_cidrs.iter().any(|c| c.contains(&addr)) => {
             allowed_cidrs.push(IpNet::from(addr));
@@ -712,6 +738,38 @@ mod tests {
         );
         assert_eq!(text, expected);
         assert!(!text.contains(fx.key.to_base64().as_str()));
+    }
+
+    #[test]
+    fn a_cluster_with_global_ranges_hands_out_the_global_ones() {
+        let fx = fixture();
+        let args = StanzaArgs {
+            global_cidrs: vec![
+                "10.244.0.0/16=100.81.0.0/16".into(),
+                "10.96.0.0/16=100.91.0.0/16".into(),
+            ],
+            ..m1_args(&fx)
+        };
+        let (stanza, notes) = peer_stanza(&args).unwrap();
+        assert_eq!(
+            stanza.allowed_cidrs,
+            cidrs(&["100.81.0.0/16", "100.91.0.0/16", "100.64.0.1/32"])
+        );
+        assert_eq!(stanza.tunnel_address, Some("100.64.0.1".parse().unwrap()));
+        assert!(
+            notes[0].contains("10.244.0.0/16=100.81.0.0/16"),
+            "{notes:?}"
+        );
+        // A mapping of a range the cluster does not have is refused, naming the flag.
+        let args = StanzaArgs {
+            global_cidrs: vec!["10.250.0.0/16=100.81.0.0/16".into()],
+            ..m1_args(&fx)
+        };
+        let e = refused(&args);
+        assert!(
+            e.contains("--global-cidr") && e.contains("not one of local_cidrs"),
+            "{e}"
+        );
     }
 
     #[test]

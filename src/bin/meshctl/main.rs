@@ -12,7 +12,7 @@ use diagnose::Outcome;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use join::{CheckConfigArgs, JoinError, SecretArgs, StanzaArgs};
-use meshd::admin::api::{ExportsResponse, PeerState, PeerView};
+use meshd::admin::api::{ExportsResponse, PeerState, PeerView, TranslationView};
 use meshd::admin::client::AdminClient;
 use meshd::defaults::ADMIN_SOCKET;
 use meshd::discovery::catalog::ServiceType;
@@ -225,6 +225,9 @@ fn peers(args: &PeersArgs, out: &mut impl Write) -> Result<ExitCode> {
                         let wide = args.output == Output::Wide;
                         if !agent {
                             write!(out, "{}", render_table(&response.peers, wide, unix_now()))?;
+                        }
+                        if let (true, Some(translation)) = (wide, &response.translation) {
+                            write!(out, "{}", render_translation(translation))?;
                         }
                         if let Some(node) = &response.node {
                             write!(out, "{}", render_node(node))?;
@@ -652,6 +655,26 @@ fn render_node(node: &NodeView) -> String {
         text.push_str(&format!("problem: {problem}\n"));
     }
     text
+}
+
+/// This cluster's global ranges: which local range peers know by which global one, and how many
+/// packets were translated each way.
+fn render_translation(t: &TranslationView) -> String {
+    let mut rows = vec![vec![
+        "LOCAL".to_string(),
+        "GLOBAL (as peers reach it)".to_string(),
+    ]];
+    rows.extend(
+        t.global_cidrs
+            .iter()
+            .map(|c| vec![c.local.to_string(), c.global.to_string()]),
+    );
+    format!(
+        "{}translated: {} packets out (local source to global), {} in (global destination to local)\n",
+        align(&rows),
+        t.outbound_packets,
+        t.inbound_packets
+    )
 }
 
 fn render_table(peers: &[PeerView], wide: bool, now: u64) -> String {
