@@ -728,6 +728,9 @@ for _ in range(20):
   echo "$out" | tail -1 | grep -q " $target " || { log "traceroute did not reach $target"; return 1; }
   echo "$out" | grep -q " $(tunnel_ip 2) " || { log "traceroute did not show M2's gateway ($(tunnel_ip 2))"; return 1; }
   echo
+  echo "== meshctl exports on M1's gateway: its own services at local addresses, M2's at global ones"
+  meshctl exports --socket "$state/m1.admin.sock"
+  echo
   echo "== packets translated (M1's gateway, /metrics)"
   in_ns m1gw curl -sS --max-time 2 http://127.0.0.1:9090/metrics | grep '^meshd_translated_packets_total'
 }

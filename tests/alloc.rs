@@ -1,10 +1,11 @@
 //! Zero heap allocations per packet in steady state: a counting global allocator watches the
-//! hot path (MSS check, encapsulate, decapsulate with routing and source check).
+//! hot path (MSS check, translation to and from global ranges, encapsulate, decapsulate with
+//! routing and source check).
 
 #[path = "support/pair.rs"]
 mod pair;
 
-use meshd::dataplane::{mss, Inbound, Outbound};
+use meshd::dataplane::{mss, GlobalCidr, Inbound, Outbound, Translation};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,14 +42,23 @@ fn steady_state_hot_path_allocates_nothing() {
     let mut pkt = pair::packet();
     let (mut out_a, mut out_b) = (vec![0u8; pair::BUF], vec![0u8; pair::BUF]);
     let src = pair::addr("192.0.2.1:51820");
+    // A's source range and B's destination range as global ranges (the packet keeps the
+    // addresses the tables route by: A translates and takes it back before encrypting).
+    let map = |l: &str, g: &str| GlobalCidr::new(l.parse().unwrap(), g.parse().unwrap()).unwrap();
+    let a_global = Translation::new(vec![map("10.244.0.0/16", "100.81.0.0/16")]).unwrap();
+    let b_global = Translation::new(vec![map("10.250.0.0/16", "10.245.0.0/16")]).unwrap();
     let mut round = |count: usize| {
         for _ in 0..count {
             mss::clamp_with(&mut pkt, |p| a.mtu_towards(p, 1420));
+            assert!(a_global.outbound(&mut pkt) && a_global.undo_outbound(&mut pkt));
             let Outbound::Send(datagram, _) = a.encapsulate(&pkt, &mut out_a) else {
                 panic!("encapsulate failed");
             };
             match b.decapsulate(datagram, src, &mut out_b) {
-                Inbound::ToTun(p) => assert_eq!(p.len(), pair::PACKET),
+                Inbound::ToTun(p) => {
+                    assert_eq!(p.len(), pair::PACKET);
+                    assert!(b_global.inbound(p));
+                }
                 _ => panic!("decapsulate failed"),
             }
         }

@@ -34,6 +34,8 @@ fn pods_of_clusters_with_the_same_ranges_reach_each_other_through_translation() 
         // traceroute across: M2's gateway, then the pod.
         " 3  100.64.0.2 ",
         " 4  100.82.1.10 ",
+        // meshctl exports: M1's own web at its local address, M2's at its global one.
+        "10.96.0.10, 100.92.0.10",
         // meshctl peers -o wide shows the mapping and the counts.
         "10.244.0.0/16  100.81.0.0/16",
         "fd00:244::/64  fd00:f1::/64",
