@@ -248,11 +248,6 @@ impl Translation {
         !self.is_empty() && self.rewrite(packet, Field::Destination, Way::ToLocal)
     }
 
-    /// Takes back [`Translation::outbound`]: a global source becomes local again.
-    pub fn undo_outbound(&self, packet: &mut [u8]) -> bool {
-        !self.is_empty() && self.rewrite(packet, Field::Source, Way::ToLocal)
-    }
-
     fn rewrite(&self, packet: &mut [u8], field: Field, way: Way) -> bool {
         match packet.first().map(|b| b >> 4) {
             Some(4) => self.rewrite_v4(packet, field, way),
