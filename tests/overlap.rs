@@ -5,7 +5,9 @@
 
 mod support;
 
-use support::{lab_demo, root_or_skip, text};
+use meshd::keys::PrivateKey;
+use std::time::Duration;
+use support::{lab_demo, peers_json, root_or_skip, text, wait_until, Lab};
 
 #[test]
 fn pods_of_clusters_with_the_same_ranges_reach_each_other_through_translation() {
@@ -70,4 +72,56 @@ fn pods_of_clusters_with_the_same_ranges_reach_each_other_through_translation() 
         let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(n > 1000.0, "{line}");
     }
+}
+
+/// A SIGHUP that changes global_cidrs keeps the running ranges (the dataplane and the catalogs
+/// peers hold must agree, and peers learn new ranges only from a new stanza), says so, and
+/// refuses a new peer that overlaps them.
+#[test]
+fn a_reload_keeps_the_running_global_ranges() {
+    if !root_or_skip("a_reload_keeps_the_running_global_ranges") {
+        return;
+    }
+    let lab = Lab::up_with("tQ", "meshd", "meshd", &["--overlap"]);
+    assert!(lab.ping("m2pod", "100.81.1.10"));
+    let config = lab.state.join("m1.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    assert!(original.contains("=100.81.0.0/16"), "{original}");
+    std::fs::write(
+        &config,
+        original.replace("=100.81.0.0/16", "=100.83.0.0/16"),
+    )
+    .unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(lab.pid(1), libc::SIGHUP) };
+    let warned = wait_until(Duration::from_secs(10), || {
+        lab.log(1)
+            .contains("global_cidrs changes take effect only after a restart")
+    });
+    assert!(warned.is_some(), "{}", lab.log(1));
+    let globals = &peers_json(&lab, "m1")["translation"]["global_cidrs"];
+    assert_eq!(globals[0]["global"], "100.81.0.0/16", "{globals}");
+    assert!(
+        lab.ping("m2pod", "100.81.1.10"),
+        "the running mapping broke"
+    );
+    assert!(!lab.ping("m2pod", "100.83.1.10"));
+
+    // The new file alone is fine (its own global range is 100.83.0.0/16); against the running
+    // ranges, m3 overlaps.
+    let extra = PrivateKey::generate().public_key();
+    let moved = original.replace("=100.81.0.0/16", "=100.83.0.0/16");
+    std::fs::write(
+        &config,
+        format!("{moved}\n[[peers]]\nname = \"m3\"\npublic_key = \"{extra}\"\nallowed_cidrs = [\"100.81.5.0/24\"]\n"),
+    )
+    .unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(lab.pid(1), libc::SIGHUP) };
+    let refused = wait_until(Duration::from_secs(10), || {
+        lab.log(1)
+            .contains("CIDR 100.81.0.0/16 overlaps peer 'm3' CIDR 100.81.5.0/24")
+    });
+    assert!(refused.is_some(), "{}", lab.log(1));
+    assert_eq!(lab.wg_dump(1).len(), 2, "the overlapping peer was added");
 }

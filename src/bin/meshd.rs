@@ -851,13 +851,35 @@ async fn run_agent(args: ConfigArgs, config: Config, mut election: Option<Electi
 /// Re-reads the configuration on SIGHUP and applies what can change at runtime; returns the
 /// new configuration when it was accepted.
 fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) -> Option<Config> {
-    let config = match Config::load(args) {
+    let mut config = match Config::load(args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
             return None;
         }
     };
+    if config.translation != running.translation {
+        // The dataplane and the catalogs served to peers must agree on one mapping, and peers
+        // learn new global ranges only from a new stanza: the running ranges stay until a
+        // restart, and the new peers must not overlap them.
+        tracing::warn!("SIGHUP: global_cidrs changes take effect only after a restart; the running global ranges stay");
+        config.translation = running.translation.clone();
+        let owned: Vec<(String, ipnet::IpNet)> = running
+            .translation
+            .cidrs()
+            .iter()
+            .map(|c| (format!("global_cidrs of '{}'", running.cluster), c.global))
+            .chain(config.peers.iter().flat_map(|p| {
+                p.allowed_cidrs
+                    .iter()
+                    .map(move |c| (format!("peer '{}'", p.name), *c))
+            }))
+            .collect();
+        if let Err(e) = meshd::config::check_overlaps(&owned) {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
+            return None;
+        }
+    }
     if config.interface != running.interface
         || config.tunnel_address != running.tunnel_address
         || config.mtu != running.mtu
