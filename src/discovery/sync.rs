@@ -753,10 +753,9 @@ mod tests {
         assert!((2..=4).contains(&n), "asked {n} times in 3.5 s");
     }
 
-    /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
-    /// is held and answered as soon as it changes, and a stranger is refused.
-    #[tokio::test]
-    async fn long_poll_over_loopback() {
+    /// A listener on loopback for the catalog sync, its port, and a prober that knows "m1" at
+    /// 127.0.0.3 (the client the tests play).
+    async fn loopback_server() -> (tokio::net::TcpListener, u16, Arc<Prober>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let prober = Prober::new(
@@ -767,6 +766,14 @@ mod tests {
                 addr: "127.0.0.3".parse().unwrap(),
             }],
         );
+        (listener, port, prober)
+    }
+
+    /// A real server and client on loopback: the first ask gets the catalog, an unchanged one
+    /// is held and answered as soon as it changes, and a stranger is refused.
+    #[tokio::test]
+    async fn long_poll_over_loopback() {
+        let (listener, port, prober) = loopback_server().await;
         let (tx, rx) = watch::channel(catalog());
         tokio::spawn(serve(listener, rx, prober, Arc::default()));
         // The client is "m1" at 127.0.0.3 asking the server, which plays m2.
@@ -818,16 +825,7 @@ mod tests {
     /// itself keeps the local addresses.
     #[tokio::test]
     async fn a_translated_cluster_serves_global_addresses() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let prober = Prober::new(
-            port,
-            vec![crate::discovery::probe::ProbeTarget {
-                name: "m1".into(),
-                key: crate::keys::PrivateKey::generate().public_key(),
-                addr: "127.0.0.3".parse().unwrap(),
-            }],
-        );
+        let (listener, port, prober) = loopback_server().await;
         let map = |l: &str, g: &str| {
             crate::dataplane::GlobalCidr::new(l.parse().unwrap(), g.parse().unwrap()).unwrap()
         };

@@ -48,23 +48,13 @@ fn reversed(t: &Translation) -> Translation {
     .unwrap()
 }
 
-fn sum(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(*last) << 8;
-    }
-    acc
+fn sum(data: &[u8], acc: u32) -> u32 {
+    crate::dataplane::mss::sum16(data, acc)
 }
 
+/// The value a checksum field holds over `data` (with `acc` summed in first).
 fn checksum(data: &[u8], acc: u32) -> u16 {
-    let mut s = sum(data, acc);
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
+    crate::dataplane::mss::fold(sum(data, acc))
 }
 
 fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
