@@ -204,7 +204,8 @@ fn exports_and_resolve_show_and_explain_the_clusterset() {
     // No conflicts while both clusters export web alike.
     assert!(web.ends_with("  no"), "{table}");
     // M2 re-exports web on another port: M1's export is as old (both undated) and m1 sorts
-    // first, so M2's export is the one in conflict, as M2's meshctl exports says.
+    // first, so M1's ports win; both exports are in conflict (as the MCS API asks), as each
+    // cluster's meshctl exports says.
     let exports = lab.state.join("m2.exports.toml");
     let before = std::fs::read_to_string(&exports).unwrap();
     let changed = before.replacen("port = 80 }", "port = 8080 }", 1);
@@ -228,6 +229,17 @@ fn exports_and_resolve_show_and_explain_the_clusterset() {
     let web = table.lines().find(|l| l.starts_with("demo/web")).unwrap();
     assert!(web.ends_with("yes (PortConflict)"), "{table}");
     assert!(table.contains("cluster m1's export"), "{table}");
+    let start = Instant::now();
+    loop {
+        let table = String::from_utf8(meshctl_in_m1(&lab, &["exports"]).stdout).unwrap();
+        let web = table.lines().find(|l| l.starts_with("demo/web")).unwrap();
+        if web.ends_with("yes (PortConflict)") {
+            assert!(table.contains("this cluster's, the oldest"), "{table}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{table}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 
     // M2 down: resolve says why its service left the answer.
     lab.kill_meshd(2);

@@ -71,10 +71,10 @@ fn services_of_the_other_cluster_resolve_and_are_withdrawn_while_it_is_down() {
             &lab,
             "m2pod",
             M2_DNS,
-            "m1.web.demo.svc.clusterset.local",
+            "db-0.m1.db.demo.svc.clusterset.local",
             "A"
         ),
-        "10.96.0.10"
+        "10.244.1.10"
     );
 
     let body = lab.http_get("m1gw", "127.0.0.1:9090", "/metrics");

@@ -9,6 +9,7 @@
 mod apiserver;
 
 use apiserver::ApiServer;
+use hickory_proto::rr::{Name, RecordType};
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sPort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -17,6 +18,7 @@ use meshd::discovery::catalog::{
     ServiceType,
 };
 use meshd::discovery::kubernetes;
+use meshd::dns::answer::{answer, RecordData, Snapshot};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -507,8 +509,8 @@ async fn an_export_of_a_missing_service_is_not_valid_until_the_service_appears()
 
     let catalog = watcher.catalog("the first catalog", |_| true).await;
     assert!(catalog.services.is_empty(), "{catalog:#?}");
-    eventually("Valid=False ServiceNotFound", || {
-        has_condition(&server, "demo", "web", "Valid", "False", "ServiceNotFound")
+    eventually("Valid=False NoService", || {
+        has_condition(&server, "demo", "web", "Valid", "False", "NoService")
             && has_condition(&server, "demo", "web", "Ready", "False", "Failed")
     })
     .await;
@@ -544,7 +546,9 @@ async fn an_export_of_a_missing_service_is_not_valid_until_the_service_appears()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_external_name_service_cannot_be_exported() {
+/// Conformance: "Exporting an ExternalName service should set ServiceExport Valid condition to
+/// False" (and no ServiceImport appears).
+async fn mcs_exporting_an_external_name_service_sets_valid_false() {
     let server = ApiServer::start().await;
     server.apply(external_name_service("demo", "legacy-db"));
     server.apply(export(&server, "demo", "legacy-db", "2026-03-01T00:00:00Z"));
@@ -552,21 +556,24 @@ async fn an_external_name_service_cannot_be_exported() {
 
     let catalog = watcher.catalog("the first catalog", |_| true).await;
     assert!(catalog.services.is_empty(), "{catalog:#?}");
-    eventually("Valid=False ServiceTypeNotSupported", || {
+    eventually("Valid=False InvalidServiceType", || {
         has_condition(
             &server,
             "demo",
             "legacy-db",
             "Valid",
             "False",
-            "ServiceTypeNotSupported",
+            "InvalidServiceType",
         )
     })
     .await;
+    assert!(server.get("ServiceImport", "demo", "legacy-db").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_ports_mark_the_younger_export_and_the_import_follows_the_oldest() {
+/// Conformance: "A ClusterIP service exported on two clusters with conflicting ports should
+/// apply the conflict resolution policy and report a Conflict condition on each ServiceExport".
+async fn mcs_conflicting_ports_report_a_conflict_on_each_export_and_the_oldest_wins() {
     let server = ApiServer::start().await;
     server.apply(service(
         "demo",
@@ -606,17 +613,190 @@ async fn conflicting_ports_mark_the_younger_export_and_the_import_follows_the_ol
         &server, "demo", "web", "Ready", "True", "Exported"
     ));
 
-    // Now m2's export is the younger one: this cluster's wins.
+    // Now m2's export is the younger one: this cluster's wins, and its export is still marked.
     watcher.set_view(view(vec![(
         "m2",
         vec![remote_service("demo", "web", 80, "2026-04-01T00:00:00Z")],
     )]));
-    eventually("Conflict=False when this export is the oldest", || {
-        has_condition(&server, "demo", "web", "Conflict", "False", "NoConflicts")
+    eventually("the oldest export is in conflict too", || {
+        server.get("ServiceExport", "demo", "web").is_some_and(|e| {
+            e["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "Conflict"
+                        && c["status"] == "True"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("this cluster's, the oldest"))
+                })
+        })
     })
     .await;
     eventually("the import takes this cluster's ports", || {
         server.get("ServiceImport", "demo", "web").unwrap()["spec"]["ports"][0]["port"] == 8080
+    })
+    .await;
+}
+
+/// What clusterset.local DNS answers for `name` and `qtype` from `view`.
+fn dns(view: ClustersetView, name: &str, qtype: RecordType) -> Vec<RecordData> {
+    let snapshot = Snapshot::new(Arc::new(view));
+    answer(&snapshot, &Name::from_ascii(name).unwrap(), qtype).records
+}
+
+/// The view with this cluster's `local` catalog and no remote cluster.
+fn alone(local: ExportCatalog) -> ClustersetView {
+    ClustersetView::build(Arc::new(local), &BTreeMap::new())
+}
+
+/// Conformance: "An IP should be allocated for a ClusterSetIP ServiceImport for each IP family"
+/// (ips and ipFamilies of equal length, in the same order), "Exporting a ClusterIP service
+/// should create a ServiceImport of type ClusterSetIP", and "The ports for a ClusterSetIP
+/// ServiceImport should match those of the exported service"; the ips are what DNS answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_an_ip_is_allocated_for_a_cluster_set_ip_import_for_each_family_and_dns_answers_it() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut watcher = start(&server, view(vec![]));
+    let local = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("ServiceImport demo/web with its ip", || {
+        server
+            .get("ServiceImport", "demo", "web")
+            .is_some_and(|i| i["spec"]["ips"] == json!(["10.96.0.10"]))
+    })
+    .await;
+    let import = server.get("ServiceImport", "demo", "web").unwrap();
+    assert_eq!(import["spec"]["type"], "ClusterSetIP");
+    assert_eq!(import["spec"]["ipFamilies"], json!(["IPv4"]));
+    assert_eq!(
+        import["spec"]["ports"],
+        json!([
+            {"name": "http", "protocol": "TCP", "port": 80},
+            {"name": "dns", "protocol": "UDP", "port": 53}
+        ])
+    );
+    assert_eq!(
+        dns(
+            alone(local),
+            "web.demo.svc.clusterset.local.",
+            RecordType::A
+        ),
+        [RecordData::A("10.96.0.10".parse().unwrap())]
+    );
+}
+
+/// Conformance: "Exporting a headless service should create a ServiceImport of type Headless"
+/// and "No clusterset IP should be allocated for a Headless ServiceImport"; its ipFamilies are
+/// those of the endpoints DNS answers with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_a_headless_import_has_no_ips_and_names_the_families_dns_answers() {
+    let server = ApiServer::start().await;
+    server.apply(headless_service("demo", "db", false));
+    server.apply(slice(
+        "demo",
+        "db",
+        "db-x1",
+        &[("10.244.1.20", Some("db-0"), Some(true))],
+    ));
+    server.apply(export(&server, "demo", "db", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+    let local = watcher.catalog("demo/db", |c| c.services.len() == 1).await;
+    eventually("ServiceImport demo/db with its families", || {
+        server
+            .get("ServiceImport", "demo", "db")
+            .is_some_and(|i| i["spec"]["ipFamilies"] == json!(["IPv4"]))
+    })
+    .await;
+    let import = server.get("ServiceImport", "demo", "db").unwrap();
+    assert_eq!(import["spec"]["type"], "Headless");
+    assert!(import["spec"].get("ips").is_none(), "{import}");
+    assert_eq!(
+        dns(alone(local), "db.demo.svc.clusterset.local.", RecordType::A),
+        [RecordData::A("10.244.1.20".parse().unwrap())]
+    );
+}
+
+/// Conformance: "A ClusterIP service exported on two clusters should expose the union of the
+/// constituent service ports and raise a conflict" (here this cluster's export is the older).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_two_exports_expose_the_union_of_their_ports_and_raise_a_conflict() {
+    let server = ApiServer::start().await;
+    server.apply(service(
+        "demo",
+        "hello",
+        &["10.96.0.42"],
+        &[(Some("tcp"), "TCP", 42), (Some("udp"), "UDP", 42)],
+    ));
+    server.apply(export(&server, "demo", "hello", "2026-03-01T00:00:00Z"));
+    let mut theirs = remote_service("demo", "hello", 42, "2026-03-01T00:00:02Z");
+    theirs.ports = vec![
+        ServicePort {
+            name: Some("tcp".into()),
+            protocol: PortProtocol::Tcp,
+            port: 42,
+        },
+        ServicePort {
+            name: Some("stcp".into()),
+            protocol: PortProtocol::Sctp,
+            port: 142,
+        },
+    ];
+    let mut watcher = start(&server, view(vec![("m2", vec![theirs])]));
+    watcher
+        .catalog("demo/hello", |c| c.services.len() == 1)
+        .await;
+    eventually("Conflict=True PortConflict on the older export", || {
+        has_condition(&server, "demo", "hello", "Conflict", "True", "PortConflict")
+    })
+    .await;
+    eventually("the union of the ports", || {
+        server
+            .get("ServiceImport", "demo", "hello")
+            .is_some_and(|i| {
+                i["spec"]["ports"]
+                    == json!([
+                        {"name": "tcp", "protocol": "TCP", "port": 42},
+                        {"name": "udp", "protocol": "UDP", "port": 42},
+                        {"name": "stcp", "protocol": "SCTP", "port": 142}
+                    ])
+            })
+    })
+    .await;
+}
+
+/// Conformance: "A service exported on two clusters with conflicting headlessness should apply
+/// the conflict resolution policy and report a Conflict condition on the ServiceExport".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_conflicting_headlessness_reports_a_conflict_and_the_oldest_type_wins() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut theirs = remote_service("demo", "web", 80, "2026-03-01T00:00:02Z");
+    theirs.service_type = ServiceType::Headless;
+    theirs.ips.clear();
+    let mut watcher = start(&server, view(vec![("m2", vec![theirs])]));
+    watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    eventually("Conflict=True TypeConflict", || {
+        server.get("ServiceExport", "demo", "web").is_some_and(|e| {
+            e["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "Conflict"
+                        && c["status"] == "True"
+                        && c["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("TypeConflict"))
+                })
+        })
+    })
+    .await;
+    eventually("the import keeps the oldest export's type", || {
+        server
+            .get("ServiceImport", "demo", "web")
+            .is_some_and(|i| i["spec"]["type"] == "ClusterSetIP")
     })
     .await;
 }
@@ -940,14 +1120,7 @@ async fn a_relist_that_changes_no_export_keeps_the_generation_and_writes_no_stat
     watcher.catalog("demo/web", |c| c.services.len() == 1).await;
     eventually("both statuses written", || {
         has_condition(&server, "demo", "web", "Valid", "True", "Valid")
-            && has_condition(
-                &server,
-                "demo",
-                "ghost",
-                "Valid",
-                "False",
-                "ServiceNotFound",
-            )
+            && has_condition(&server, "demo", "ghost", "Valid", "False", "NoService")
     })
     .await;
     let status_writes = server.writes_to("serviceexports/status").len();
@@ -970,7 +1143,7 @@ async fn a_relist_that_changes_no_export_keeps_the_generation_and_writes_no_stat
             "ghost",
             "Valid",
             "False",
-            "ServiceTypeNotSupported",
+            "InvalidServiceType",
         )
     })
     .await;
@@ -1296,14 +1469,14 @@ async fn deploy_rbac_grants_exactly_what_meshd_uses() {
         &server,
         view(vec![(
             "m2",
-            vec![remote_service("demo", "web", 80, "2026-02-01T00:00:00Z")],
+            vec![remote_service("demo", "web", 8080, "2026-02-01T00:00:00Z")],
         )]),
     );
     watcher.catalog("demo/web", |c| c.services.len() == 1).await;
     eventually("the import with m2's port", || {
         server
             .get("ServiceImport", "demo", "web")
-            .is_some_and(|i| i["spec"]["ports"][0]["port"] == 80 && !i["status"].is_null())
+            .is_some_and(|i| i["spec"]["ports"][0]["port"] == 8080 && !i["status"].is_null())
     })
     .await;
     // ... patched to this cluster's when m2 withdraws, and deleted when this cluster does too.

@@ -11,10 +11,12 @@
 //!
 //! | name | answer |
 //! |---|---|
-//! | `<svc>.<ns>.svc` | A/AAAA: ClusterSetIP → service IPs of each exporting cluster that is up and has a ready endpoint, local cluster first; Headless → every ready endpoint IP of those clusters |
-//! | `<cluster>.<svc>.<ns>.svc` | the same from that cluster only |
+//! | `<svc>.<ns>.svc` | A/AAAA: ClusterSetIP → service IPs of each exporting cluster that is up and has a ready endpoint, local cluster first; Headless → every ready endpoint IP of those clusters. SRV: one record per (port, target) of every port, as the MCS conformance suite asks |
 //! | `<hostname>.<cluster>.<svc>.<ns>.svc` | A/AAAA of one ready headless endpoint (hostname, or its IP with dots/colons as dashes) |
 //! | `_<port>._<proto>.<svc>.<ns>.svc` | SRV for a named port, de-duplicated; headless targets are the per-endpoint names |
+//!
+//! `<cluster>.<svc>.<ns>.svc` does not exist (NXDOMAIN): the MCS DNS specification says it must
+//! not be answered.
 //! | `dns-version` | TXT `1.0.0` |
 //!
 //! A name that exists with no data of the asked type is NODATA (NOERROR, no answer, SOA); a
@@ -25,7 +27,7 @@
 //! answered: a name with records gets them, and what would be a denial (NXDOMAIN, NODATA) is
 //! SERVFAIL instead, so that no resolver caches the denial of a name that may yet appear.
 
-use crate::discovery::catalog::{ClusterEntry, ExportedService, ServiceType};
+use crate::discovery::catalog::{ClusterEntry, ExportedService, ServicePort, ServiceType};
 use crate::discovery::ClustersetView;
 use hickory_proto::rr::{Name, RecordType};
 use std::borrow::Cow;
@@ -237,7 +239,7 @@ fn in_zone_answer(view: &Snapshot, labels: &[&[u8]], qtype: RecordType) -> Answe
                 Answer::nx_domain()
             }
         }
-        [s, ns, svc] if is(s, "svc") => service_addresses(view, ns, svc, None, qtype),
+        [s, ns, svc] if is(s, "svc") => service_answer(view, ns, svc, qtype),
         [s, ns, svc, proto] if is(s, "svc") && proto.starts_with('_') => {
             let exists = view.services(ns, svc).any(|(_, service)| {
                 service
@@ -250,9 +252,6 @@ fn in_zone_answer(view: &Snapshot, labels: &[&[u8]], qtype: RecordType) -> Answe
             } else {
                 Answer::nx_domain()
             }
-        }
-        [s, ns, svc, cluster] if is(s, "svc") => {
-            service_addresses(view, ns, svc, Some(cluster), qtype)
         }
         [s, ns, svc, proto, port]
             if is(s, "svc") && proto.starts_with('_') && port.starts_with('_') =>
@@ -295,26 +294,20 @@ fn address_records(ips: impl Iterator<Item = IpAddr>, qtype: RecordType) -> Answ
     Answer::records(records)
 }
 
-fn service_addresses(
-    view: &Snapshot,
-    ns: &str,
-    svc: &str,
-    only_cluster: Option<&str>,
-    qtype: RecordType,
-) -> Answer {
-    let exporters: Vec<_> = view
-        .services(ns, svc)
-        .filter(|(c, _)| {
-            only_cluster.is_none_or(|name| c.catalog.cluster.eq_ignore_ascii_case(name))
-        })
-        .collect();
-    if exporters.is_empty() {
+/// `<svc>.<ns>.svc`: its addresses, and for SRV every port's records.
+fn service_answer(view: &Snapshot, ns: &str, svc: &str, qtype: RecordType) -> Answer {
+    if view.services(ns, svc).next().is_none() {
         return Answer::nx_domain();
     }
-    address_records(
-        exporters.into_iter().flat_map(|(c, s)| addresses(c, s)),
+    let mut records = address_records(
+        view.services(ns, svc).flat_map(|(c, s)| addresses(c, s)),
         qtype,
     )
+    .records;
+    if wants(qtype, RecordType::SRV) {
+        records.extend(srv_records(view, ns, svc, |_| true));
+    }
+    Answer::records(records)
 }
 
 fn endpoint_address(
@@ -351,54 +344,65 @@ fn srv(
     port_name: &str,
     qtype: RecordType,
 ) -> Answer {
-    let mut exists = false;
-    // (port, target) pairs, in view order, without duplicates.
-    let mut found: Vec<(u16, String)> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (cluster, service) in view.services(ns, svc) {
-        for port in service.ports.iter().filter(|p| {
-            p.protocol.srv_label().eq_ignore_ascii_case(proto)
-                && p.name
-                    .as_deref()
-                    .is_some_and(|n| n.eq_ignore_ascii_case(port_name))
-        }) {
-            exists = true;
-            if !cluster.up || !service.has_ready_endpoints() {
-                continue;
-            }
-            let base = format!("{}.{}.svc.{ZONE}", service.name, service.namespace);
-            let targets: Vec<String> = match service.service_type {
-                ServiceType::ClusterSetIP => vec![base],
-                ServiceType::Headless => service
-                    .ready_endpoints()
-                    .map(|e| format!("{}.{}.{base}", e.dns_label(), cluster.catalog.cluster))
-                    .collect(),
-            };
-            for target in targets {
-                if seen.insert((port.port, target.clone())) {
-                    found.push((port.port, target));
-                }
-            }
-        }
-    }
+    let named = |p: &ServicePort| {
+        p.protocol.srv_label().eq_ignore_ascii_case(proto)
+            && p.name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(port_name))
+    };
+    let exists = view
+        .services(ns, svc)
+        .any(|(_, service)| service.ports.iter().any(named));
     if !exists {
         return Answer::nx_domain();
     }
     if !wants(qtype, RecordType::SRV) {
         return Answer::no_data();
     }
+    Answer::records(srv_records(view, ns, svc, named))
+}
+
+/// SRV records of the ports `wanted` picks, from every exporting cluster that is up and has a
+/// ready endpoint: one per (port, target), in view order (a TCP and a UDP port of one number
+/// are one record); headless targets are the per-endpoint names.
+fn srv_records(
+    view: &Snapshot,
+    ns: &str,
+    svc: &str,
+    wanted: impl Fn(&ServicePort) -> bool,
+) -> Vec<RecordData> {
+    let mut found: Vec<(u16, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (cluster, service) in view.services(ns, svc) {
+        if !cluster.up || !service.has_ready_endpoints() {
+            continue;
+        }
+        let base = format!("{}.{}.svc.{ZONE}", service.name, service.namespace);
+        let targets: Vec<String> = match service.service_type {
+            ServiceType::ClusterSetIP => vec![base],
+            ServiceType::Headless => service
+                .ready_endpoints()
+                .map(|e| format!("{}.{}.{base}", e.dns_label(), cluster.catalog.cluster))
+                .collect(),
+        };
+        for port in service.ports.iter().filter(|p| wanted(p)) {
+            for target in &targets {
+                if seen.insert((port.port, target.clone())) {
+                    found.push((port.port, target.clone()));
+                }
+            }
+        }
+    }
     let weight = u16::try_from(100 / found.len().max(1)).unwrap_or(1).max(1);
-    Answer::records(
-        found
-            .into_iter()
-            .map(|(port, target)| RecordData::Srv {
-                priority: 0,
-                weight,
-                port,
-                target,
-            })
-            .collect(),
-    )
+    found
+        .into_iter()
+        .map(|(port, target)| RecordData::Srv {
+            priority: 0,
+            weight,
+            port,
+            target,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -573,7 +577,14 @@ mod tests {
             (
                 "web.demo.svc.clusterset.local.",
                 ANY,
-                ok(vec![a("10.96.0.10"), aaaa("fd00:96::10"), a("10.97.0.10")]),
+                ok(vec![
+                    a("10.96.0.10"),
+                    aaaa("fd00:96::10"),
+                    a("10.97.0.10"),
+                    srv(33, 80, "web.demo.svc.clusterset.local."),
+                    srv(33, 53, "web.demo.svc.clusterset.local."),
+                    srv(33, 8080, "web.demo.svc.clusterset.local."),
+                ]),
             ),
             (
                 "WEB.Demo.SVC.ClusterSet.Local.",
@@ -586,19 +597,32 @@ mod tests {
             ("idle.demo.svc.clusterset.local.", A, nodata.clone()),
             ("only3.demo.svc.clusterset.local.", A, nodata.clone()),
             ("nope.demo.svc.clusterset.local.", A, nx.clone()),
-            // Per cluster.
-            (
-                "m2.web.demo.svc.clusterset.local.",
-                A,
-                ok(vec![a("10.97.0.10")]),
-            ),
-            (
-                "m1.web.demo.svc.clusterset.local.",
-                A,
-                ok(vec![a("10.96.0.10")]),
-            ),
-            ("m3.web.demo.svc.clusterset.local.", A, nodata.clone()),
+            // <cluster>.<svc>.<ns>.svc must not be answered (MCS DNS specification).
+            ("m2.web.demo.svc.clusterset.local.", A, nx.clone()),
+            ("m1.web.demo.svc.clusterset.local.", A, nx.clone()),
             ("m9.web.demo.svc.clusterset.local.", A, nx.clone()),
+            ("m2.db.demo.svc.clusterset.local.", AAAA, nx.clone()),
+            // SRV of the bare name: every port, one record per (port, target), as the
+            // conformance suite asks ("should return valid SRV records").
+            (
+                "web.demo.svc.clusterset.local.",
+                SRV,
+                ok(vec![
+                    srv(33, 80, "web.demo.svc.clusterset.local."),
+                    srv(33, 53, "web.demo.svc.clusterset.local."),
+                    srv(33, 8080, "web.demo.svc.clusterset.local."),
+                ]),
+            ),
+            (
+                "db.demo.svc.clusterset.local.",
+                SRV,
+                ok(vec![
+                    srv(33, 5432, "db-0.m1.db.demo.svc.clusterset.local."),
+                    srv(33, 5432, "10-244-1-21.m1.db.demo.svc.clusterset.local."),
+                    srv(33, 5432, "fd00-245--20.m2.db.demo.svc.clusterset.local."),
+                ]),
+            ),
+            ("idle.demo.svc.clusterset.local.", SRV, nodata.clone()),
             // Headless: every ready endpoint of every up cluster.
             (
                 "db.demo.svc.clusterset.local.",
@@ -607,12 +631,6 @@ mod tests {
             ),
             (
                 "db.demo.svc.clusterset.local.",
-                AAAA,
-                ok(vec![aaaa("fd00:245::20")]),
-            ),
-            ("m2.db.demo.svc.clusterset.local.", A, nodata.clone()),
-            (
-                "m2.db.demo.svc.clusterset.local.",
                 AAAA,
                 ok(vec![aaaa("fd00:245::20")]),
             ),
@@ -728,6 +746,130 @@ mod tests {
         }
     }
 
+    /// The conformance suite's `hello`: ports tcp/TCP/42 and udp/UDP/42, exported by m1 (two
+    /// ready pods, StatefulSet hostnames) and m2 (one), ClusterSetIP or headless.
+    fn hello(service_type: ServiceType) -> Snapshot {
+        let ports = || {
+            vec![
+                port(Some("tcp"), PortProtocol::Tcp, 42),
+                port(Some("udp"), PortProtocol::Udp, 42),
+            ]
+        };
+        let export = |cluster: &str, ip: &str, endpoints: Vec<Endpoint>| ExportCatalog {
+            cluster: cluster.into(),
+            generation: 1,
+            services: vec![ExportedService {
+                namespace: "demo".into(),
+                name: "hello".into(),
+                service_type,
+                ips: match service_type {
+                    ServiceType::ClusterSetIP => vec![ip.parse().unwrap()],
+                    ServiceType::Headless => Vec::new(),
+                },
+                ports: ports(),
+                endpoints,
+                exported_at: None,
+            }],
+        };
+        let local = export(
+            "m1",
+            "10.96.0.42",
+            vec![
+                ep("10.244.1.5", Some("hello-ss-0"), true),
+                ep("10.244.1.6", Some("hello-ss-1"), true),
+                ep("10.244.1.7", Some("hello-ss-2"), false),
+            ],
+        );
+        let remote = ClusterEntry {
+            up: true,
+            catalog: Arc::new(export(
+                "m2",
+                "10.97.0.42",
+                vec![ep("10.245.1.5", None, true)],
+            )),
+        };
+        Snapshot::new(Arc::new(ClustersetView::build(
+            Arc::new(local),
+            &BTreeMap::from([("m2".to_string(), remote)]),
+        )))
+    }
+
+    /// Conformance: "A DNS SRV query of the <service>.<ns>.svc.clusterset.local domain for a
+    /// ClusterIP service should return valid SRV records": exactly one, port 42, the service name
+    /// (TCP and UDP 42 of both clusters are one record).
+    #[test]
+    fn mcs_srv_of_a_cluster_ip_service_is_one_record_per_port_number() {
+        let view = hello(ServiceType::ClusterSetIP);
+        assert_eq!(
+            ask(&view, "hello.demo.svc.clusterset.local.", RecordType::SRV),
+            ok(vec![srv(100, 42, "hello.demo.svc.clusterset.local.")])
+        );
+        // "...should resolve to the clusterset IP": every exporting cluster's service IP.
+        assert_eq!(
+            ask(&view, "hello.demo.svc.clusterset.local.", RecordType::A),
+            ok(vec![a("10.96.0.42"), a("10.97.0.42")])
+        );
+    }
+
+    /// Conformance: "A DNS query of the <service>.<ns>.svc.clusterset.local domain for a headless
+    /// service should return the ready endpoint addresses of all the backing pods" (exactly
+    /// those), "A DNS SRV query ... for a headless service should return valid SRV records" (one
+    /// per endpoint, port 42, targets starting with the hostname or the dashed IP), and "A DNS
+    /// query of the <hostname>.<clusterid>.<service>.<ns>.svc.clusterset.local domain for a
+    /// headless StatefulSet service should return the requested pod's endpoint address".
+    #[test]
+    fn mcs_headless_names_answer_exactly_the_ready_endpoints() {
+        let view = hello(ServiceType::Headless);
+        assert_eq!(
+            ask(&view, "hello.demo.svc.clusterset.local.", RecordType::A),
+            ok(vec![a("10.244.1.5"), a("10.244.1.6"), a("10.245.1.5")])
+        );
+        assert_eq!(
+            ask(&view, "hello.demo.svc.clusterset.local.", RecordType::SRV),
+            ok(vec![
+                srv(33, 42, "hello-ss-0.m1.hello.demo.svc.clusterset.local."),
+                srv(33, 42, "hello-ss-1.m1.hello.demo.svc.clusterset.local."),
+                srv(33, 42, "10-245-1-5.m2.hello.demo.svc.clusterset.local."),
+            ])
+        );
+        assert_eq!(
+            ask(
+                &view,
+                "hello-ss-1.m1.hello.demo.svc.clusterset.local.",
+                RecordType::A
+            ),
+            ok(vec![a("10.244.1.6")])
+        );
+        // Not ready: no per-endpoint name.
+        assert_eq!(
+            ask(
+                &view,
+                "hello-ss-2.m1.hello.demo.svc.clusterset.local.",
+                RecordType::A
+            ),
+            Answer::nx_domain()
+        );
+    }
+
+    /// The MCS DNS specification: `<clusterid>.<svc>.<ns>.svc.clusterset.local` must not be
+    /// answered; and the conformance case "Connectivity to a service that is not exported should
+    /// be inaccessible": an unexported name does not resolve.
+    #[test]
+    fn mcs_cluster_id_names_and_unexported_services_do_not_resolve() {
+        let view = hello(ServiceType::ClusterSetIP);
+        for name in [
+            "m1.hello.demo.svc.clusterset.local.",
+            "m2.hello.demo.svc.clusterset.local.",
+            "unexported.demo.svc.clusterset.local.",
+        ] {
+            assert_eq!(
+                ask(&view, name, RecordType::A),
+                Answer::nx_domain(),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn the_index_matches_names_in_any_case_and_keeps_view_order() {
         let mut local = view();
@@ -740,8 +882,12 @@ mod tests {
             ok(vec![a("10.96.0.10"), a("10.97.0.10")])
         );
         assert_eq!(
-            ask(&view, "m2.WEB.demo.svc.clusterset.local.", RecordType::A),
-            ok(vec![a("10.97.0.10")])
+            ask(
+                &view,
+                "_DNS._udp.WEB.demo.svc.clusterset.local.",
+                RecordType::SRV
+            ),
+            ok(vec![srv(100, 53, "Web.DEMO.svc.clusterset.local.")])
         );
         assert_eq!(view.serial(), 3);
     }

@@ -651,7 +651,7 @@ pub fn kernel_routes() -> Result<Vec<(String, IpNet)>, String> {
 pub struct NameParts {
     pub namespace: String,
     pub service: String,
-    /// `<cluster>.<svc>...`: one cluster's answer only.
+    /// The cluster a `<hostname>.<cluster>.<svc>...` name names.
     pub cluster: Option<String>,
     /// `<hostname>.<cluster>.<svc>...`: one headless endpoint.
     pub hostname: Option<String>,
@@ -659,7 +659,8 @@ pub struct NameParts {
     pub port: Option<(String, String)>,
 }
 
-/// Splits `[host.][cluster.]svc.ns.svc.clusterset.local` or `_port._proto.svc.ns.svc...`.
+/// Splits `[host.cluster.]svc.ns.svc.clusterset.local` or `_port._proto.svc.ns.svc...`
+/// (`cluster.svc.ns.svc...` is no name: the MCS DNS specification says it must not be answered).
 pub fn parse_name(name: &str) -> Option<NameParts> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let rest = name.strip_suffix(".svc.clusterset.local")?;
@@ -677,7 +678,6 @@ pub fn parse_name(name: &str) -> Option<NameParts> {
         [port, proto] if port.starts_with('_') && proto.starts_with('_') => {
             parts.port = Some((port[1..].to_string(), proto[1..].to_string()))
         }
-        [cluster] => parts.cluster = Some(cluster.to_string()),
         [host, cluster] => {
             parts.hostname = Some(host.to_string());
             parts.cluster = Some(cluster.to_string());
@@ -702,7 +702,7 @@ pub fn explain(view: &ClustersetView, name: &str) -> Vec<String> {
     }
     let Some(parts) = parse_name(name) else {
         return vec![format!(
-            "'{name}' is not a service name meshd knows the form of: <svc>.<ns>.svc.clusterset.local, <cluster>.<svc>.<ns>.svc.clusterset.local, <hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local or _<port>._<proto>.<svc>.<ns>.svc.clusterset.local (names outside clusterset.local are REFUSED)"
+            "'{name}' is not a service name meshd knows the form of: <svc>.<ns>.svc.clusterset.local, <hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local or _<port>._<proto>.<svc>.<ns>.svc.clusterset.local (names outside clusterset.local are REFUSED; <cluster>.<svc>.<ns>.svc.clusterset.local is NXDOMAIN, as the MCS DNS specification asks)"
         )];
     };
     let mut lines = Vec::new();
@@ -1087,6 +1087,7 @@ mod tests {
         let p = parse_name("_http._tcp.web.demo.svc.clusterset.local").unwrap();
         assert_eq!(p.port, Some(("http".into(), "tcp".into())));
         assert_eq!(parse_name("example.com"), None);
+        assert_eq!(parse_name("m1.web.demo.svc.clusterset.local"), None);
         assert_eq!(parse_name("a.b.c.web.demo.svc.clusterset.local"), None);
     }
 

@@ -2,24 +2,36 @@
 //! and the ServiceImports this cluster should hold. Pure functions over this cluster's fresh
 //! exports and the clusterset view.
 //!
-//! The MCS API's rule: when clusters export the same namespace/name with different ports or
-//! types, the oldest export wins (its `exported_at`; an undated export, from an exports file,
-//! counts as younger than any dated one; ties go to the cluster name that sorts first). The
-//! losers are marked `Conflict=True`; the ServiceImport takes the winner's type and ports.
-//! Every cluster in the view counts, whether its tunnel is up or not: an export does not end when
-//! a tunnel goes down, only when its cluster withdraws it from its catalog.
+//! The MCS API's rules, as its conformance suite checks them: when clusters export the same
+//! namespace/name with different types or port sets, **every** exporting cluster's export is
+//! marked `Conflict=True` (the oldest included); the oldest export wins the type (its
+//! `exported_at`; an undated export, from an exports file, counts as younger than any dated one;
+//! ties go to the cluster name that sorts first); the ports are the union, merged oldest first by
+//! name and then by (protocol, port): a port whose name or number a older export already took is
+//! left out. Every cluster in the view counts, whether its tunnel is up or not: an export does
+//! not end when a tunnel goes down, only when its cluster withdraws it from its catalog.
+//!
+//! A ServiceImport's `ips` are what `clusterset.local` DNS answers for the name, one address per
+//! IP family (the first of that family: this cluster's own service IP when it exports the
+//! service, else the first exporting cluster that is up and has a ready endpoint), and its
+//! `ipFamilies` name their families in the same order; a headless import has no `ips` and takes
+//! its families from the endpoints DNS would answer with.
 
 use super::status::Verdict;
 use crate::discovery::catalog::{ClustersetView, ExportedService, ServicePort, ServiceType};
 use k8s_openapi::jiff::Timestamp;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 /// One cluster's export of a service.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Exporter<'a> {
     pub cluster: &'a str,
     pub service: &'a ExportedService,
+    /// Whether DNS answers with this export now: this cluster's own, or a peer's whose tunnel is
+    /// up (the health probe).
+    pub up: bool,
 }
 
 impl Exporter<'_> {
@@ -39,10 +51,22 @@ impl Exporter<'_> {
         }
         .then_with(|| self.cluster.cmp(other.cluster))
     }
+
+    /// The addresses DNS answers with for this export (none while it is down or has no ready
+    /// endpoint), in the catalog's order.
+    fn answered(&self) -> Vec<IpAddr> {
+        if !self.up || !self.service.has_ready_endpoints() {
+            return Vec::new();
+        }
+        match self.service.service_type {
+            ServiceType::ClusterSetIP => self.service.ips.clone(),
+            ServiceType::Headless => self.service.ready_endpoints().map(|e| e.ip).collect(),
+        }
+    }
 }
 
 /// Every service exported anywhere: this cluster's exports (fresh, not the view's possibly older
-/// copy) and every other cluster's in the view, grouped by (namespace, name).
+/// copy) first, then every other cluster's in view order, grouped by (namespace, name).
 pub(crate) fn exporters<'a>(
     cluster: &'a str,
     local: &'a [ExportedService],
@@ -57,11 +81,13 @@ pub(crate) fn exporters<'a>(
             c.catalog.services.iter().map(|s| Exporter {
                 cluster: &c.catalog.cluster,
                 service: s,
+                up: c.up,
             })
         });
     let local = local.iter().map(|s| Exporter {
         cluster,
         service: s,
+        up: true,
     });
     for exporter in local.chain(remote) {
         all.entry((&exporter.service.namespace, &exporter.service.name))
@@ -71,7 +97,7 @@ pub(crate) fn exporters<'a>(
     all
 }
 
-/// The export whose definition the clusterset uses.
+/// The export whose type the clusterset uses.
 pub(crate) fn winner<'a>(exporters: &[Exporter<'a>]) -> Option<Exporter<'a>> {
     exporters.iter().copied().min_by(|a, b| a.age_order(b))
 }
@@ -85,7 +111,8 @@ fn sorted_ports(ports: &[ServicePort]) -> Vec<(Option<&str>, String, u16)> {
     ports
 }
 
-/// The `Conflict` condition of this cluster's export `ours`, among all `exporters` of it.
+/// The `Conflict` condition of this cluster's export `ours`, among all `exporters` of it: true
+/// for every exporter as soon as any two exports disagree.
 pub(crate) fn conflict(
     cluster: &str,
     ours: &ExportedService,
@@ -99,43 +126,63 @@ pub(crate) fn conflict(
     let Some(winner) = winner(exporters) else {
         return Verdict::no("NoConflicts", "exported by this cluster only".into());
     };
-    if winner.cluster == cluster {
-        let differing: Vec<&str> = exporters
-            .iter()
-            .filter(|e| e.cluster != cluster && differences(ours, e.service).is_some())
-            .map(|e| e.cluster)
-            .collect();
-        let message = if others.is_empty() {
-            "exported by this cluster only".to_string()
-        } else if differing.is_empty() {
-            format!("agrees with the exports of {}", others.join(", "))
-        } else {
-            format!(
-                "this cluster's export is the oldest, so its ports and type win over those of {}",
-                differing.join(", ")
+    if others.is_empty() {
+        return Verdict::no("NoConflicts", "exported by this cluster only".into());
+    }
+    // Every disagreement among the exports, and who differs from this cluster's.
+    let (mut types, mut ports) = (false, false);
+    for (i, a) in exporters.iter().enumerate() {
+        for b in &exporters[i + 1..] {
+            types |= a.service.service_type != b.service.service_type;
+            ports |= sorted_ports(&a.service.ports) != sorted_ports(&b.service.ports);
+        }
+    }
+    let reason = match (types, ports) {
+        (false, false) => {
+            return Verdict::no(
+                "NoConflicts",
+                format!("agrees with the exports of {}", others.join(", ")),
             )
-        };
-        return Verdict::no("NoConflicts", message);
-    }
-    match differences(ours, winner.service) {
-        None => Verdict::no(
-            "NoConflicts",
-            format!("agrees with the exports of {}", others.join(", ")),
-        ),
-        Some((reason, what)) => Verdict::yes(
-            reason,
-            format!(
-                "{what} differ from cluster {}'s export{}, the oldest, which the clusterset uses; make this Service match it or unexport one of them",
-                winner.cluster,
-                winner
-                    .service
-                    .exported_at
-                    .as_deref()
-                    .map(|t| format!(" (exported at {t})"))
-                    .unwrap_or_default(),
+        }
+        (true, true) => "TypeConflict,PortConflict",
+        (true, false) => "TypeConflict",
+        (false, true) => "PortConflict",
+    };
+    let differing: Vec<&str> = exporters
+        .iter()
+        .filter(|e| e.cluster != cluster && differences(ours, e.service).is_some())
+        .map(|e| e.cluster)
+        .collect();
+    let message = if winner.cluster == cluster {
+        format!(
+            "the exports of {} differ from this cluster's, the oldest: the clusterset uses this cluster's type, and the union of the ports (a port whose name or number an older export took is left out)",
+            differing.join(", ")
+        )
+    } else {
+        let at = winner
+            .service
+            .exported_at
+            .as_deref()
+            .map(|t| format!(" (exported at {t})"))
+            .unwrap_or_default();
+        match differences(ours, winner.service) {
+            Some((_, what)) => format!(
+                "{what} differ from cluster {}'s export{at}, the oldest: the clusterset uses its type and, where names or numbers clash, its ports; make this Service match it or unexport one of them",
+                winner.cluster
             ),
-        ),
-    }
+            None => format!(
+                "this export agrees with cluster {}'s{at}, the oldest, but the exports of {} differ",
+                winner.cluster,
+                exporters
+                    .iter()
+                    .filter(|e| differences(winner.service, e.service).is_some())
+                    .map(|e| e.cluster)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    };
+    Verdict::yes(reason, message)
 }
 
 /// How two exports of one service disagree: the MCS reason and the fields, or `None`.
@@ -150,6 +197,33 @@ fn differences(a: &ExportedService, b: &ExportedService) -> Option<(&'static str
     }
 }
 
+/// The union of the exports' ports, oldest export first: a port joins unless its name (unnamed
+/// counts as a name) or its (protocol, port) is taken already.
+fn merged_ports(exporters: &[Exporter<'_>]) -> Vec<ServicePort> {
+    let mut by_age = exporters.to_vec();
+    by_age.sort_by(|a, b| a.age_order(b));
+    let mut merged: Vec<ServicePort> = Vec::new();
+    for exporter in by_age {
+        for port in &exporter.service.ports {
+            let clash = merged
+                .iter()
+                .any(|m| m.name == port.name || (m.protocol, m.port) == (port.protocol, port.port));
+            if !clash {
+                merged.push(port.clone());
+            }
+        }
+    }
+    merged
+}
+
+/// An IP family, as the MCS API spells it.
+fn family(ip: &IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
 /// A ServiceImport this cluster should hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WantedImport {
@@ -157,6 +231,10 @@ pub(crate) struct WantedImport {
     pub name: String,
     pub service_type: ServiceType,
     pub ports: Vec<ServicePort>,
+    /// One address per family, from what DNS answers (ClusterSetIP only).
+    pub ips: Vec<IpAddr>,
+    /// `IPv4` / `IPv6`, in the order of `ips` (headless: of the answered endpoints).
+    pub ip_families: Vec<&'static str>,
     /// The exporting clusters, sorted.
     pub clusters: Vec<String>,
 }
@@ -175,11 +253,30 @@ pub(crate) fn wanted_imports(
                 exporters.iter().map(|e| e.cluster.to_string()).collect();
             clusters.sort();
             clusters.dedup();
+            // What DNS answers, in its order (this cluster first), from the exports of the
+            // winning type.
+            let answered: Vec<IpAddr> = exporters
+                .iter()
+                .filter(|e| e.service.service_type == winner.service.service_type)
+                .flat_map(Exporter::answered)
+                .collect();
+            let mut ips: Vec<IpAddr> = Vec::new();
+            for ip in &answered {
+                if !ips.iter().any(|i| family(i) == family(ip)) {
+                    ips.push(*ip);
+                }
+            }
+            let ip_families = ips.iter().map(family).collect();
+            if winner.service.service_type == ServiceType::Headless {
+                ips.clear();
+            }
             Some(WantedImport {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
                 service_type: winner.service.service_type,
-                ports: winner.service.ports.clone(),
+                ports: merged_ports(&exporters),
+                ips,
+                ip_families,
                 clusters,
             })
         })
@@ -263,16 +360,17 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_export_is_not_in_conflict_and_agreement_is_no_conflict() {
+    fn the_oldest_export_is_in_conflict_too_and_agreement_is_no_conflict() {
         let ours = web(8080, Some("2026-01-01T00:00:00Z"));
         let v = view(vec![(
             "m2",
             false,
             vec![web(80, Some("2026-02-01T00:00:00Z"))],
         )]);
+        // The MCS conformance suite: Conflict on each ServiceExport, the oldest's included.
         let c = conflict_of(&ours, &v);
-        assert!(!c.status);
-        assert_eq!(c.reason, "NoConflicts");
+        assert!(c.status);
+        assert_eq!(c.reason, "PortConflict");
         assert!(c.message.contains("m2"), "{}", c.message);
         assert_eq!(wanted_imports("m1", &[ours], &v)[0].ports[0].port, 8080);
         let same = web(80, Some("2026-03-01T00:00:00Z"));
@@ -290,19 +388,22 @@ mod tests {
             vec![web(80, Some("2026-02-01T00:00:00Z"))],
         )]);
         assert_eq!(conflict_of(&headless, &v).reason, "TypeConflict");
-        // Same age: the first cluster name wins (m1 < m2).
+        // Same age: the first cluster name wins (m1 < m2): its port takes the name.
         let tie = web(8080, Some("2026-02-01T00:00:00Z"));
-        assert!(!conflict_of(&tie, &v).status);
+        assert!(conflict_of(&tie, &v).status);
+        assert_eq!(wanted_imports("m1", &[tie], &v)[0].ports[0].port, 8080);
         // An undated (exports file) remote loses to any dated export.
         let v = view(vec![("m0", true, vec![web(80, None)])]);
-        assert!(!conflict_of(&web(8080, Some("2026-03-01T00:00:00Z")), &v).status);
+        let dated = web(8080, Some("2026-03-01T00:00:00Z"));
+        assert_eq!(wanted_imports("m1", &[dated], &v)[0].ports[0].port, 8080);
         // Timestamps are compared as times, not as text: 00:00+01:00 is before 23:30Z.
         let v = view(vec![(
             "m2",
             true,
             vec![web(80, Some("2026-02-01T00:00:00+01:00"))],
         )]);
-        assert!(conflict_of(&web(8080, Some("2026-01-31T23:30:00Z")), &v).status);
+        let later = web(8080, Some("2026-01-31T23:30:00Z"));
+        assert_eq!(wanted_imports("m1", &[later], &v)[0].ports[0].port, 80);
     }
 
     #[test]
@@ -328,5 +429,90 @@ mod tests {
                 ("web", &["m2".to_string()][..])
             ]
         );
+    }
+
+    fn port(name: &str, protocol: PortProtocol, port: u16) -> ServicePort {
+        ServicePort {
+            name: Some(name.into()),
+            protocol,
+            port,
+        }
+    }
+
+    /// The conformance case "A ClusterIP service exported on two clusters should expose the union
+    /// of the constituent service ports and raise a conflict", and its sibling with clashing
+    /// ports ("...should apply the conflict resolution policy"): merged oldest first by name,
+    /// then by (protocol, port).
+    #[test]
+    fn ports_are_the_union_merged_oldest_first_by_name_then_number() {
+        let mut ours = web(42, Some("2026-01-01T00:00:00Z"));
+        ours.ports = vec![
+            port("tcp", PortProtocol::Tcp, 42),
+            port("udp", PortProtocol::Udp, 42),
+        ];
+        let mut theirs = web(42, Some("2026-01-01T00:00:02Z"));
+        theirs.ports = vec![
+            port("tcp", PortProtocol::Tcp, 42),
+            port("stcp", PortProtocol::Sctp, 142),
+        ];
+        let v = view(vec![("m2", true, vec![theirs.clone()])]);
+        let import = &wanted_imports("m1", std::slice::from_ref(&ours), &v)[0];
+        assert_eq!(
+            import.ports,
+            [
+                port("tcp", PortProtocol::Tcp, 42),
+                port("udp", PortProtocol::Udp, 42),
+                port("stcp", PortProtocol::Sctp, 142)
+            ]
+        );
+        assert_eq!(conflict_of(&ours, &v).reason, "PortConflict");
+        // Same name, other number: the oldest keeps the name; a taken number is left out too.
+        theirs.ports = vec![
+            port("tcp", PortProtocol::Tcp, 43),
+            port("web", PortProtocol::Udp, 42),
+        ];
+        let v = view(vec![("m2", true, vec![theirs])]);
+        let import = &wanted_imports("m1", std::slice::from_ref(&ours), &v)[0];
+        assert_eq!(import.ports, ours.ports);
+        assert!(conflict_of(&ours, &v).status);
+    }
+
+    /// "An IP should be allocated for a ClusterSetIP ServiceImport for each IP family": one
+    /// address per family from what DNS answers (this cluster's first), families in that order;
+    /// "No clusterset IP should be allocated for a Headless ServiceImport".
+    #[test]
+    fn import_ips_are_one_answered_address_per_family() {
+        let ready = |ip: &str| crate::discovery::catalog::Endpoint {
+            ip: ip.parse().unwrap(),
+            hostname: None,
+            ready: true,
+        };
+        let mut ours = web(80, Some("2026-01-01T00:00:00Z"));
+        ours.ips = vec!["10.96.0.10".parse().unwrap()];
+        ours.endpoints = vec![ready("10.244.1.10")];
+        let mut theirs = web(80, Some("2026-01-02T00:00:00Z"));
+        theirs.ips = vec![
+            "10.97.0.10".parse().unwrap(),
+            "fd00:97::10".parse().unwrap(),
+        ];
+        theirs.endpoints = vec![ready("10.245.1.10")];
+        let v = view(vec![("m2", true, vec![theirs.clone()])]);
+        let import = &wanted_imports("m1", std::slice::from_ref(&ours), &v)[0];
+        let ips: Vec<String> = import.ips.iter().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.96.0.10", "fd00:97::10"]);
+        assert_eq!(import.ip_families, ["IPv4", "IPv6"]);
+        // A cluster that is down, or without a ready endpoint, is not in DNS: nor in the ips.
+        let v = view(vec![("m2", false, vec![theirs])]);
+        let import = &wanted_imports("m1", std::slice::from_ref(&ours), &v)[0];
+        assert_eq!(import.ip_families, ["IPv4"]);
+        ours.endpoints.clear();
+        assert!(wanted_imports("m1", &[ours.clone()], &v)[0].ips.is_empty());
+        // Headless: no ips, the endpoints' families.
+        ours.service_type = ServiceType::Headless;
+        ours.ips.clear();
+        ours.endpoints = vec![ready("fd00:244::10"), ready("10.244.1.10")];
+        let import = &wanted_imports("m1", &[ours], &view(vec![]))[0];
+        assert!(import.ips.is_empty());
+        assert_eq!(import.ip_families, ["IPv6", "IPv4"]);
     }
 }

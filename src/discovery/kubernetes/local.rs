@@ -136,14 +136,14 @@ fn decide_one(
     };
     let Some(service) = service else {
         return refuse(Verdict::no(
-            "ServiceNotFound",
+            "NoService",
             format!("no Service {namespace}/{name} in this cluster: create it, or delete this ServiceExport"),
         ));
     };
     let spec = service.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") {
         return refuse(Verdict::no(
-            "ServiceTypeNotSupported",
+            "InvalidServiceType",
             format!("Service {namespace}/{name} is of type ExternalName, which the MCS API cannot export; export a ClusterIP or headless Service instead"),
         ));
     }
@@ -443,10 +443,10 @@ mod tests {
             &[],
         );
         assert_eq!(v[0].name, "ext");
-        assert_eq!(v[0].valid.reason, "ServiceTypeNotSupported");
+        assert_eq!(v[0].valid.reason, "InvalidServiceType");
         assert!(!v[0].valid.status && !v[0].ready.status && v[0].service.is_none());
         assert_eq!(v[1].name, "gone");
-        assert_eq!(v[1].valid.reason, "ServiceNotFound");
+        assert_eq!(v[1].valid.reason, "NoService");
         assert!(
             v[1].valid.message.contains("demo/gone"),
             "{}",

@@ -176,14 +176,14 @@ mod tests {
         assert!(conditions_of(Some(&json!({"conditions": "yes"}))).is_empty());
         let written = serde_json::to_value(merge(
             &[],
-            &[(VALID, &Verdict::no("ServiceNotFound", "x".into()))],
+            &[(VALID, &Verdict::no("NoService", "x".into()))],
             None,
             "2026-01-01T00:00:00Z",
         ))
         .unwrap();
         assert_eq!(
             written,
-            json!([{"type": "Valid", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "ServiceNotFound", "message": "x"}])
+            json!([{"type": "Valid", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "NoService", "message": "x"}])
         );
     }
 }

@@ -205,7 +205,11 @@ impl Pass {
         object
             .labels_mut()
             .insert(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
-        object.data = json!({ "spec": import_spec(want) });
+        let mut spec = import_spec(want);
+        if let Some(fields) = spec.as_object_mut() {
+            fields.retain(|_, v| !v.is_null());
+        }
+        object.data = json!({ "spec": spec });
         let api = self.imports_api(&want.namespace);
         match api.create(&PostParams::default(), &object).await {
             Ok(created) => {
@@ -238,15 +242,20 @@ impl Pass {
         }
     }
 
-    /// Brings a managed ServiceImport's spec (type, ports) and status (clusters) to `want`.
+    /// Brings a managed ServiceImport's spec (type, ports, ips, ipFamilies) and status (clusters)
+    /// to `want`.
     async fn update_import(&mut self, import: &DynamicObject, want: &WantedImport) {
         let what = import_name(&(want.namespace.clone(), want.name.clone()));
         let api = self.imports_api(&want.namespace);
         let spec = import_spec(want);
         let current_spec = import.data.get("spec");
-        let spec_differs = ["type", "ports"]
-            .iter()
-            .any(|field| current_spec.and_then(|s| s.get(field)) != spec.get(field));
+        // A field meshd clears is `null` in the merge patch and absent from the object.
+        let spec_differs = IMPORT_SPEC_FIELDS.iter().any(|field| {
+            current_spec
+                .and_then(|s| s.get(field))
+                .filter(|v| !v.is_null())
+                != spec.get(field).filter(|v| !v.is_null())
+        });
         if spec_differs {
             let patch = Patch::Merge(json!({ "spec": spec }));
             if let Err(e) = api.patch(&want.name, &PatchParams::default(), &patch).await {
@@ -304,6 +313,10 @@ fn managed(object: &DynamicObject) -> bool {
 }
 
 /// The fields of a ServiceImport's spec meshd owns.
+const IMPORT_SPEC_FIELDS: [&str; 4] = ["type", "ports", "ips", "ipFamilies"];
+
+/// A ServiceImport's spec as meshd wants it: a merge patch (empty lists are `null`, which
+/// removes them).
 fn import_spec(want: &WantedImport) -> Value {
     let ports: Vec<Value> = want
         .ports
@@ -320,7 +333,19 @@ fn import_spec(want: &WantedImport) -> Value {
         ServiceType::ClusterSetIP => "ClusterSetIP",
         ServiceType::Headless => "Headless",
     };
-    json!({ "type": service_type, "ports": ports })
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            Value::Null
+        } else {
+            json!(items)
+        }
+    };
+    json!({
+        "type": service_type,
+        "ports": ports,
+        "ips": list(want.ips.iter().map(|ip| ip.to_string()).collect()),
+        "ipFamilies": list(want.ip_families.iter().map(|f| f.to_string()).collect()),
+    })
 }
 
 /// Why a write was refused, and what to do.
