@@ -151,9 +151,11 @@ fn remote_service(namespace: &str, name: &str, port: u16, exported_at: &str) -> 
             name: Some("http".into()),
             protocol: PortProtocol::Tcp,
             port,
+            ..Default::default()
         }],
         endpoints: Vec::new(),
         exported_at: Some(exported_at.into()),
+        ..Default::default()
     }
 }
 
@@ -385,12 +387,14 @@ async fn an_exported_cluster_ip_service_becomes_the_catalog_with_its_ready_endpo
             ServicePort {
                 name: Some("http".into()),
                 protocol: PortProtocol::Tcp,
-                port: 80
+                port: 80,
+                ..Default::default()
             },
             ServicePort {
                 name: Some("dns".into()),
                 protocol: PortProtocol::Udp,
-                port: 53
+                port: 53,
+                ..Default::default()
             },
         ]
     );
@@ -687,6 +691,71 @@ async fn mcs_an_ip_is_allocated_for_a_cluster_set_ip_import_for_each_family_and_
     );
 }
 
+/// Conformance: "The SessionAffinity for a ClusterSetIP ServiceImport should match the exported
+/// service's SessionAffinity", and likewise its InternalTrafficPolicy and TrafficDistribution;
+/// a port's appProtocol is copied with it ("The ports ... should match those of the exported
+/// service"). A second cluster's export with another affinity is a SessionAffinityConflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_session_affinity_traffic_policy_and_distribution_match_the_exported_service() {
+    let server = ApiServer::start().await;
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "demo", "name": "hello"},
+        "spec": {
+            "type": "ClusterIP", "clusterIP": "10.96.0.42", "clusterIPs": ["10.96.0.42"],
+            "ports": [{"name": "tcp", "protocol": "TCP", "port": 42, "appProtocol": "kubernetes.io/h2c"}],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10}},
+            "internalTrafficPolicy": "Cluster",
+            "trafficDistribution": "PreferClose",
+        },
+    }));
+    server.apply(export(&server, "demo", "hello", "2026-03-01T00:00:00Z"));
+    let mut watcher = start(&server, view(vec![]));
+    let local = watcher
+        .catalog("demo/hello", |c| c.services.len() == 1)
+        .await;
+    eventually("the ServiceImport with the Service's settings", || {
+        server
+            .get("ServiceImport", "demo", "hello")
+            .is_some_and(|i| i["spec"]["sessionAffinity"] == "ClientIP")
+    })
+    .await;
+    let spec = server.get("ServiceImport", "demo", "hello").unwrap()["spec"].clone();
+    assert_eq!(
+        spec["sessionAffinityConfig"],
+        json!({"clientIP": {"timeoutSeconds": 10}})
+    );
+    assert_eq!(spec["internalTrafficPolicy"], "Cluster");
+    assert_eq!(spec["trafficDistribution"], "PreferClose");
+    assert_eq!(
+        spec["ports"],
+        json!([{"name": "tcp", "protocol": "TCP", "port": 42, "appProtocol": "kubernetes.io/h2c"}])
+    );
+
+    // m2 exports it a second later without affinity: both exports conflict, the oldest wins.
+    let mut theirs = local.services[0].clone();
+    theirs.exported_at = Some("2026-03-01T00:00:01Z".into());
+    theirs.session_affinity = Some(meshd::discovery::catalog::SessionAffinity::NoAffinity);
+    theirs.session_affinity_timeout = None;
+    watcher.set_view(view(vec![("m2", vec![theirs])]));
+    eventually("Conflict=True SessionAffinityConflict", || {
+        has_condition(
+            &server,
+            "demo",
+            "hello",
+            "Conflict",
+            "True",
+            "SessionAffinityConflict",
+        )
+    })
+    .await;
+    assert_eq!(
+        server.get("ServiceImport", "demo", "hello").unwrap()["spec"]["sessionAffinity"],
+        "ClientIP"
+    );
+}
+
 /// Conformance: "Exporting a headless service should create a ServiceImport of type Headless"
 /// and "No clusterset IP should be allocated for a Headless ServiceImport"; its ipFamilies are
 /// those of the endpoints DNS answers with.
@@ -736,11 +805,13 @@ async fn mcs_two_exports_expose_the_union_of_their_ports_and_raise_a_conflict() 
             name: Some("tcp".into()),
             protocol: PortProtocol::Tcp,
             port: 42,
+            ..Default::default()
         },
         ServicePort {
             name: Some("stcp".into()),
             protocol: PortProtocol::Sctp,
             port: 142,
+            ..Default::default()
         },
     ];
     let mut watcher = start(&server, view(vec![("m2", vec![theirs])]));

@@ -23,6 +23,7 @@ fn service(name: &str, kind: ServiceType, ips: &[&str], endpoints: &[&str]) -> E
             name: Some("http".into()),
             protocol: PortProtocol::Tcp,
             port: 80,
+            ..Default::default()
         }],
         endpoints: endpoints
             .iter()
@@ -34,6 +35,7 @@ fn service(name: &str, kind: ServiceType, ips: &[&str], endpoints: &[&str]) -> E
             })
             .collect(),
         exported_at: None,
+        ..Default::default()
     }
 }
 

@@ -25,18 +25,22 @@ pub struct ExportCatalog {
 }
 
 /// How a service is reached: through its service IPs or directly at its endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServiceType {
     /// Answers carry the service IPs (the MCS API's `ClusterSetIP`).
+    #[default]
     ClusterSetIP,
     /// Answers carry the ready endpoints' IPs.
     Headless,
 }
 
 /// A port's transport protocol, spelled as Kubernetes spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum PortProtocol {
     #[serde(rename = "TCP")]
+    #[default]
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
@@ -65,8 +69,37 @@ impl fmt::Display for PortProtocol {
     }
 }
 
+/// A Service's `sessionAffinity`, as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionAffinity {
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+    #[serde(rename = "None")]
+    NoAffinity,
+}
+
+/// A Service's `internalTrafficPolicy`, as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+/// The longest `trafficDistribution` or `appProtocol` value taken from a peer (Kubernetes'
+/// own are short names such as `PreferClose` or `kubernetes.io/h2c`).
+pub const MAX_PROTOCOL_NAME: usize = 128;
+
+/// A `trafficDistribution` or `appProtocol` value: short, of the characters Kubernetes allows in
+/// label-style names.
+fn is_protocol_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_PROTOCOL_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/'))
+}
+
 /// One exported service of one cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportedService {
     pub namespace: String,
@@ -82,6 +115,18 @@ pub struct ExportedService {
     /// exports file is the source: such an export is younger than any dated one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exported_at: Option<String>,
+    /// The Service's `sessionAffinity`, and with `ClientIP` its `timeoutSeconds`; copied to the
+    /// ServiceImport (absent from a catalog of an exports file or an older meshd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout: Option<u32>,
+    /// The Service's `internalTrafficPolicy`, copied to the ServiceImport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<TrafficPolicy>,
+    /// The Service's `trafficDistribution` (e.g. `PreferClose`), copied to the ServiceImport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
 }
 
 impl ExportedService {
@@ -97,12 +142,15 @@ impl ExportedService {
 }
 
 /// One port of a service. Only named ports get SRV records.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub name: Option<String>,
     pub protocol: PortProtocol,
     pub port: u16,
+    /// The port's `appProtocol` (e.g. `kubernetes.io/h2c`), copied to the ServiceImport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 /// One backend of a service.
@@ -170,12 +218,34 @@ impl ExportedService {
             ));
         }
         for p in &self.ports {
-            if p.port == 0 || p.name.as_deref().is_some_and(|n| !is_dns_label(n)) {
+            if p.port == 0
+                || p.name.as_deref().is_some_and(|n| !is_dns_label(n))
+                || p.app_protocol
+                    .as_deref()
+                    .is_some_and(|a| !is_protocol_name(a))
+            {
                 return Err(format!(
-                    "{at}: port {:?} {} has a bad number or name",
+                    "{at}: port {:?} {} has a bad number, name or appProtocol",
                     p.name, p.port
                 ));
             }
+        }
+        if self
+            .session_affinity_timeout
+            .is_some_and(|t| !(1..=86_400).contains(&t))
+        {
+            return Err(format!(
+                "{at}: a session affinity timeout outside 1-86400 seconds"
+            ));
+        }
+        if self
+            .traffic_distribution
+            .as_deref()
+            .is_some_and(|t| !is_protocol_name(t))
+        {
+            return Err(format!(
+                "{at}: a trafficDistribution that is not a short name"
+            ));
         }
         for e in &self.endpoints {
             if e.hostname.as_deref().is_some_and(|h| !is_dns_label(h)) {
@@ -351,6 +421,7 @@ mod tests {
                     name: Some("http".into()),
                     protocol: PortProtocol::Tcp,
                     port: 80,
+                    ..Default::default()
                 }],
                 endpoints: vec![Endpoint {
                     ip: "10.245.1.10".parse().unwrap(),
@@ -358,6 +429,7 @@ mod tests {
                     ready: true,
                 }],
                 exported_at: None,
+                ..Default::default()
             }],
         }
     }

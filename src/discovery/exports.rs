@@ -241,6 +241,7 @@ fn check_service(
             name: p.name,
             protocol,
             port,
+            ..Default::default()
         });
     }
     let mut endpoints = Vec::with_capacity(s.endpoints.len());
@@ -275,6 +276,7 @@ fn check_service(
         ports,
         endpoints,
         exported_at: None,
+        ..Default::default()
     })
 }
 
@@ -322,12 +324,14 @@ endpoints = [{ ip = "10.245.1.20", hostname = "db-0" }, { ip = "fd00::20" }]
                 ServicePort {
                     name: Some("http".into()),
                     protocol: PortProtocol::Tcp,
-                    port: 80
+                    port: 80,
+                    ..Default::default()
                 },
                 ServicePort {
                     name: None,
                     protocol: PortProtocol::Udp,
-                    port: 9000
+                    port: 9000,
+                    ..Default::default()
                 }
             ]
         );

@@ -541,6 +541,7 @@ mod tests {
                     hostname: None,
                     ready: true,
                 }],
+                ..Default::default()
             }],
         }
     }
@@ -612,7 +613,25 @@ mod tests {
             edit(&mut s);
             s
         };
-        let cases: [(ExportedService, &str); 6] = [
+        let cases: [(ExportedService, &str); 9] = [
+            (
+                bad(|s| s.traffic_distribution = Some("Prefer Close\nforged".into())),
+                "trafficDistribution",
+            ),
+            (
+                bad(|s| s.session_affinity_timeout = Some(0)),
+                "session affinity timeout",
+            ),
+            (
+                bad(|s| {
+                    s.ports = vec![ServicePort {
+                        port: 80,
+                        app_protocol: Some("x".repeat(200)),
+                        ..Default::default()
+                    }]
+                }),
+                "appProtocol",
+            ),
             (
                 bad(|s| s.endpoints[0].ip = "10.244.1.10".parse().unwrap()),
                 "10.244.1.10, which is outside",
@@ -633,7 +652,8 @@ mod tests {
                         ServicePort {
                             name: None,
                             protocol: PortProtocol::Tcp,
-                            port: 80
+                            port: 80,
+                            ..Default::default()
                         };
                         1_001
                     ]

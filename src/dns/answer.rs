@@ -419,6 +419,7 @@ mod tests {
             name: name.map(str::to_string),
             protocol,
             port,
+            ..Default::default()
         }
     }
 
@@ -444,6 +445,7 @@ mod tests {
             ports,
             endpoints: vec![ep("10.0.0.1", None, ready)],
             exported_at: None,
+            ..Default::default()
         }
     }
 
@@ -456,6 +458,7 @@ mod tests {
             ports,
             endpoints,
             exported_at: None,
+            ..Default::default()
         }
     }
 
@@ -769,6 +772,7 @@ mod tests {
                 ports: ports(),
                 endpoints,
                 exported_at: None,
+                ..Default::default()
             }],
         };
         let local = export(

@@ -290,6 +290,7 @@ mod tests {
                     ports: Vec::new(),
                     endpoints,
                     exported_at: None,
+                    ..Default::default()
                 }],
             }),
             &BTreeMap::new(),

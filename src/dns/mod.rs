@@ -348,6 +348,7 @@ mod tests {
                         })
                         .collect(),
                     exported_at: None,
+                    ..Default::default()
                 })
                 .collect(),
         }

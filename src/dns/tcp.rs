@@ -189,6 +189,7 @@ mod tests {
                     ready: true,
                 }],
                 exported_at: None,
+                ..Default::default()
             }],
         };
         let view = ClustersetView::build(Arc::new(catalog), &Default::default());

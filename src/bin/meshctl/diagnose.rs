@@ -822,6 +822,7 @@ mod tests {
                 hostname: None,
                 ready: true,
             }],
+            ..Default::default()
         };
         ClustersetView {
             loaded: true,

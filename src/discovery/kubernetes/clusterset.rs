@@ -18,7 +18,9 @@
 //! its families from the endpoints DNS would answer with.
 
 use super::status::Verdict;
-use crate::discovery::catalog::{ClustersetView, ExportedService, ServicePort, ServiceType};
+use crate::discovery::catalog::{
+    ClustersetView, ExportedService, ServicePort, ServiceType, SessionAffinity, TrafficPolicy,
+};
 use k8s_openapi::jiff::Timestamp;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -129,33 +131,34 @@ pub(crate) fn conflict(
     if others.is_empty() {
         return Verdict::no("NoConflicts", "exported by this cluster only".into());
     }
-    // Every disagreement among the exports, and who differs from this cluster's.
-    let (mut types, mut ports) = (false, false);
+    // Every kind of disagreement among the exports, in the MCS API's order.
+    let mut kinds: Vec<Disagreement> = Vec::new();
     for (i, a) in exporters.iter().enumerate() {
         for b in &exporters[i + 1..] {
-            types |= a.service.service_type != b.service.service_type;
-            ports |= sorted_ports(&a.service.ports) != sorted_ports(&b.service.ports);
+            kinds.extend(disagreements(a.service, b.service));
         }
     }
-    let reason = match (types, ports) {
-        (false, false) => {
-            return Verdict::no(
-                "NoConflicts",
-                format!("agrees with the exports of {}", others.join(", ")),
-            )
-        }
-        (true, true) => "TypeConflict,PortConflict",
-        (true, false) => "TypeConflict",
-        (false, true) => "PortConflict",
-    };
+    kinds.sort();
+    kinds.dedup();
+    if kinds.is_empty() {
+        return Verdict::no(
+            "NoConflicts",
+            format!("agrees with the exports of {}", others.join(", ")),
+        );
+    }
+    let reason = kinds
+        .iter()
+        .map(|k| k.reason())
+        .collect::<Vec<_>>()
+        .join(",");
     let differing: Vec<&str> = exporters
         .iter()
-        .filter(|e| e.cluster != cluster && differences(ours, e.service).is_some())
+        .filter(|e| e.cluster != cluster && !disagreements(ours, e.service).is_empty())
         .map(|e| e.cluster)
         .collect();
     let message = if winner.cluster == cluster {
         format!(
-            "the exports of {} differ from this cluster's, the oldest: the clusterset uses this cluster's type, and the union of the ports (a port whose name or number an older export took is left out)",
+            "the exports of {} differ from this cluster's, the oldest: the clusterset uses this cluster's type and settings, and the union of the ports (a port whose name or number an older export took is left out)",
             differing.join(", ")
         )
     } else {
@@ -165,9 +168,9 @@ pub(crate) fn conflict(
             .as_deref()
             .map(|t| format!(" (exported at {t})"))
             .unwrap_or_default();
-        match differences(ours, winner.service) {
-            Some((_, what)) => format!(
-                "{what} differ from cluster {}'s export{at}, the oldest: the clusterset uses its type and, where names or numbers clash, its ports; make this Service match it or unexport one of them",
+        match describe(&disagreements(ours, winner.service)) {
+            Some(what) => format!(
+                "{what} differ from cluster {}'s export{at}, the oldest: the clusterset uses its type and settings and, where names or numbers clash, its ports; make this Service match it or unexport one of them",
                 winner.cluster
             ),
             None => format!(
@@ -175,7 +178,7 @@ pub(crate) fn conflict(
                 winner.cluster,
                 exporters
                     .iter()
-                    .filter(|e| differences(winner.service, e.service).is_some())
+                    .filter(|e| !disagreements(winner.service, e.service).is_empty())
                     .map(|e| e.cluster)
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -185,15 +188,77 @@ pub(crate) fn conflict(
     Verdict::yes(reason, message)
 }
 
-/// How two exports of one service disagree: the MCS reason and the fields, or `None`.
-fn differences(a: &ExportedService, b: &ExportedService) -> Option<(&'static str, &'static str)> {
-    let types = a.service_type != b.service_type;
-    let ports = sorted_ports(&a.ports) != sorted_ports(&b.ports);
-    match (types, ports) {
-        (true, true) => Some(("TypeConflict,PortConflict", "type and ports")),
-        (true, false) => Some(("TypeConflict", "type")),
-        (false, true) => Some(("PortConflict", "ports")),
-        (false, false) => None,
+/// One way two exports of a service can disagree, in the order the MCS API lists the reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Disagreement {
+    Type,
+    Ports,
+    SessionAffinity,
+    SessionAffinityConfig,
+    InternalTrafficPolicy,
+    TrafficDistribution,
+}
+
+impl Disagreement {
+    /// The `Conflict` condition's reason.
+    fn reason(self) -> &'static str {
+        match self {
+            Disagreement::Type => "TypeConflict",
+            Disagreement::Ports => "PortConflict",
+            Disagreement::SessionAffinity => "SessionAffinityConflict",
+            Disagreement::SessionAffinityConfig => "SessionAffinityConfigConflict",
+            Disagreement::InternalTrafficPolicy => "InternalTrafficPolicyConflict",
+            Disagreement::TrafficDistribution => "TrafficDistributionConflict",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Disagreement::Type => "type",
+            Disagreement::Ports => "ports",
+            Disagreement::SessionAffinity => "session affinity",
+            Disagreement::SessionAffinityConfig => "session affinity timeout",
+            Disagreement::InternalTrafficPolicy => "internal traffic policy",
+            Disagreement::TrafficDistribution => "traffic distribution",
+        }
+    }
+}
+
+/// How two exports of one service disagree. A setting one of them does not carry (an exports
+/// file's, an older meshd's catalog) agrees with anything.
+fn disagreements(a: &ExportedService, b: &ExportedService) -> Vec<Disagreement> {
+    fn differ<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+        matches!((a, b), (Some(x), Some(y)) if x != y)
+    }
+    let mut found = Vec::new();
+    if a.service_type != b.service_type {
+        found.push(Disagreement::Type);
+    }
+    if sorted_ports(&a.ports) != sorted_ports(&b.ports) {
+        found.push(Disagreement::Ports);
+    }
+    if differ(&a.session_affinity, &b.session_affinity) {
+        found.push(Disagreement::SessionAffinity);
+    }
+    if differ(&a.session_affinity_timeout, &b.session_affinity_timeout) {
+        found.push(Disagreement::SessionAffinityConfig);
+    }
+    if differ(&a.internal_traffic_policy, &b.internal_traffic_policy) {
+        found.push(Disagreement::InternalTrafficPolicy);
+    }
+    if differ(&a.traffic_distribution, &b.traffic_distribution) {
+        found.push(Disagreement::TrafficDistribution);
+    }
+    found
+}
+
+/// "type and ports", "session affinity": the fields that differ, for a message; `None` if none.
+fn describe(kinds: &[Disagreement]) -> Option<String> {
+    let names: Vec<&str> = kinds.iter().map(|k| k.what()).collect();
+    match names.as_slice() {
+        [] => None,
+        [one] => Some(one.to_string()),
+        [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
     }
 }
 
@@ -235,6 +300,12 @@ pub(crate) struct WantedImport {
     pub ips: Vec<IpAddr>,
     /// `IPv4` / `IPv6`, in the order of `ips` (headless: of the answered endpoints).
     pub ip_families: Vec<&'static str>,
+    /// The winning export's session affinity (and timeout), internal traffic policy and
+    /// traffic distribution.
+    pub session_affinity: Option<SessionAffinity>,
+    pub session_affinity_timeout: Option<u32>,
+    pub internal_traffic_policy: Option<TrafficPolicy>,
+    pub traffic_distribution: Option<String>,
     /// The exporting clusters, sorted.
     pub clusters: Vec<String>,
 }
@@ -277,6 +348,10 @@ pub(crate) fn wanted_imports(
                 ports: merged_ports(&exporters),
                 ips,
                 ip_families,
+                session_affinity: winner.service.session_affinity,
+                session_affinity_timeout: winner.service.session_affinity_timeout,
+                internal_traffic_policy: winner.service.internal_traffic_policy,
+                traffic_distribution: winner.service.traffic_distribution.clone(),
                 clusters,
             })
         })
@@ -298,9 +373,11 @@ mod tests {
                 name: Some("http".into()),
                 protocol: PortProtocol::Tcp,
                 port,
+                ..Default::default()
             }],
             endpoints: Vec::new(),
             exported_at: exported_at.map(str::to_string),
+            ..Default::default()
         }
     }
 
@@ -436,6 +513,7 @@ mod tests {
             name: Some(name.into()),
             protocol,
             port,
+            ..Default::default()
         }
     }
 

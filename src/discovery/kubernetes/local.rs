@@ -12,6 +12,7 @@
 use super::status::Verdict;
 use crate::discovery::catalog::{
     is_dns_label, Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
+    SessionAffinity, TrafficPolicy,
 };
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
@@ -185,6 +186,7 @@ fn decide_one(
                 name: p.name.clone().filter(|n| !n.is_empty()),
                 protocol,
                 port: u16::try_from(p.port).ok().filter(|p| *p > 0)?,
+                app_protocol: p.app_protocol.clone().filter(|a| !a.is_empty()),
             })
         })
         .collect();
@@ -232,6 +234,24 @@ fn decide_one(
             ports,
             endpoints: endpoints.into_values().collect(),
             exported_at,
+            session_affinity: match spec.session_affinity.as_deref() {
+                Some("ClientIP") => Some(SessionAffinity::ClientIp),
+                Some("None") => Some(SessionAffinity::NoAffinity),
+                _ => None,
+            },
+            session_affinity_timeout: spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|_| spec.session_affinity.as_deref() == Some("ClientIP")),
+            internal_traffic_policy: match spec.internal_traffic_policy.as_deref() {
+                Some("Cluster") => Some(TrafficPolicy::Cluster),
+                Some("Local") => Some(TrafficPolicy::Local),
+                _ => None,
+            },
+            traffic_distribution: spec.traffic_distribution.clone().filter(|t| !t.is_empty()),
         }),
         valid,
         ready: Verdict::yes(
@@ -382,12 +402,14 @@ mod tests {
                 ServicePort {
                     name: Some("http".into()),
                     protocol: PortProtocol::Tcp,
-                    port: 80
+                    port: 80,
+                    ..Default::default()
                 },
                 ServicePort {
                     name: None,
                     protocol: PortProtocol::Udp,
-                    port: 53
+                    port: 53,
+                    ..Default::default()
                 },
             ]
         );

@@ -7,6 +7,7 @@
 //! from the one the object carries, so a status write never causes another.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The condition types meshd owns on a ServiceExport.
 pub(crate) const VALID: &str = "Valid";
@@ -18,23 +19,24 @@ const OWNED: [&str; 3] = [VALID, READY, CONFLICT];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Verdict {
     pub status: bool,
-    pub reason: &'static str,
+    /// One reason, or several joined with commas (the MCS API's way to combine conflicts).
+    pub reason: Cow<'static, str>,
     pub message: String,
 }
 
 impl Verdict {
-    pub fn yes(reason: &'static str, message: String) -> Self {
+    pub fn yes(reason: impl Into<Cow<'static, str>>, message: String) -> Self {
         Verdict {
             status: true,
-            reason,
+            reason: reason.into(),
             message,
         }
     }
 
-    pub fn no(reason: &'static str, message: String) -> Self {
+    pub fn no(reason: impl Into<Cow<'static, str>>, message: String) -> Self {
         Verdict {
             status: false,
-            reason,
+            reason: reason.into(),
             message,
         }
     }

@@ -10,7 +10,9 @@ use super::clusterset::{self, WantedImport};
 use super::local::{self, ExportVerdict};
 use super::status::{self, Condition, CONFLICT, READY, VALID};
 use super::{Publisher, Stores, MANAGED_BY, RETRY};
-use crate::discovery::catalog::{ClustersetView, ExportedService, ServiceType};
+use crate::discovery::catalog::{
+    ClustersetView, ExportedService, ServiceType, SessionAffinity, TrafficPolicy,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
@@ -143,7 +145,7 @@ impl Pass {
                         export = %what,
                         valid = %verdict.valid.reason,
                         ready = %verdict.ready.reason,
-                        conflict = conflict.as_ref().map(|c| c.reason).unwrap_or("-"),
+                        conflict = conflict.as_ref().map_or("-", |c| &*c.reason),
                         "status written"
                     );
                     self.written.insert(key, (version, merged));
@@ -313,7 +315,16 @@ fn managed(object: &DynamicObject) -> bool {
 }
 
 /// The fields of a ServiceImport's spec meshd owns.
-const IMPORT_SPEC_FIELDS: [&str; 4] = ["type", "ports", "ips", "ipFamilies"];
+const IMPORT_SPEC_FIELDS: [&str; 8] = [
+    "type",
+    "ports",
+    "ips",
+    "ipFamilies",
+    "sessionAffinity",
+    "sessionAffinityConfig",
+    "internalTrafficPolicy",
+    "trafficDistribution",
+];
 
 /// A ServiceImport's spec as meshd wants it: a merge patch (empty lists are `null`, which
 /// removes them).
@@ -325,6 +336,9 @@ fn import_spec(want: &WantedImport) -> Value {
             let mut port = json!({ "protocol": p.protocol.to_string(), "port": p.port });
             if let Some(name) = &p.name {
                 port["name"] = json!(name);
+            }
+            if let Some(app) = &p.app_protocol {
+                port["appProtocol"] = json!(app);
             }
             port
         })
@@ -345,6 +359,21 @@ fn import_spec(want: &WantedImport) -> Value {
         "ports": ports,
         "ips": list(want.ips.iter().map(|ip| ip.to_string()).collect()),
         "ipFamilies": list(want.ip_families.iter().map(|f| f.to_string()).collect()),
+        "sessionAffinity": match want.session_affinity {
+            Some(SessionAffinity::ClientIp) => json!("ClientIP"),
+            Some(SessionAffinity::NoAffinity) => json!("None"),
+            None => Value::Null,
+        },
+        "sessionAffinityConfig": match want.session_affinity_timeout {
+            Some(seconds) => json!({ "clientIP": { "timeoutSeconds": seconds } }),
+            None => Value::Null,
+        },
+        "internalTrafficPolicy": match want.internal_traffic_policy {
+            Some(TrafficPolicy::Cluster) => json!("Cluster"),
+            Some(TrafficPolicy::Local) => json!("Local"),
+            None => Value::Null,
+        },
+        "trafficDistribution": want.traffic_distribution.as_deref().map_or(Value::Null, |t| json!(t)),
     })
 }
 
