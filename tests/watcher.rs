@@ -756,6 +756,104 @@ async fn mcs_session_affinity_traffic_policy_and_distribution_match_the_exported
     );
 }
 
+/// Conformance: "Only labels and annotations specified as exported in the ServiceExport should be
+/// propagated to the ServiceImport", and "A service exported on two clusters with conflicting
+/// annotations and labels should apply the conflict resolution policy and report a Conflict
+/// condition on each ServiceExport". An older peer's exported labels cannot take meshd's mark
+/// off the import.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_only_exported_labels_and_annotations_reach_the_service_import() {
+    let server = ApiServer::start().await;
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "demo", "name": "hello",
+                     "labels": {"dummy-svc": "dummy"}, "annotations": {"dummy-svc": "dummy"}},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.42", "clusterIPs": ["10.96.0.42"],
+                 "ports": [{"name": "tcp", "protocol": "TCP", "port": 42}]},
+    }));
+    server.apply(json!({
+        "apiVersion": server.mcs_api_version(), "kind": "ServiceExport",
+        "metadata": {"namespace": "demo", "name": "hello", "creationTimestamp": "2026-03-01T00:00:00Z",
+                     "labels": {"dummy-svcexport": "dummy"}},
+        "spec": {"exportedLabels": {"dummy-label": "true", "bad label!": "x"},
+                 "exportedAnnotations": {"dummy-annotation": "true"}},
+    }));
+    let mut watcher = start(&server, view(vec![]));
+    let local = watcher
+        .catalog("demo/hello", |c| c.services.len() == 1)
+        .await;
+    eventually("the ServiceImport with the exported metadata", || {
+        server
+            .get("ServiceImport", "demo", "hello")
+            .is_some_and(|i| i["metadata"]["labels"]["dummy-label"] == "true")
+    })
+    .await;
+    let import = server.get("ServiceImport", "demo", "hello").unwrap();
+    assert_eq!(
+        import["metadata"]["labels"],
+        json!({"app.kubernetes.io/managed-by": "meshd", "dummy-label": "true"})
+    );
+    assert_eq!(
+        import["metadata"]["annotations"],
+        json!({"dummy-annotation": "true"})
+    );
+    // The invalid key is left out, and the Valid condition says so.
+    eventually("Valid names the left-out label", || {
+        server.get("ServiceExport", "demo", "hello").is_some_and(|e| {
+            e["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "Valid"
+                        && c["status"] == "True"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("exportedLabels \"bad label!\""))
+                })
+        })
+    })
+    .await;
+
+    // m2 exports it a second later with other metadata: conflict on this export too, and the
+    // older export's metadata stays.
+    let mut theirs = local.services[0].clone();
+    theirs.exported_at = Some("2026-03-01T00:00:01Z".into());
+    theirs.exported_labels = BTreeMap::from([("dummy-label2".into(), "true".into())]);
+    theirs.exported_annotations = BTreeMap::from([("dummy-annotation2".into(), "true".into())]);
+    watcher.set_view(view(vec![("m2", vec![theirs.clone()])]));
+    eventually("Conflict=True for labels and annotations", || {
+        has_condition(
+            &server,
+            "demo",
+            "hello",
+            "Conflict",
+            "True",
+            "AnnotationsConflict,LabelsConflict",
+        )
+    })
+    .await;
+    let import = server.get("ServiceImport", "demo", "hello").unwrap();
+    assert_eq!(import["metadata"]["labels"]["dummy-label"], "true");
+    assert!(import["metadata"]["labels"].get("dummy-label2").is_none());
+
+    // Now m2's export is the older, and claims meshd's mark for someone else: its labels
+    // replace this cluster's, the mark stays meshd's.
+    theirs.exported_at = Some("2026-02-01T00:00:00Z".into());
+    theirs
+        .exported_labels
+        .insert("app.kubernetes.io/managed-by".into(), "someone-else".into());
+    watcher.set_view(view(vec![("m2", vec![theirs])]));
+    eventually("m2's metadata on the import", || {
+        server.get("ServiceImport", "demo", "hello").is_some_and(|i| {
+            i["metadata"]["labels"]
+                == json!({"app.kubernetes.io/managed-by": "meshd", "dummy-label2": "true"})
+                && i["metadata"]["annotations"] == json!({"dummy-annotation2": "true"})
+        })
+    })
+    .await;
+}
+
 /// Conformance: "Exporting a headless service should create a ServiceImport of type Headless"
 /// and "No clusterset IP should be allocated for a Headless ServiceImport"; its ipFamilies are
 /// those of the endpoints DNS answers with.

@@ -98,6 +98,43 @@ fn is_protocol_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/'))
 }
 
+/// The most exported labels or annotations one service may carry.
+pub const MAX_EXPORTED_METADATA: usize = 64;
+/// The most bytes of exported annotations (keys and values) one service may carry.
+pub const MAX_ANNOTATION_BYTES: usize = 16 * 1024;
+
+/// A Kubernetes label or annotation key: an optional DNS-subdomain prefix and `/`, then a name of
+/// at most 63 characters, alphanumeric at both ends, `-`, `_` and `.` inside.
+pub fn is_metadata_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// A Kubernetes label value: empty, or at most 63 characters, alphanumeric at both ends, `-`,
+/// `_` and `.` inside.
+pub fn is_label_value(value: &str) -> bool {
+    let b = value.as_bytes();
+    value.is_empty()
+        || (b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')))
+}
+
 /// One exported service of one cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +164,12 @@ pub struct ExportedService {
     /// The Service's `trafficDistribution` (e.g. `PreferClose`), copied to the ServiceImport.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_distribution: Option<String>,
+    /// The ServiceExport's `spec.exportedLabels` and `spec.exportedAnnotations`: what the
+    /// ServiceImport carries in its metadata (never the Service's or the ServiceExport's own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exported_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exported_annotations: BTreeMap<String, String>,
 }
 
 impl ExportedService {
@@ -245,6 +288,24 @@ impl ExportedService {
         {
             return Err(format!(
                 "{at}: a trafficDistribution that is not a short name"
+            ));
+        }
+        let labels_ok = self.exported_labels.len() <= MAX_EXPORTED_METADATA
+            && self
+                .exported_labels
+                .iter()
+                .all(|(k, v)| is_metadata_key(k) && is_label_value(v));
+        let annotation_bytes: usize = self
+            .exported_annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        let annotations_ok = self.exported_annotations.len() <= MAX_EXPORTED_METADATA
+            && annotation_bytes <= MAX_ANNOTATION_BYTES
+            && self.exported_annotations.keys().all(|k| is_metadata_key(k));
+        if !labels_ok || !annotations_ok {
+            return Err(format!(
+                "{at}: exported labels or annotations that are not valid Kubernetes metadata, or over {MAX_EXPORTED_METADATA} entries ({MAX_ANNOTATION_BYTES} bytes of annotations)"
             ));
         }
         for e in &self.endpoints {

@@ -195,6 +195,8 @@ enum Disagreement {
     Ports,
     SessionAffinity,
     SessionAffinityConfig,
+    Annotations,
+    Labels,
     InternalTrafficPolicy,
     TrafficDistribution,
 }
@@ -207,6 +209,8 @@ impl Disagreement {
             Disagreement::Ports => "PortConflict",
             Disagreement::SessionAffinity => "SessionAffinityConflict",
             Disagreement::SessionAffinityConfig => "SessionAffinityConfigConflict",
+            Disagreement::Annotations => "AnnotationsConflict",
+            Disagreement::Labels => "LabelsConflict",
             Disagreement::InternalTrafficPolicy => "InternalTrafficPolicyConflict",
             Disagreement::TrafficDistribution => "TrafficDistributionConflict",
         }
@@ -218,6 +222,8 @@ impl Disagreement {
             Disagreement::Ports => "ports",
             Disagreement::SessionAffinity => "session affinity",
             Disagreement::SessionAffinityConfig => "session affinity timeout",
+            Disagreement::Annotations => "exported annotations",
+            Disagreement::Labels => "exported labels",
             Disagreement::InternalTrafficPolicy => "internal traffic policy",
             Disagreement::TrafficDistribution => "traffic distribution",
         }
@@ -242,6 +248,12 @@ fn disagreements(a: &ExportedService, b: &ExportedService) -> Vec<Disagreement> 
     }
     if differ(&a.session_affinity_timeout, &b.session_affinity_timeout) {
         found.push(Disagreement::SessionAffinityConfig);
+    }
+    if a.exported_annotations != b.exported_annotations {
+        found.push(Disagreement::Annotations);
+    }
+    if a.exported_labels != b.exported_labels {
+        found.push(Disagreement::Labels);
     }
     if differ(&a.internal_traffic_policy, &b.internal_traffic_policy) {
         found.push(Disagreement::InternalTrafficPolicy);
@@ -306,6 +318,9 @@ pub(crate) struct WantedImport {
     pub session_affinity_timeout: Option<u32>,
     pub internal_traffic_policy: Option<TrafficPolicy>,
     pub traffic_distribution: Option<String>,
+    /// The winning export's exported labels and annotations (the ServiceImport's metadata).
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     /// The exporting clusters, sorted.
     pub clusters: Vec<String>,
 }
@@ -352,6 +367,8 @@ pub(crate) fn wanted_imports(
                 session_affinity_timeout: winner.service.session_affinity_timeout,
                 internal_traffic_policy: winner.service.internal_traffic_policy,
                 traffic_distribution: winner.service.traffic_distribution.clone(),
+                labels: winner.service.exported_labels.clone(),
+                annotations: winner.service.exported_annotations.clone(),
                 clusters,
             })
         })

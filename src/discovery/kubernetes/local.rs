@@ -11,8 +11,9 @@
 
 use super::status::Verdict;
 use crate::discovery::catalog::{
-    is_dns_label, Endpoint, ExportedService, PortProtocol, ServicePort, ServiceType,
-    SessionAffinity, TrafficPolicy,
+    is_dns_label, is_label_value, is_metadata_key, Endpoint, ExportedService, PortProtocol,
+    ServicePort, ServiceType, SessionAffinity, TrafficPolicy, MAX_ANNOTATION_BYTES,
+    MAX_EXPORTED_METADATA,
 };
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
@@ -90,12 +91,55 @@ pub(crate) fn decide(
                 .get(&(namespace, name))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let verdict = decide_one(namespace, name, exported_at, service, slices);
+            let mut verdict = decide_one(namespace, name, exported_at, service, slices);
+            if let Some(service) = verdict.service.as_mut() {
+                let spec = export.data.get("spec");
+                let (labels, bad_labels) = exported_metadata(spec, "exportedLabels", true);
+                let (annotations, bad_annotations) =
+                    exported_metadata(spec, "exportedAnnotations", false);
+                service.exported_labels = labels;
+                service.exported_annotations = annotations;
+                let left_out: Vec<String> = bad_labels.into_iter().chain(bad_annotations).collect();
+                if !left_out.is_empty() {
+                    verdict.valid.message.push_str(&format!(
+                        "; left out of the ServiceImport, not valid Kubernetes metadata (or over {MAX_EXPORTED_METADATA} entries): {}",
+                        left_out.join(", ")
+                    ));
+                }
+            }
             Some(inside(verdict, local_cidrs))
         })
         .collect();
     verdicts.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     verdicts
+}
+
+/// A ServiceExport's `spec.exportedLabels` (`labels`: values must be label values too) or
+/// `spec.exportedAnnotations`: the valid entries, and the keys of those left out (quoted).
+fn exported_metadata(
+    spec: Option<&serde_json::Value>,
+    field: &str,
+    labels: bool,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut taken = BTreeMap::new();
+    let mut left_out = Vec::new();
+    let mut bytes = 0;
+    let entries = spec
+        .and_then(|s| s.get(field))
+        .and_then(|m| m.as_object())
+        .into_iter()
+        .flatten();
+    for (key, value) in entries {
+        let value = value.as_str().unwrap_or_default();
+        bytes += key.len() + value.len();
+        let fits = taken.len() < MAX_EXPORTED_METADATA && (labels || bytes <= MAX_ANNOTATION_BYTES);
+        if fits && is_metadata_key(key) && (!labels || is_label_value(value)) {
+            taken.insert(key.clone(), value.to_string());
+        } else {
+            left_out.push(format!("{field} {key:?}"));
+        }
+    }
+    (taken, left_out)
 }
 
 /// The verdict, or a refusal when the service hands out an address outside `local_cidrs` (a
@@ -252,6 +296,8 @@ fn decide_one(
                 _ => None,
             },
             traffic_distribution: spec.traffic_distribution.clone().filter(|t| !t.is_empty()),
+            exported_labels: BTreeMap::new(),
+            exported_annotations: BTreeMap::new(),
         }),
         valid,
         ready: Verdict::yes(

@@ -204,9 +204,10 @@ impl Pass {
     async fn create_import(&mut self, want: &WantedImport) {
         let what = import_name(&(want.namespace.clone(), want.name.clone()));
         let mut object = DynamicObject::new(&want.name, &self.imports).within(&want.namespace);
-        object
-            .labels_mut()
-            .insert(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
+        *object.labels_mut() = import_labels(want);
+        if !want.annotations.is_empty() {
+            *object.annotations_mut() = want.annotations.clone();
+        }
         let mut spec = import_spec(want);
         if let Some(fields) = spec.as_object_mut() {
             fields.retain(|_, v| !v.is_null());
@@ -258,8 +259,28 @@ impl Pass {
                 .filter(|v| !v.is_null())
                 != spec.get(field).filter(|v| !v.is_null())
         });
-        if spec_differs {
-            let patch = Patch::Merge(json!({ "spec": spec }));
+        let labels = import_labels(want);
+        let metadata_differs =
+            *import.labels() != labels || *import.annotations() != want.annotations;
+        if spec_differs || metadata_differs {
+            // Keys meshd no longer wants are `null`: removed by the merge patch.
+            let replace = |current: &BTreeMap<String, String>,
+                           wanted: &BTreeMap<String, String>| {
+                let mut patch: serde_json::Map<String, Value> = current
+                    .keys()
+                    .filter(|k| !wanted.contains_key(*k))
+                    .map(|k| (k.clone(), Value::Null))
+                    .collect();
+                patch.extend(wanted.iter().map(|(k, v)| (k.clone(), json!(v))));
+                Value::Object(patch)
+            };
+            let patch = Patch::Merge(json!({
+                "metadata": {
+                    "labels": replace(import.labels(), &labels),
+                    "annotations": replace(import.annotations(), &want.annotations),
+                },
+                "spec": spec,
+            }));
             if let Err(e) = api.patch(&want.name, &PatchParams::default(), &patch).await {
                 self.problems
                     .report(&what, refusal(&e, "patch", "serviceimports"), true);
@@ -308,6 +329,14 @@ impl Pass {
 
 fn import_name(key: &Key) -> String {
     format!("ServiceImport {}/{}", key.0, key.1)
+}
+
+/// A managed ServiceImport's labels: the winning export's exported labels, and meshd's mark
+/// (which no exported label can replace).
+fn import_labels(want: &WantedImport) -> BTreeMap<String, String> {
+    let mut labels = want.labels.clone();
+    labels.insert(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
+    labels
 }
 
 fn managed(object: &DynamicObject) -> bool {
