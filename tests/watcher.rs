@@ -426,11 +426,13 @@ async fn an_exported_cluster_ip_service_becomes_the_catalog_with_its_ready_endpo
         .await;
     assert_eq!(catalog.generation, 2);
 
-    // Nothing but the ServiceExport's status and ServiceImports was written.
+    // Nothing but the ServiceExport's status, ServiceImports and meshd's own MCS EndpointSlices
+    // was written: never the Service's slices.
     for write in server.writes() {
         assert!(
             write.resource == "serviceexports/status"
-                || write.resource.starts_with("serviceimports"),
+                || write.resource.starts_with("serviceimports")
+                || (write.resource == "endpointslices" && write.name.starts_with("meshd-")),
             "unexpected write {write:?}"
         );
     }
@@ -799,19 +801,21 @@ async fn mcs_only_exported_labels_and_annotations_reach_the_service_import() {
     );
     // The invalid key is left out, and the Valid condition says so.
     eventually("Valid names the left-out label", || {
-        server.get("ServiceExport", "demo", "hello").is_some_and(|e| {
-            e["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "Valid"
-                        && c["status"] == "True"
-                        && c["message"]
-                            .as_str()
-                            .is_some_and(|m| m.contains("exportedLabels \"bad label!\""))
-                })
-        })
+        server
+            .get("ServiceExport", "demo", "hello")
+            .is_some_and(|e| {
+                e["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| {
+                        c["type"] == "Valid"
+                            && c["status"] == "True"
+                            && c["message"]
+                                .as_str()
+                                .is_some_and(|m| m.contains("exportedLabels \"bad label!\""))
+                    })
+            })
     })
     .await;
 
@@ -845,11 +849,93 @@ async fn mcs_only_exported_labels_and_annotations_reach_the_service_import() {
         .insert("app.kubernetes.io/managed-by".into(), "someone-else".into());
     watcher.set_view(view(vec![("m2", vec![theirs])]));
     eventually("m2's metadata on the import", || {
-        server.get("ServiceImport", "demo", "hello").is_some_and(|i| {
-            i["metadata"]["labels"]
-                == json!({"app.kubernetes.io/managed-by": "meshd", "dummy-label2": "true"})
-                && i["metadata"]["annotations"] == json!({"dummy-annotation2": "true"})
-        })
+        server
+            .get("ServiceImport", "demo", "hello")
+            .is_some_and(|i| {
+                i["metadata"]["labels"]
+                    == json!({"app.kubernetes.io/managed-by": "meshd", "dummy-label2": "true"})
+                    && i["metadata"]["annotations"] == json!({"dummy-annotation2": "true"})
+            })
+    })
+    .await;
+}
+
+/// Conformance: "Exporting a service should create an MCS EndpointSlice in the service's
+/// namespace in each cluster with the required MCS labels. Unexporting should delete the
+/// EndpointSlice." and the slice half of "A DNS query of the <hostname>.<clusterid>.<service>.
+/// <ns>.svc.clusterset.local domain for a headless StatefulSet service should return the
+/// requested pod's endpoint address": the cluster id on the slice names the DNS answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_exporting_a_service_creates_mcs_endpoint_slices_and_unexporting_deletes_them() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut db = remote_service("demo", "db", 5432, "2026-01-01T00:00:00Z");
+    db.service_type = ServiceType::Headless;
+    db.ips.clear();
+    db.endpoints = vec![meshd::discovery::catalog::Endpoint {
+        ip: "10.245.1.20".parse().unwrap(),
+        hostname: Some("db-0".into()),
+        ready: true,
+    }];
+    let remotes = view(vec![("m2", vec![db])]);
+    let mut watcher = start(&server, remotes.clone());
+    let local = watcher.catalog("demo/web", |c| c.services.len() == 1).await;
+    let mcs_slices = |server: &ApiServer| -> BTreeMap<String, Value> {
+        server
+            .list("EndpointSlice")
+            .into_iter()
+            .filter(|s| {
+                !s["metadata"]["labels"]["multicluster.kubernetes.io/service-name"].is_null()
+            })
+            .map(|s| (s["metadata"]["name"].as_str().unwrap().to_string(), s))
+            .collect()
+    };
+    eventually("an MCS EndpointSlice per exporting cluster", || {
+        mcs_slices(&server).len() == 2
+    })
+    .await;
+    let slices = mcs_slices(&server);
+    let ours = &slices["meshd-m1-web-ipv4"];
+    assert_eq!(ours["metadata"]["namespace"], "demo");
+    assert_eq!(ours["addressType"], "IPv4");
+    let labels = &ours["metadata"]["labels"];
+    assert_eq!(labels["multicluster.kubernetes.io/service-name"], "web");
+    assert_eq!(labels["multicluster.kubernetes.io/source-cluster"], "m1");
+    assert_ne!(
+        labels["endpointslice.kubernetes.io/managed-by"],
+        "endpointslice-controller.k8s.io"
+    );
+    assert!(labels.get("kubernetes.io/service-name").is_none());
+    let addresses: Vec<&str> = ours["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["addresses"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["10.244.1.10", "10.244.1.11"]);
+    // The headless slice from m2: its cluster id and hostname are a DNS name for its address.
+    let theirs = &slices["meshd-m2-db-ipv4"];
+    let cluster = theirs["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]
+        .as_str()
+        .unwrap();
+    let endpoint = &theirs["endpoints"][0];
+    let name = format!(
+        "{}.{cluster}.db.demo.svc.clusterset.local.",
+        endpoint["hostname"].as_str().unwrap()
+    );
+    let mut view_now = (*remotes).clone();
+    view_now.clusters[0].catalog = Arc::new(local);
+    assert_eq!(
+        dns(view_now, &name, RecordType::A),
+        [RecordData::A(
+            endpoint["addresses"][0].as_str().unwrap().parse().unwrap()
+        )]
+    );
+
+    server.delete("ServiceExport", "demo", "web");
+    eventually("this cluster's slice deleted with its export", || {
+        let slices = mcs_slices(&server);
+        !slices.contains_key("meshd-m1-web-ipv4") && slices.contains_key("meshd-m2-db-ipv4")
     })
     .await;
 }

@@ -15,7 +15,9 @@
 //!    conditions differ from those wanted (`status`);
 //! 3. creates, updates and deletes the ServiceImports it manages (label
 //!    `app.kubernetes.io/managed-by: meshd`) so that there is one per service exported anywhere
-//!    in the view, never touching one it does not manage.
+//!    in the view, never touching one it does not manage;
+//! 4. likewise the MCS EndpointSlices of those services (`slices`): one per exporting cluster
+//!    and IP family.
 //!
 //! Kubernetes holds the truth and this task holds only caches of it, so nothing is lost when the
 //! task restarts. A refused write (RBAC, a missing namespace, an unreachable API server) is logged
@@ -25,6 +27,7 @@
 
 mod clusterset;
 mod local;
+mod slices;
 mod status;
 mod writes;
 

@@ -8,11 +8,13 @@
 
 use super::clusterset::{self, WantedImport};
 use super::local::{self, ExportVerdict};
+use super::slices;
 use super::status::{self, Condition, CONFLICT, READY, VALID};
 use super::{Publisher, Stores, MANAGED_BY, RETRY};
 use crate::discovery::catalog::{
     ClustersetView, ExportedService, ServiceType, SessionAffinity, TrafficPolicy,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
@@ -92,6 +94,8 @@ impl Pass {
         if view.loaded {
             let wanted = clusterset::wanted_imports(&self.cluster, &services, view);
             self.write_imports(&stores.imports.state(), &wanted).await;
+            let slices = slices::wanted_slices(&self.cluster, &services, view);
+            self.write_slices(&stores.slices.state(), &slices).await;
         }
         self.problems.end();
     }
@@ -193,6 +197,81 @@ impl Pass {
                     .any(|w| w.namespace == key.0 && w.name == key.1)
             {
                 self.delete_import(&key).await;
+            }
+        }
+    }
+
+    /// Brings the MCS EndpointSlices meshd manages to `wanted` (see [`slices`]): creates the
+    /// missing, patches the changed, deletes the ones no export backs any more.
+    async fn write_slices(
+        &mut self,
+        existing: &[Arc<EndpointSlice>],
+        wanted: &BTreeMap<Key, EndpointSlice>,
+    ) {
+        let existing: BTreeMap<Key, &EndpointSlice> = existing
+            .iter()
+            .filter(|s| slices::managed(s))
+            .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), &**s))
+            .collect();
+        for (key, want) in wanted {
+            let what = format!("EndpointSlice {}/{}", key.0, key.1);
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &key.0);
+            let result = match existing.get(key) {
+                Some(have) if slices::same(have, want) => continue,
+                Some(_) => {
+                    let patch = Patch::Merge(json!({
+                        "metadata": { "labels": want.metadata.labels },
+                        "endpoints": want.endpoints,
+                        "ports": want.ports,
+                    }));
+                    api.patch(&key.1, &PatchParams::default(), &patch)
+                        .await
+                        .map(|_| "updated")
+                        .map_err(|e| (e, "patch"))
+                }
+                None => api
+                    .create(&PostParams::default(), want)
+                    .await
+                    .map(|_| "created")
+                    .map_err(|e| (e, "create")),
+            };
+            match result {
+                Ok(done) => {
+                    tracing::debug!(slice = %what, "MCS EndpointSlice {done}");
+                    self.problems.clear(&what);
+                }
+                Err((kube::Error::Api(s), _)) if s.is_already_exists() => self.problems.report(
+                    &what,
+                    format!(
+                        "exists and is not managed by meshd (no label {}={}); meshd leaves it as it is: delete it to let meshd manage it",
+                        MANAGED_BY.0, MANAGED_BY.1
+                    ),
+                    false,
+                ),
+                Err((kube::Error::Api(s), _)) if s.code == 404 => self.problems.report(
+                    &what,
+                    format!(
+                        "namespace {} does not exist in this cluster, so the service exported elsewhere cannot be imported here; create the namespace to import it",
+                        key.0
+                    ),
+                    true,
+                ),
+                Err((e, verb)) => {
+                    self.problems
+                        .report(&what, refusal(&e, verb, "endpointslices"), true)
+                }
+            }
+        }
+        for key in existing.keys().filter(|k| !wanted.contains_key(*k)) {
+            let what = format!("EndpointSlice {}/{}", key.0, key.1);
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &key.0);
+            match api.delete(&key.1, &DeleteParams::default()).await {
+                Ok(_) => self.problems.clear(&what),
+                Err(kube::Error::Api(s)) if s.code == 404 => self.problems.clear(&what),
+                Err(e) => {
+                    self.problems
+                        .report(&what, refusal(&e, "delete", "endpointslices"), true)
+                }
             }
         }
     }
