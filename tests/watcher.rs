@@ -159,6 +159,15 @@ fn remote_service(namespace: &str, name: &str, port: u16, exported_at: &str) -> 
     }
 }
 
+/// [`remote_service`], headless (no service IPs).
+fn remote_headless(namespace: &str, name: &str, port: u16, exported_at: &str) -> ExportedService {
+    ExportedService {
+        service_type: ServiceType::Headless,
+        ips: Vec::new(),
+        ..remote_service(namespace, name, port, exported_at)
+    }
+}
+
 fn view(remotes: Vec<(&str, Vec<ExportedService>)>) -> Arc<ClustersetView> {
     let remotes: BTreeMap<String, ClusterEntry> = remotes
         .into_iter()
@@ -298,6 +307,32 @@ fn condition(
                 c["status"].as_str().unwrap_or_default().to_string(),
                 c["reason"].as_str().unwrap_or_default().to_string(),
             )
+        })
+}
+
+/// Whether a ServiceExport's condition `type_` is `status` and its reason and message pass
+/// `check`.
+fn condition_where(
+    server: &ApiServer,
+    (namespace, name): (&str, &str),
+    (type_, status): (&str, &str),
+    check: impl Fn(&str, &str) -> bool,
+) -> bool {
+    server
+        .get("ServiceExport", namespace, name)
+        .is_some_and(|e| {
+            e["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == type_
+                        && c["status"] == status
+                        && check(
+                            c["reason"].as_str().unwrap_or_default(),
+                            c["message"].as_str().unwrap_or_default(),
+                        )
+                })
         })
 }
 
@@ -625,18 +660,8 @@ async fn mcs_conflicting_ports_report_a_conflict_on_each_export_and_the_oldest_w
         vec![remote_service("demo", "web", 80, "2026-04-01T00:00:00Z")],
     )]));
     eventually("the oldest export is in conflict too", || {
-        server.get("ServiceExport", "demo", "web").is_some_and(|e| {
-            e["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "Conflict"
-                        && c["status"] == "True"
-                        && c["message"]
-                            .as_str()
-                            .is_some_and(|m| m.contains("this cluster's, the oldest"))
-                })
+        condition_where(&server, ("demo", "web"), ("Conflict", "True"), |_, m| {
+            m.contains("this cluster's, the oldest")
         })
     })
     .await;
@@ -801,21 +826,9 @@ async fn mcs_only_exported_labels_and_annotations_reach_the_service_import() {
     );
     // The invalid key is left out, and the Valid condition says so.
     eventually("Valid names the left-out label", || {
-        server
-            .get("ServiceExport", "demo", "hello")
-            .is_some_and(|e| {
-                e["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| {
-                        c["type"] == "Valid"
-                            && c["status"] == "True"
-                            && c["message"]
-                                .as_str()
-                                .is_some_and(|m| m.contains("exportedLabels \"bad label!\""))
-                    })
-            })
+        condition_where(&server, ("demo", "hello"), ("Valid", "True"), |_, m| {
+            m.contains("exportedLabels \"bad label!\"")
+        })
     })
     .await;
 
@@ -869,9 +882,7 @@ async fn mcs_only_exported_labels_and_annotations_reach_the_service_import() {
 async fn mcs_exporting_a_service_creates_mcs_endpoint_slices_and_unexporting_deletes_them() {
     let server = ApiServer::start().await;
     web(&server);
-    let mut db = remote_service("demo", "db", 5432, "2026-01-01T00:00:00Z");
-    db.service_type = ServiceType::Headless;
-    db.ips.clear();
+    let mut db = remote_headless("demo", "db", 5432, "2026-01-01T00:00:00Z");
     db.endpoints = vec![meshd::discovery::catalog::Endpoint {
         ip: "10.245.1.20".parse().unwrap(),
         hostname: Some("db-0".into()),
@@ -1027,24 +1038,12 @@ async fn mcs_two_exports_expose_the_union_of_their_ports_and_raise_a_conflict() 
 async fn mcs_conflicting_headlessness_reports_a_conflict_and_the_oldest_type_wins() {
     let server = ApiServer::start().await;
     web(&server);
-    let mut theirs = remote_service("demo", "web", 80, "2026-03-01T00:00:02Z");
-    theirs.service_type = ServiceType::Headless;
-    theirs.ips.clear();
+    let theirs = remote_headless("demo", "web", 80, "2026-03-01T00:00:02Z");
     let mut watcher = start(&server, view(vec![("m2", vec![theirs])]));
     watcher.catalog("demo/web", |c| c.services.len() == 1).await;
     eventually("Conflict=True TypeConflict", || {
-        server.get("ServiceExport", "demo", "web").is_some_and(|e| {
-            e["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "Conflict"
-                        && c["status"] == "True"
-                        && c["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.starts_with("TypeConflict"))
-                })
+        condition_where(&server, ("demo", "web"), ("Conflict", "True"), |r, _| {
+            r.starts_with("TypeConflict")
         })
     })
     .await;
