@@ -123,9 +123,9 @@ BEGIN {
         addr = ip("10." (100 + k), i)
         printf "  { ip = \"%s\", hostname = \"%s\" },\n", addr, host > exports
         rr(base, "A", addr)
-        rr(cluster "." base, "A", addr)
         rr(host "." cluster "." base, "A", addr)
         rr("_pg._tcp." base, "SRV", "0 33 5432 " host "." cluster "." base ".")
+        rr(base, "SRV", "0 33 5432 " host "." cluster "." base ".")
       }
       printf "]\n\n" > exports
     } else {
@@ -138,9 +138,14 @@ BEGIN {
       printf "[[services]]\nnamespace = \"%s\"\nname = \"%s\"\nips = [\"%s\"]\n", team, name[i], addr > exports
       printf "ports = [%s]\nendpoints = [{ ip = \"%s\" }]\n\n", ports, ip("10.244", i) > exports
       rr(base, "A", addr)
-      rr(cluster "." base, "A", addr)
       rr("_http._tcp." base, "SRV", "0 100 80 " base ".")
       if (i % 3 == 0) rr("_grpc._tcp." base, "SRV", "0 100 9090 " base ".")
+      # SRV of the bare name: every port (the unnamed one too), equal weights.
+      count = 1 + (i % 3 == 0) + (i % 7 == 0)
+      weight = int(100 / count)
+      rr(base, "SRV", "0 " weight " 80 " base ".")
+      if (i % 3 == 0) rr(base, "SRV", "0 " weight " 9090 " base ".")
+      if (i % 7 == 0) rr(base, "SRV", "0 " weight " 8080 " base ".")
     }
   }
   # The query mix: mostly A for existing names, then SRV, some NXDOMAIN and NODATA.
@@ -149,7 +154,7 @@ BEGIN {
     i = int(rand() * n); team = "team-" int(i / 100); base = name[i] "." team "." z
     r = rand(); hl = (i % 10 == 9)
     if (r < 0.45) line = base " A"
-    else if (r < 0.55) line = cluster "." base " A"
+    else if (r < 0.55) line = base " SRV"
     else if (r < 0.65) line = (hl ? name[i] "-" int(rand() * 3) "." cluster "." base : base) " A"
     else if (r < 0.80) line = (hl ? "_pg._tcp." : (i % 3 == 0 && rand() < 0.5 ? "_grpc._tcp." : "_http._tcp.")) base " SRV"
     else if (r < 0.90) line = "nope-" i "." team "." z " A"

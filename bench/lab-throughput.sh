@@ -8,6 +8,8 @@
 #   --workers  two nodes per cluster: from the pod of M1's second node (a route agent) to the
 #              pod of M2's second node, across both gateways (default: gateway pod to pod)
 #   tcp1: TCP, 1 stream   tcp4: TCP, 4 streams   udp: UDP at --udp-rate, 1300-byte datagrams
+#   pps64, pps512, pps1300: UDP datagrams of that size, as fast as iperf3 sends (-b 0);
+#              reported as datagrams received per second (the small-packet cost)
 #   --impls also takes meshd-overlap: meshd in the --overlap lab (both clusters on the same
 #              CIDRs, every packet translated to and from global ranges), to set beside meshd
 #   --smoke   one 1-second tcp1 run of each implementation that is installed (CI; no installs)
@@ -61,13 +63,15 @@ trap cleanup EXIT
 busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
-# One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%".
+# One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%" (pps modes: datagrams received a
+# second in place of Mbit/s, and CPU-seconds per million datagrams).
 measure() {
   local mode=$1 target=$2 args out before after
   case "$mode" in
     tcp1) args=(-t "$seconds") ;;
     tcp4) args=(-t "$seconds" -P 4) ;;
     udp) args=(-t "$seconds" -u -b "$rate" -l 1300) ;;
+    pps*) args=(-t "$seconds" -u -b 0 -l "${mode#pps}") ;;
   esac
   ip netns exec "$server" iperf3 -s -1 -D
   sleep 0.3
@@ -76,10 +80,18 @@ measure() {
   after=$(busy_ticks)
   local line
   if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
-  awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" 'BEGIN {
-    n = split(line, f, " "); mbps = 0; loss = "-"
-    for (i = 1; i <= n; i++) if (f[i] == "Mbits/sec") mbps = f[i-1]
+  awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" -v mode="$mode" 'BEGIN {
+    n = split(line, f, " "); mbps = 0; loss = "-"; received = 0
+    for (i = 1; i <= n; i++) {
+      if (f[i] == "Mbits/sec") mbps = f[i-1]
+      if (f[i] ~ /^[0-9]+\/[0-9]+$/) { split(f[i], lt, "/"); received = lt[2] - lt[1] }
+    }
     if (match(line, /\(([0-9.e+-]+)%\)/)) loss = substr(line, RSTART + 1, RLENGTH - 3) "%"
+    if (mode ~ /^pps/) {
+      pps = received / secs
+      printf "%d %.2f %s\n", pps, (received > 0 ? ticks / hz / (received / 1e6) : 0), loss
+      exit
+    }
     gb = mbps * secs / 8000
     printf "%s %.1f %s\n", mbps, (gb > 0 ? ticks / hz / gb : 0), loss
   }'
@@ -108,14 +120,16 @@ for impl in $impls; do
     mbps[$impl.$mode]=$(printf '%s\n' "${samples[@]}" | sort -n | tr '\n' ' ')
     cpu[$impl.$mode]=$(printf '%s\n' "${cpus[@]}" | median)
     loss[$impl.$mode]=${losses[*]}
-    echo "$impl $mode: ${samples[*]} Mbit/s; CPU-s/GB ${cpus[*]}; loss ${losses[*]}" >&2
+    echo "$impl $mode: ${samples[*]} (Mbit/s; pps modes: datagrams/s); CPU ${cpus[*]}; loss ${losses[*]}" >&2
   done
   "$lab" down --prefix bn >/dev/null 2>&1
 done
 
 for mode in $modes; do
-  printf '\n%s: iperf3 %s -> %s, %s s x %s runs (receiver Mbit/s)\n' "$mode" "${client#bn}" "${server#bn}" "$seconds" "$runs"
-  printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio CPU-s/GB loss
+  unit="receiver Mbit/s" per=CPU-s/GB
+  case "$mode" in pps*) unit="datagrams received a second" per=CPU-s/M ;; esac
+  printf '\n%s: iperf3 %s -> %s, %s s x %s runs (%s)\n' "$mode" "${client#bn}" "${server#bn}" "$seconds" "$runs" "$unit"
+  printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio "$per" loss
   meshd_median=$(values "${mbps[meshd.$mode]:-0}" | median)
   for impl in $impls; do
     read -r -a s <<<"${mbps[$impl.$mode]}"
