@@ -613,7 +613,22 @@ mod tests {
             edit(&mut s);
             s
         };
-        let cases: [(ExportedService, &str); 9] = [
+        let cases: [(ExportedService, &str); 11] = [
+            (
+                bad(|s| {
+                    s.exported_labels =
+                        std::collections::BTreeMap::from([("bad key!".into(), "x".into())]);
+                }),
+                "exported labels or annotations",
+            ),
+            (
+                bad(|s| {
+                    s.exported_annotations = (0..100)
+                        .map(|i| (format!("note-{i}"), "x".repeat(1_000)))
+                        .collect();
+                }),
+                "exported labels or annotations",
+            ),
             (
                 bad(|s| s.traffic_distribution = Some("Prefer Close\nforged".into())),
                 "trafficDistribution",

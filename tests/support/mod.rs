@@ -448,14 +448,9 @@ pub fn peers_json(lab: &Lab, node: &str) -> serde_json::Value {
     try_peers_json(lab, node).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Runs `scripts/lab.sh demo` (which brings the lab up and takes it down) with `extra` options,
-/// holding the lab lock; returns its output.
+/// Runs `scripts/lab.sh demo` (which brings the lab up and takes it down) with meshd in both
+/// gateways and `extra` options, holding the lab lock; returns its output.
 pub fn lab_demo(prefix: &str, extra: &[&str]) -> Output {
     let _guard = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    Command::new(repo_root().join("scripts/lab.sh"))
-        .args(["demo", "--prefix", prefix])
-        .args(extra)
-        .env("MESHD_BIN_DIR", bin_dir())
-        .output()
-        .expect("run scripts/lab.sh demo")
+    lab_script("demo", prefix, "meshd", "meshd", extra)
 }
