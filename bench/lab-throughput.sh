@@ -14,7 +14,17 @@
 #              CIDRs, every packet translated to and from global ranges), to set beside meshd
 #   --smoke   one 1-second tcp1 run of each implementation that is installed (CI; no installs)
 # Prints, per mode, receiver Mbit/s (min / median / max of N runs), meshd's median divided by
-# each implementation's, and whole-machine CPU-seconds per GB moved (median); for UDP the loss.
+# each implementation's, whole-machine CPU-seconds per GB moved and the tunnel processes' own
+# ("tunnel": both gateways' meshd, wireguard-go or boringtun-cli; pps modes: per million
+# datagrams received), medians; for UDP the loss,
+# and where the lost datagrams went (summed over the runs), from counters along the path:
+#   before the tunnel: between the sending pod and M1's TUN device (M1's forwarding)
+#   TUN queue full: M1's TUN device dropped them, its queue full (the tunnel read too slowly)
+#   meshd M1: taken from the TUN device, never sent to the peer (meshd's drops)
+#   wire / M2 socket: sent by M1's meshd, never received by M2's (M2's UDP socket full)
+#   meshd M2 / M2: received by M2's meshd, never reached the receiving pod
+#   receiver socket: reached the receiving pod, dropped there for a full socket buffer
+#   (the three meshd columns are one "in the tunnel" column for the other implementations)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
@@ -61,7 +71,53 @@ trap cleanup EXIT
 
 # Busy CPU time of the whole machine so far, in clock ticks.
 busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+# CPU time of the tunnel's own processes (both gateways' meshd, wireguard-go or boringtun-cli)
+# so far, in clock ticks: what the tunnel costs, apart from the pods and the kernel's forwarding.
+tunnel_ticks() {
+  local pid total=0 stat
+  for pid in $(pgrep -x meshd; pgrep -x wireguard-go; pgrep -x boringtun-cli); do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    stat=${stat##*) }
+    read -r -a f <<<"$stat"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
 hz=$(getconf CLK_TCK)
+
+# The receiving-side UDP counters of namespace $1 named by the other arguments, space separated.
+udp_counters() {
+  local netns=$1; shift
+  ip netns exec "$netns" awk -v want="$*" '/^Udp:/ {
+    if (!header) { for (i = 2; i <= NF; i++) col[$i] = i; header = 1; next }
+    n = split(want, w, " "); for (k = 1; k <= n; k++) printf "%s ", $(col[w[k]]); exit
+  }' /proc/net/snmp
+}
+# The sum of the samples of metric $2 on the meshd in namespace $1 (0 when there is none).
+metric_sum() {
+  ip netns exec "$1" curl -s --max-time 2 http://127.0.0.1:9090/metrics 2>/dev/null |
+    awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%d ", s }'
+}
+# Counters along the path, in this order: datagrams the sending pod sent, M1's TUN device's
+# packets taken and dropped (queue full), M1's meshd datagrams to the peer and drops, M2's
+# meshd datagrams from the peer and drops, the receiving pod's datagrams delivered and dropped
+# for a full buffer.
+path_counters() {
+  local tun
+  tun=$(ip netns exec bnm1gw ls /sys/class/net | grep -x 'bnm1wg' || true)
+  udp_counters "$client" OutDatagrams
+  if [ -n "$tun" ]; then
+    ip netns exec bnm1gw cat /sys/class/net/bnm1wg/statistics/tx_packets /sys/class/net/bnm1wg/statistics/tx_dropped | tr '\n' ' '
+  else
+    printf '0 0 '
+  fi
+  metric_sum bnm1gw meshd_peer_tx_packets_total
+  metric_sum bnm1gw meshd_dropped_packets_total
+  metric_sum bnm2gw meshd_peer_rx_packets_total
+  metric_sum bnm2gw meshd_dropped_packets_total
+  udp_counters "$server" InDatagrams RcvbufErrors
+  echo
+}
 
 # One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%" (pps modes: datagrams received a
 # second in place of Mbit/s, and CPU-seconds per million datagrams).
@@ -75,12 +131,24 @@ measure() {
   esac
   ip netns exec "$server" iperf3 -s -1 -D
   sleep 0.3
+  local path_before path_after
+  path_before=$(path_counters)
+  local tunnel_before tunnel_after
+  tunnel_before=$(tunnel_ticks)
   before=$(busy_ticks)
   out=$(ip netns exec "$client" iperf3 -c "$target" -f m "${args[@]}")
   after=$(busy_ticks)
+  tunnel_after=$(tunnel_ticks)
+  sleep 0.2
+  path_after=$(path_counters)
   local line
   if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
-  awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" -v mode="$mode" 'BEGIN {
+  local path
+  path=$(awk -v a="$path_after" -v b="$path_before" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " ")
+    for (i = 1; i <= n; i++) printf "%s%d", (i > 1 ? "," : ""), x[i] - y[i]
+  }')
+  awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" -v mode="$mode" -v path="$path" -v tticks=$((tunnel_after - tunnel_before)) 'BEGIN {
     n = split(line, f, " "); mbps = 0; loss = "-"; received = 0
     for (i = 1; i <= n; i++) {
       if (f[i] == "Mbits/sec") mbps = f[i-1]
@@ -89,16 +157,40 @@ measure() {
     if (match(line, /\(([0-9.e+-]+)%\)/)) loss = substr(line, RSTART + 1, RLENGTH - 3) "%"
     if (mode ~ /^pps/) {
       pps = received / secs
-      printf "%d %.2f %s\n", pps, (received > 0 ? ticks / hz / (received / 1e6) : 0), loss
+      m = received / 1e6
+      printf "%d %.2f %.2f %s %s\n", pps, (m > 0 ? ticks / hz / m : 0), (m > 0 ? tticks / hz / m : 0), loss, path
       exit
     }
     gb = mbps * secs / 8000
-    printf "%s %.1f %s\n", mbps, (gb > 0 ? ticks / hz / gb : 0), loss
+    printf "%s %.1f %.2f %s %s\n", mbps, (gb > 0 ? ticks / hz / gb : 0), (gb > 0 ? tticks / hz / gb : 0), loss, path
   }'
 }
 
 
-declare -A mbps cpu loss
+# Where the lost datagrams went, from the summed path counters of a mode's runs ($1: the
+# implementation, $2: the sums, comma separated, in path_counters's order).
+where_lost() {
+  awk -v impl="$1" -v c="$2" '
+  function pct(x) { return sprintf("%.2f%%", 100 * x / sent) }
+  BEGIN {
+    split(c, v, ","); sent = v[1]; tun = v[2]; full = v[3]; mtx = v[4]; mrx = v[6]
+    delivered = v[8]; rcvbuf = v[9]
+    if (sent <= 0) { print "no datagrams counted"; exit }
+    printf "lost %s: ", pct(sent - delivered)
+    if (impl == "none") {
+      printf "between the pods %s, receiver socket %s\n", pct(sent - delivered - rcvbuf), pct(rcvbuf)
+      exit
+    }
+    printf "before the tunnel %s, TUN queue full %s, ", pct(sent - tun - full), pct(full)
+    if (impl ~ /^meshd/)
+      printf "meshd M1 %s, wire / M2 socket %s, meshd M2 / M2 %s, ", pct(tun - mtx), pct(mtx - mrx), pct(mrx - delivered - rcvbuf)
+    else
+      printf "in the tunnel %s, ", pct(tun - delivered - rcvbuf)
+    printf "receiver socket %s\n", pct(rcvbuf)
+  }'
+}
+
+declare -A mbps cpu tunnel loss paths
 for impl in $impls; do
   # meshd-overlap: meshd with both clusters on the same CIDRs; M2's pod is reached at its
   # global address (M2's pods are 100.82.0.0/16 to M1).
@@ -112,15 +204,21 @@ for impl in $impls; do
     exit 1
   fi
   for mode in $modes; do
-    samples=() cpus=() losses=()
+    samples=() cpus=() tunnels=() losses=() sums=""
     for _ in $(seq "$runs"); do
-      read -r m c l < <(measure "$mode" "$target")
-      samples+=("$m") cpus+=("$c") losses+=("$l")
+      read -r m c t l p < <(measure "$mode" "$target")
+      samples+=("$m") cpus+=("$c") tunnels+=("$t") losses+=("$l")
+      sums=$(awk -v a="$sums" -v b="$p" 'BEGIN {
+        n = split(b, y, ","); split(a, x, ",")
+        for (i = 1; i <= n; i++) printf "%s%d", (i > 1 ? "," : ""), x[i] + y[i]
+      }')
     done
+    paths[$impl.$mode]=$sums
     mbps[$impl.$mode]=$(printf '%s\n' "${samples[@]}" | sort -n | tr '\n' ' ')
     cpu[$impl.$mode]=$(printf '%s\n' "${cpus[@]}" | median)
+    tunnel[$impl.$mode]=$(printf '%s\n' "${tunnels[@]}" | median)
     loss[$impl.$mode]=${losses[*]}
-    echo "$impl $mode: ${samples[*]} (Mbit/s; pps modes: datagrams/s); CPU ${cpus[*]}; loss ${losses[*]}" >&2
+    echo "$impl $mode: ${samples[*]} (Mbit/s; pps modes: datagrams/s); CPU ${cpus[*]}; tunnel CPU ${tunnels[*]}; loss ${losses[*]}" >&2
   done
   "$lab" down --prefix bn >/dev/null 2>&1
 done
@@ -129,12 +227,18 @@ for mode in $modes; do
   unit="receiver Mbit/s" per=CPU-s/GB
   case "$mode" in pps*) unit="datagrams received a second" per=CPU-s/M ;; esac
   printf '\n%s: iperf3 %s -> %s, %s s x %s runs (%s)\n' "$mode" "${client#bn}" "${server#bn}" "$seconds" "$runs" "$unit"
-  printf '%-14s %8s %8s %8s %12s %10s %s\n' implementation min median max meshd-ratio "$per" loss
+  printf '%-14s %8s %8s %8s %12s %10s %10s %s\n' implementation min median max meshd-ratio "$per" "tunnel" loss
   meshd_median=$(values "${mbps[meshd.$mode]:-0}" | median)
   for impl in $impls; do
     read -r -a s <<<"${mbps[$impl.$mode]}"
     md=$(printf '%s\n' "${s[@]}" | median)
     ratio=$(awk -v a="$meshd_median" -v b="$md" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    printf '%-14s %8s %8s %8s %12s %10s %s\n' "$impl" "${s[0]}" "$md" "${s[-1]}" "$ratio" "${cpu[$impl.$mode]}" "${loss[$impl.$mode]}"
+    printf '%-14s %8s %8s %8s %12s %10s %10s %s\n' "$impl" "${s[0]}" "$md" "${s[-1]}" "$ratio" "${cpu[$impl.$mode]}" "${tunnel[$impl.$mode]}" "${loss[$impl.$mode]}"
   done
+  case "$mode" in
+    udp|pps*)
+      for impl in $impls; do
+        printf '  %-12s %s\n' "$impl" "$(where_lost "$impl" "${paths[$impl.$mode]}")"
+      done ;;
+  esac
 done
