@@ -9,7 +9,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -19,6 +19,83 @@ pub const SEND_BATCH: usize = 64;
 pub const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Socket buffer size we ask for: enough for a burst at several Gbit/s.
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Gives the socket `wanted` bytes of buffer each way ([`SOCKET_BUFFER`]). `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (with
+/// CAP_NET_ADMIN, which meshd has for its TUN device) go past `net.core.rmem_max`/`wmem_max`,
+/// whose Debian default (208 KiB) holds about 90 full-size datagrams: a burst of a few hundred
+/// microseconds at 10 Gbit/s. Without the capability the plain options are used, which the
+/// kernel caps at those limits; a buffer smaller than asked for is logged, with the fix.
+fn size_buffers(socket: &UdpSocket, wanted: usize) {
+    let fd = socket.as_raw_fd();
+    for (force, plain, name, limit) in [
+        (
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            "receive",
+            "net.core.rmem_max",
+        ),
+        (
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            "send",
+            "net.core.wmem_max",
+        ),
+    ] {
+        if set_int_option(fd, force, wanted).is_err() {
+            let _ = set_int_option(fd, plain, wanted);
+        }
+        // The kernel reports twice what it grants (the doubling covers its bookkeeping).
+        let got = int_option(fd, plain).map_or(0, |v| v / 2);
+        if got < wanted {
+            tracing::warn!(
+                wanted,
+                got,
+                "the UDP port's {name} buffer is smaller than meshd asks for, so bursts may be \
+                 dropped: give meshd CAP_NET_ADMIN or raise {limit} to at least {wanted}"
+            );
+        }
+    }
+}
+
+fn set_int_option(fd: RawFd, option: libc::c_int, value: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is an open socket; the option value is a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A socket option's value as an int.
+fn int_option(fd: RawFd, option: libc::c_int) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket; `value` and `len` describe a c_int buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::addr_of_mut!(value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(usize::try_from(value).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// Why the UDP port could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -116,9 +193,7 @@ impl UdpPort {
         socket.set_nonblocking(true).map_err(other)?;
         let socket: UdpSocket = socket.into();
         let state = UdpSocketState::new(UdpSockRef::from(&socket)).map_err(other)?;
-        // Best effort: a smaller buffer only costs throughput under bursts, and the kernel caps it.
-        let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
-        let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+        size_buffers(&socket, SOCKET_BUFFER);
         let port = socket.local_addr().map_err(other)?.port();
         Ok(UdpPort {
             socket,
@@ -295,6 +370,30 @@ mod tests {
         assert_eq!(canonical(to_socket_form(v4)), v4);
         let v6: SocketAddr = "[fd00::2]:51820".parse().unwrap();
         assert_eq!(canonical(to_socket_form(v6)), v6);
+    }
+
+    #[test]
+    fn socket_buffers_are_what_meshd_asks_for_even_above_the_sysctl_limits() {
+        // The tests run as root, as meshd runs with CAP_NET_ADMIN: the forced options apply
+        // above net.core.rmem_max / wmem_max (208 KiB on a stock Debian machine).
+        let limit = |name: &str| -> usize {
+            let path = format!("/proc/sys/net/core/{name}");
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let wanted = 2 * limit("rmem_max").max(limit("wmem_max")).max(SOCKET_BUFFER);
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        size_buffers(&socket, wanted);
+        for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+            assert_eq!(int_option(socket.as_raw_fd(), option).unwrap(), 2 * wanted);
+        }
+        // And the port itself gets SOCKET_BUFFER.
+        let port = UdpPort::bind(0).unwrap();
+        let got = int_option(port.socket.as_raw_fd(), libc::SO_RCVBUF).unwrap();
+        assert_eq!(got, 2 * SOCKET_BUFFER);
     }
 
     #[test]
