@@ -5,20 +5,27 @@
 //! then send. The endpoint follows the source of the last authenticated packet (roaming, NAT).
 
 use crate::keys::PublicKey;
+use arc_swap::ArcSwapOption;
 use boringtun::noise::Tunn;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Per-peer traffic counters, updated with relaxed atomics on the hot path.
+/// Per-peer traffic counters, updated with relaxed atomics on the hot path. The receive
+/// thread's pair and the transmit thread's pair sit on different cache lines, so that the two
+/// threads never write the same line.
 #[derive(Debug, Default)]
+#[repr(C, align(64))]
 pub struct PeerStats {
     /// UDP payload bytes received from the peer that authenticated.
     pub rx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    /// Fills the receive counters' cache line.
+    _apart: [u64; 6],
     /// UDP payload bytes sent to the peer.
     pub tx_bytes: AtomicU64,
-    pub rx_packets: AtomicU64,
     pub tx_packets: AtomicU64,
 }
 
@@ -40,7 +47,9 @@ pub struct Peer {
     /// Our local index for this peer: the high 24 bits of every receiver index it sends us.
     pub index: u32,
     tunn: Mutex<Tunn>,
-    endpoint: RwLock<Option<SocketAddr>>,
+    /// Read for every packet sent and compared for every packet received: a load that writes
+    /// no shared memory (a lock's reader count would bounce between the two threads).
+    endpoint: ArcSwapOption<SocketAddr>,
     /// Where the peer may be (its configured `endpoints`): with two or more, a handshake left
     /// unanswered moves the endpoint to the next ([`Peer::initiation_sent`]).
     candidates: RwLock<Vec<SocketAddr>>,
@@ -76,7 +85,7 @@ impl Peer {
             public_key,
             index,
             tunn: Mutex::new(tunn),
-            endpoint: RwLock::new(endpoint),
+            endpoint: ArcSwapOption::from_pointee(endpoint),
             candidates: RwLock::new(Vec::new()),
             rx_at_initiation: AtomicU64::new(0),
             path_limit: AtomicU16::new(0),
@@ -95,13 +104,13 @@ impl Peer {
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        *self.endpoint.read()
+        self.endpoint.load().as_deref().copied()
     }
 
     /// Records where the peer's last authenticated packet came from.
     pub(crate) fn set_endpoint(&self, addr: SocketAddr) {
         if self.endpoint() != Some(addr) {
-            *self.endpoint.write() = Some(addr);
+            self.endpoint.store(Some(Arc::new(addr)));
         }
     }
 
@@ -137,7 +146,7 @@ impl Peer {
             None => candidates[0],
         };
         drop(candidates);
-        *self.endpoint.write() = Some(next);
+        self.endpoint.store(Some(Arc::new(next)));
         Some(next)
     }
 
@@ -190,6 +199,15 @@ mod tests {
             identity.tunn(&theirs.public_key(), None, None, 1),
             Some(endpoint.parse().unwrap()),
         )
+    }
+
+    #[test]
+    fn the_two_threads_counters_never_share_a_cache_line() {
+        use std::mem::{align_of, offset_of};
+        assert_eq!(align_of::<PeerStats>(), 64);
+        let rx_end = offset_of!(PeerStats, rx_packets) + 8;
+        assert!(offset_of!(PeerStats, rx_bytes) < 64 && rx_end <= 64);
+        assert!(offset_of!(PeerStats, tx_bytes) >= 64 && offset_of!(PeerStats, tx_packets) >= 64);
     }
 
     #[test]
