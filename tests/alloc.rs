@@ -1,10 +1,11 @@
 //! Zero heap allocations per packet in steady state: a counting global allocator watches the
 //! hot path (MSS check, translation to and from global ranges, encapsulate, decapsulate with
-//! routing and source check).
+//! routing and source check) and the coalescing of UDP datagrams for the TUN device.
 
 #[path = "support/pair.rs"]
 mod pair;
 
+use meshd::dataplane::coalesce::UdpCoalescer;
 use meshd::dataplane::{mss, GlobalCidr, Inbound, Outbound, Translation};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,8 +37,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The count is the whole process's: the tests take turns, so that one's set-up is not counted
+/// in the other's steady state.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn steady_state_hot_path_allocates_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (a, b) = pair::connected_tables();
     let mut pkt = pair::packet();
     let (mut out_a, mut out_b) = (vec![0u8; pair::BUF], vec![0u8; pair::BUF]);
@@ -69,4 +75,58 @@ fn steady_state_hot_path_allocates_nothing() {
     round(10_000);
     let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
     assert_eq!(allocated, 0, "{allocated} allocations in 10,000 packets");
+}
+
+/// An IPv4 UDP datagram of `len` payload bytes with a right checksum (so that it may be
+/// coalesced).
+fn udp_datagram(len: usize) -> Vec<u8> {
+    let mut p = pair::packet();
+    p.resize(28 + len, 0x5a);
+    p[2..4].copy_from_slice(&((28 + len) as u16).to_be_bytes());
+    p[20..24].copy_from_slice(&[0x30, 0x39, 0x1f, 0x90]);
+    p[24..26].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    let words = |data: &[u8]| -> u32 {
+        data.chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+            .sum()
+    };
+    let mut sum = words(&p[12..20]) + 17 + (8 + len) as u32 + words(&p[20..]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[26..28].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p
+}
+
+#[test]
+fn coalescing_udp_for_the_tun_device_allocates_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+    let datagram = udp_datagram(1300);
+    let mut bufs: Vec<Vec<u8>> = (0..128)
+        .map(|_| Vec::with_capacity(2 * HDR + 65536))
+        .collect();
+    let mut coalescer = UdpCoalescer::new(bufs.len());
+    let mut batch = |count: usize| {
+        let mut writes = 0;
+        for _ in 0..count {
+            for buf in &mut bufs {
+                buf.clear();
+                buf.resize(HDR, 0);
+                buf.extend_from_slice(&datagram);
+            }
+            let (others, failed) = coalescer.write_udp(&mut bufs, |w| {
+                writes += 1;
+                Ok(w.len())
+            });
+            assert_eq!((others, failed), (0, 0));
+        }
+        writes
+    };
+    // 128 datagrams of 1300 bytes: three writes (50, 50 and 28 datagrams).
+    assert_eq!(batch(1), 3);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    batch(1_000);
+    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(allocated, 0, "{allocated} allocations in 128,000 datagrams");
 }

@@ -2,7 +2,8 @@
 //!
 //! Packets never touch the async runtime. Three OS threads do the work:
 //! - `meshd-tx`: TUN → [`PeerTable::encapsulate`] → UDP,
-//! - `meshd-rx`: UDP (batched `recvmmsg`) → [`PeerTable::decapsulate`] → TUN,
+//! - `meshd-rx`: UDP (batched `recvmmsg`) → [`PeerTable::decapsulate`] → TUN (UDP flows
+//!   coalesced by [`coalesce`], TCP by tun-rs's GRO),
 //! - `meshd-timers`: WireGuard timers (handshake retries, keepalives, rekeys) every 250 ms.
 //!
 //! The loops work over batches of packets with buffers allocated once per thread, so offload
@@ -12,6 +13,7 @@
 //! [`Dataplane::apply`], which reconciles it with the running peers (sessions of unchanged peers
 //! survive) and swaps in a new immutable [`PeerTable`].
 
+pub mod coalesce;
 pub mod delivery;
 pub mod mss;
 /// Two tables that completed a handshake (the integration tests' helper, shared).
@@ -144,6 +146,9 @@ pub struct Dataplane {
     mtu: u16,
     /// Whether TUN offload is on; UDP GSO follows it (`offload = false` turns both off).
     offload: bool,
+    /// Whether the TUN device takes UDP super-packets (Linux ≥ 6.2, with offload): the receive
+    /// loop then writes each flow's datagrams of a batch in one write ([`coalesce`]).
+    uso: bool,
     table: ArcSwap<PeerTable>,
     udp: ArcSwap<UdpPort>,
     running: Mutex<Running>,
@@ -239,10 +244,12 @@ impl Dataplane {
         }
         let first_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng) & 0x00ff_ffff;
         let offload = tun.tcp_gso();
+        let uso = offload && tun.udp_gso();
         let dataplane = Arc::new(Dataplane {
             tun,
             mtu,
             offload,
+            uso,
             table: ArcSwap::from_pointee(PeerTable::default()),
             udp: ArcSwap::from_pointee(udp),
             running: Mutex::new(Running {

@@ -1,6 +1,8 @@
 //! The receive loop (`meshd-rx`): UDP (batched `recvmmsg`, GRO) → [`PeerTable::decapsulate`] →
-//! the delivery check → TUN, coalesced by tun-rs's GRO.
+//! the delivery check → TUN: each UDP flow's datagrams of a batch in one write
+//! ([`super::coalesce`]), TCP segments coalesced by tun-rs's GRO.
 
+use super::coalesce::UdpCoalescer;
 use super::table::{DropReason, Inbound, PeerTable};
 use super::udp::{self, UdpPort, RECV_BATCH};
 use super::{mss, Dataplane, MAX_PACKET, RECV_WAKEUP, WG_ROOM};
@@ -64,21 +66,30 @@ impl Dataplane {
     }
 
     fn flush_to_tun(&self, batch: &mut TunBatch) {
-        if batch.len == 0 {
+        let len = std::mem::take(&mut batch.len);
+        let others = if self.uso {
+            let (others, failed) = batch
+                .udp
+                .write_udp(&mut batch.bufs[..len], |buf| self.tun.send(buf));
+            self.drops.count_n(DropReason::SendFailed, failed);
+            others
+        } else {
+            len
+        };
+        if others == 0 {
             return;
         }
         match self.tun.send_multiple(
             &mut batch.gro,
-            &mut batch.bufs[..batch.len],
+            &mut batch.bufs[..others],
             VIRTIO_NET_HDR_LEN,
         ) {
-            Ok(bytes) => tracing::trace!(packets = batch.len, bytes, "TUN batch written"),
+            Ok(bytes) => tracing::trace!(packets = others, bytes, "TUN batch written"),
             Err(e) => {
                 self.drops.count(DropReason::SendFailed);
                 tracing::trace!(error = %e, "TUN write failed");
             }
         }
-        batch.len = 0;
     }
 
     fn receive(
@@ -115,14 +126,16 @@ impl Dataplane {
     }
 }
 
-/// Decrypted packets waiting for one coalescing write to the TUN device. Each buffer keeps
+/// Decrypted packets waiting for coalescing writes to the TUN device. Each buffer keeps
 /// `VIRTIO_NET_HDR_LEN` bytes of headroom; its length is exactly headroom + packet, as tun-rs's
-/// GRO expects. Buffers grow once (coalescing appends) and are reused.
+/// GRO and [`UdpCoalescer`] expect. Buffers have room for a super-packet from the start
+/// (coalescing appends) and are reused.
 struct TunBatch {
     bufs: Vec<Vec<u8>>,
     len: usize,
     slot_len: usize,
     gro: GROTable,
+    udp: UdpCoalescer,
 }
 
 impl TunBatch {
@@ -141,6 +154,7 @@ impl TunBatch {
             len: 0,
             slot_len,
             gro: GROTable::default(),
+            udp: UdpCoalescer::new(IDEAL_BATCH_SIZE),
         }
     }
 
