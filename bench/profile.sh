@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Where meshd's per-packet time goes: perf profiles of M1's transmit thread (meshd-tx) and M2's
+# receive thread (meshd-rx) in the fast lab while iperf3 sends UDP at 1 Gbit/s (1300-byte
+# datagrams) and then one TCP stream from M1's pod to M2's, each sample put in one bucket:
+# AEAD, the kernel's network stack, sleeping and waking, the TUN device, system call entry and
+# exit, copies, checksums, kernel buffers, meshd's heap, locks and atomics, meshd's own code.
+#
+# usage: bench/profile.sh [--seconds S]     (MESHD_BIN_DIR picks the build; default: a release build)
+# Needs root and perf (linux-perf); prints, per mode and thread, the share of samples in each bucket.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+# shellcheck source=scripts/deps.sh
+. "$root/scripts/deps.sh"
+seconds=4
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "profiling the lab needs root (network namespaces, perf)" >&2; exit 1; }
+ensure_packages
+command -v perf >/dev/null || install_debs linux-perf
+ensure_cargo
+if [ -z "${MESHD_BIN_DIR:-}" ]; then
+  (cd "$root" && cargo build --release --quiet --bins)
+  export MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
+lab="$root/scripts/lab.sh"
+work=$(mktemp -d)
+cleanup() { "$lab" down --prefix bp >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap cleanup EXIT
+"$lab" up --prefix bp --nodes 1 --m1 meshd --m2 meshd >"$work/lab.log" 2>&1 || {
+  cat "$work/lab.log" >&2; echo "lab up failed (output above)" >&2; exit 1; }
+
+# The thread named $2 of the meshd running in namespace $1.
+thread_of() {
+  local pid
+  for pid in $(pgrep -x meshd); do
+    if [ "$(ip netns identify "$pid" 2>/dev/null)" = "$1" ]; then
+      grep -lx "$2" /proc/"$pid"/task/*/comm | head -1 | cut -d/ -f5
+      return
+    fi
+  done
+}
+tx=$(thread_of bpm1gw meshd-tx) rx=$(thread_of bpm2gw meshd-rx)
+
+# Shares of the samples in perf data file $1, by bucket (the first pattern a symbol matches).
+buckets() {
+  perf report -i "$1" --no-children --sort dso,symbol --stdio 2>/dev/null | python3 -c '
+import re, sys
+buckets = [
+    ("AEAD (ChaCha20-Poly1305)", r"chacha20|poly1305|ring::aead|ring_core"),
+    ("sleeping and waking", r"finish_task_switch|__schedule|\bschedule\b|_raw_spin_unlock_irqrestore|try_to_wake_up|pick_next|dequeue_task|enqueue_task|update_curr|psi_|__wake_up|ttwu|select_task_rq|do_poll|do_sys_poll|sys_poll|sys_ppoll|sched_|switch_mm|__switch_to|hrtimer"),
+    ("system call entry and exit", r"do_syscall_64|entry_SYSCALL|syscall_exit|syscall_return|asynccancel|fdget|fput|__fget|exit_to_user_mode|x64_sys_call|__x86_return_thunk|__check_object_size|__virt_addr_valid|check_heap_object"),
+    ("copies", r"_copy_to_iter|_copy_from_iter|memmove|memcpy|copy_user|skb_copy_datagram|rep_movs"),
+    ("checksums", r"checksum|csum_partial|csum_|do_csum"),
+    ("meshd heap (malloc, free)", r"\[\.\].*(malloc|_int_free|cfree|__libc_free|\bfree\b|tcache)"),
+    ("kernel buffers (skb, slab)", r"kmem_cache|__alloc_skb|kfree|skb_release|slab_|page_frag|alloc_pages|__build_skb|kmalloc|__kmem"),
+    ("locks and atomics", r"parking_lot|arc_swap|lock_slow|RawMutex|RawRwLock"),
+    ("TUN device", r"\btun_|tun_rs::|vfs_read|vfs_write|ksys_read|ksys_write|sys_read|sys_write|\bread\b|\bwrite\b|__libc_read|__libc_write"),
+    ("meshd own code", r"meshd::|boringtun::|hashbrown|core::|alloc::|std::|quinn_udp"),
+]
+shares = {}
+for line in sys.stdin:
+    m = re.match(r"\s+([0-9.]+)%\s+\S+\s+\[[.k]\]", line)
+    if not m:
+        continue
+    name = next((n for n, p in buckets if re.search(p, line)), "kernel network stack (UDP, IP, routing, netfilter, veth)")
+    shares[name] = shares.get(name, 0.0) + float(m.group(1))
+for name, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+    print(f"  {share:5.1f} %  {name}")
+'
+}
+
+for mode in udp tcp; do
+  case $mode in udp) args=(-u -b 1G -l 1300) ;; tcp) args=() ;; esac
+  ip netns exec bpm2pod iperf3 -s -1 -D
+  sleep 0.3
+  ip netns exec bpm1pod iperf3 -c 10.245.1.10 -t $((seconds + 4)) "${args[@]}" >"$work/$mode.iperf" &
+  sleep 2
+  perf record -q -F 1999 -g -t "$tx" -o "$work/$mode-tx.data" -- sleep "$seconds" >/dev/null 2>&1 &
+  perf record -q -F 1999 -g -t "$rx" -o "$work/$mode-rx.data" -- sleep "$seconds" >/dev/null 2>&1 &
+  wait
+  echo "== $mode: $(grep receiver "$work/$mode.iperf" | tr -s ' ')"
+  echo "M1's meshd-tx:"; buckets "$work/$mode-tx.data"
+  echo "M2's meshd-rx:"; buckets "$work/$mode-rx.data"
+done
