@@ -1,11 +1,12 @@
 //! Zero heap allocations per packet in steady state: a counting global allocator watches the
 //! hot path (MSS check, translation to and from global ranges, encapsulate, decapsulate with
-//! routing and source check) and the coalescing of UDP datagrams for the TUN device.
+//! routing and source check) and the coalescing of TCP segments and UDP datagrams for the TUN
+//! device.
 
 #[path = "support/pair.rs"]
 mod pair;
 
-use meshd::dataplane::coalesce::UdpCoalescer;
+use meshd::dataplane::coalesce::{Coalescer, Offloads};
 use meshd::dataplane::{mss, GlobalCidr, Inbound, Outbound, Translation};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,45 +78,81 @@ fn steady_state_hot_path_allocates_nothing() {
     assert_eq!(allocated, 0, "{allocated} allocations in 10,000 packets");
 }
 
-/// An IPv4 UDP datagram of `len` payload bytes with a right checksum (so that it may be
-/// coalesced).
-fn udp_datagram(len: usize) -> Vec<u8> {
+/// An IPv4 packet of protocol `proto` whose transport part is `l4` (checksum field at
+/// `check`), with right checksums (so that it may be coalesced).
+fn ipv4(proto: u8, mut l4: Vec<u8>, check: usize) -> Vec<u8> {
     let mut p = pair::packet();
-    p.resize(28 + len, 0x5a);
-    p[2..4].copy_from_slice(&((28 + len) as u16).to_be_bytes());
-    p[20..24].copy_from_slice(&[0x30, 0x39, 0x1f, 0x90]);
-    p[24..26].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    p.truncate(20);
+    p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    p[9] = proto;
     let words = |data: &[u8]| -> u32 {
         data.chunks(2)
             .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
             .sum()
     };
-    let mut sum = words(&p[12..20]) + 17 + (8 + len) as u32 + words(&p[20..]);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[26..28].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let fold = |mut sum: u32| {
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    };
+    let header = fold(words(&p));
+    p[10..12].copy_from_slice(&header.to_be_bytes());
+    let sum = words(&p[12..20]) + u32::from(proto) + l4.len() as u32 + words(&l4);
+    l4[check..check + 2].copy_from_slice(&fold(sum).to_be_bytes());
+    p.extend_from_slice(&l4);
     p
 }
 
+/// A UDP datagram of `len` payload bytes.
+fn udp_datagram(len: usize) -> Vec<u8> {
+    let mut l4 = vec![0x30, 0x39, 0x1f, 0x90, 0, 0, 0, 0];
+    l4[4..6].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    l4.resize(8 + len, 0x5a);
+    ipv4(17, l4, 6)
+}
+
+/// TCP segment `k` of `len` payload bytes of one flow (ACK, consecutive sequence numbers).
+fn tcp_segment(k: u32, len: usize) -> Vec<u8> {
+    let mut l4 = vec![0x9c, 0x40, 0x14, 0x51];
+    l4.extend_from_slice(&(1000 + k * len as u32).to_be_bytes());
+    l4.extend_from_slice(&7u32.to_be_bytes());
+    l4.extend_from_slice(&[0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
+    l4.resize(20 + len, 0xa5);
+    ipv4(6, l4, 16)
+}
+
 #[test]
-fn coalescing_udp_for_the_tun_device_allocates_nothing() {
+fn coalescing_for_the_tun_device_allocates_nothing() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-    let datagram = udp_datagram(1300);
+    // Half a batch of 1300-byte datagrams, half of 1368-byte TCP segments of one flow.
+    let packets: Vec<Vec<u8>> = (0..128)
+        .map(|k| {
+            if k < 64 {
+                udp_datagram(1300)
+            } else {
+                tcp_segment(k - 64, 1368)
+            }
+        })
+        .collect();
     let mut bufs: Vec<Vec<u8>> = (0..128)
         .map(|_| Vec::with_capacity(2 * HDR + 65536))
         .collect();
-    let mut coalescer = UdpCoalescer::new(bufs.len());
+    let mut coalescer = Coalescer::new(bufs.len());
+    let offloads = Offloads {
+        tcp: true,
+        udp: true,
+    };
     let mut batch = |count: usize| {
         let mut writes = 0;
         for _ in 0..count {
-            for buf in &mut bufs {
+            for (buf, packet) in bufs.iter_mut().zip(&packets) {
                 buf.clear();
                 buf.resize(HDR, 0);
-                buf.extend_from_slice(&datagram);
+                buf.extend_from_slice(packet);
             }
-            let (others, failed) = coalescer.write_udp(&mut bufs, |w| {
+            let (others, failed) = coalescer.write(&mut bufs, offloads, |w| {
                 writes += 1;
                 Ok(w.len())
             });
@@ -123,10 +160,10 @@ fn coalescing_udp_for_the_tun_device_allocates_nothing() {
         }
         writes
     };
-    // 128 datagrams of 1300 bytes: three writes (50, 50 and 28 datagrams).
-    assert_eq!(batch(1), 3);
+    // Four writes: 50 and 14 datagrams, 47 and 17 segments.
+    assert_eq!(batch(1), 4);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     batch(1_000);
     let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    assert_eq!(allocated, 0, "{allocated} allocations in 128,000 datagrams");
+    assert_eq!(allocated, 0, "{allocated} allocations in 128,000 packets");
 }

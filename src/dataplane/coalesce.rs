@@ -1,23 +1,35 @@
-//! UDP receive offload for the TUN write: the datagrams of one UDP flow in a batch of decrypted
-//! packets leave in one write, as a super-packet that the kernel splits again (UDP segmentation
-//! offload on the TUN device, `TUN_F_USO4`/`TUN_F_USO6`, Linux ≥ 6.2).
+//! Receive offload for the TUN write: the segments of one TCP flow, and the datagrams of one UDP
+//! flow, in a batch of decrypted packets leave in one write, as a super-packet that the kernel
+//! splits again (TSO, and USO: `TUN_F_USO4`/`TUN_F_USO6`, Linux ≥ 6.2).
 //!
 //! Done in place, in the batch's own buffers: each payload is copied once, onto the end of its
-//! flow's first datagram, and nothing is allocated per packet (tun-rs's own GRO copies every
-//! packet into a new `Vec` first; meshd leaves it only TCP). A datagram joins a super-packet only
-//! when the kernel's split gives it back unchanged but for the IPv4 identification: same
-//! addresses, ports, TOS/traffic class, TTL/hop limit, DF, flow label; no IPv4 options or
-//! IPv6 extension headers; not a fragment; the same length as the first (the last may be
-//! shorter, and ends it); a valid, non-zero checksum (the kernel computes one for the whole,
-//! which must not turn a bad datagram into a good one). Order within a flow is kept: any UDP
-//! datagram that cannot join ends every open super-packet before it is written on its own.
+//! flow's first packet, and nothing is allocated per packet (tun-rs's GRO, which meshd used
+//! before, copies every packet into a new `Vec` first; it now gets only what is neither). A
+//! packet joins a super-packet only when the kernel's split gives it back unchanged but for the
+//! IPv4 identification:
+//! - both: same addresses, ports, TOS/traffic class, TTL/hop limit, DF, flow label; no IPv4
+//!   options or IPv6 extension headers; not a fragment; a payload no longer than the first's
+//!   (a shorter one is the last); a right checksum (the kernel computes one for the whole,
+//!   which must not turn a bad packet into a good one);
+//! - UDP: a checksum that is not 0 (none);
+//! - TCP: the next sequence number; the same acknowledgement, window, header length and
+//!   options; flags ACK, or ACK and PSH (PSH is the last: the kernel puts it on the last
+//!   segment only); a payload (a bare ACK goes alone).
+//!
+//! Order within a flow is kept: a packet that cannot join ends every open super-packet between
+//! the same two addresses (every open one, when it is not TCP or UDP we can read) before it is
+//! written on its own.
 
 use super::mss::fold;
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
+const TCP: u8 = 6;
 const UDP: u8 = 17;
 /// Bytes of the UDP header.
 const UDP_HEADER: usize = 8;
+/// TCP flags.
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
 /// Segments per super-packet; the kernel takes up to 128 (`UDP_MAX_SEGMENTS`), older ones 64.
 const MAX_SEGMENTS: usize = 64;
 /// The largest IP packet (its length field).
@@ -26,24 +38,52 @@ const MAX_IP_PACKET: usize = 65535;
 const OPEN_FLOWS: usize = 8;
 /// virtio_net_hdr: the kernel completes the checksum at `csum_start + csum_offset`.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-/// virtio_net_hdr: UDP segmentation (USO).
+/// virtio_net_hdr GSO types: TCP over IPv4, TCP over IPv6, UDP (USO).
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 
-/// A write being built: the slot of its first datagram and what joined it.
+/// What the coalescer takes from a batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Offloads {
+    /// TCP segments (the TUN device takes TSO super-packets: offload on).
+    pub tcp: bool,
+    /// UDP datagrams (the TUN device takes USO super-packets: Linux ≥ 6.2).
+    pub udp: bool,
+}
+
+/// A packet that may join, or start, a super-packet.
+#[derive(Clone, Copy, Debug)]
+struct Joinable {
+    proto: u8,
+    ip_header: usize,
+    /// IP and transport headers together.
+    headers: usize,
+    payload: usize,
+    /// TCP: the sequence number.
+    seq: u32,
+    /// TCP: PSH is set (it must be the last).
+    push: bool,
+}
+
+/// A write being built: the slot of its first packet and what joined it.
 #[derive(Clone, Copy, Debug)]
 struct Head {
     slot: usize,
-    /// The IP header's length (the UDP header follows).
-    ip_header: usize,
-    /// Payload bytes of each datagram (the first's).
-    segment: usize,
+    /// The first packet's headers, or `None` for a packet written alone as it is.
+    first: Option<Joinable>,
     segments: usize,
-    /// No more datagrams may join (a shorter one did, or it is full, or it is a lone datagram).
+    /// TCP: the sequence number the next segment must have.
+    next_seq: u32,
+    /// TCP: the last segment joined had PSH.
+    push: bool,
+    /// No more packets may join (a shorter one did, or PSH, or it is full).
     closed: bool,
 }
 
-/// The batch's UDP datagrams, gathered into super-packets; buffers allocated once.
-pub struct UdpCoalescer {
+/// The batch's TCP segments and UDP datagrams, gathered into super-packets; buffers allocated
+/// once.
+pub struct Coalescer {
     heads: Vec<Head>,
     /// Indices into `heads` of the super-packets still open, one per flow.
     open: Vec<usize>,
@@ -51,24 +91,26 @@ pub struct UdpCoalescer {
     taken: Vec<bool>,
 }
 
-impl UdpCoalescer {
+impl Coalescer {
     /// A coalescer for batches of up to `slots` packets.
     pub fn new(slots: usize) -> Self {
-        UdpCoalescer {
+        Coalescer {
             heads: Vec::with_capacity(slots),
             open: Vec::with_capacity(OPEN_FLOWS),
             taken: Vec::with_capacity(slots),
         }
     }
 
-    /// Writes the UDP datagrams among `bufs` (each: `VIRTIO_NET_HDR_LEN` bytes of room, then a
-    /// packet) with `write`, coalesced, in order within each flow; then moves the other packets,
-    /// in their order, to the front of `bufs` and returns how many there are. Returns the
-    /// number of writes that failed, too. Every buffer must have the capacity for a whole
-    /// super-packet (`VIRTIO_NET_HDR_LEN` + 65,535 bytes), so that joining never reallocates.
-    pub fn write_udp(
+    /// Writes the TCP segments and UDP datagrams among `bufs` (each: `VIRTIO_NET_HDR_LEN` bytes
+    /// of room, then a packet) that `offloads` names with `write`, coalesced, in order within
+    /// each flow; then moves the other packets, in their order, to the front of `bufs`.
+    /// Returns how many others there are, and how many writes failed. Every buffer must have
+    /// the capacity for a whole super-packet (`VIRTIO_NET_HDR_LEN` + 65,535 bytes), so that
+    /// joining never reallocates.
+    pub fn write(
         &mut self,
         bufs: &mut [Vec<u8>],
+        offloads: Offloads,
         mut write: impl FnMut(&[u8]) -> std::io::Result<usize>,
     ) -> (usize, usize) {
         self.heads.clear();
@@ -77,56 +119,54 @@ impl UdpCoalescer {
         self.taken.resize(bufs.len(), false);
         for slot in 0..bufs.len() {
             let packet = &bufs[slot][VIRTIO_NET_HDR_LEN..];
-            if !is_udp(packet) {
-                continue;
+            match protocol(packet) {
+                Some(TCP) if offloads.tcp => {}
+                Some(UDP) if offloads.udp => {}
+                _ => continue,
             }
             self.taken[slot] = true;
-            let Some(ip_header) = joinable(packet) else {
-                // Written alone, after everything before it in every flow it may belong to.
-                self.open.clear();
+            let Some(this) = joinable(packet) else {
+                // Written alone, after everything before it in its flow.
+                self.end_flows_of(bufs, slot, ports_at(packet));
                 self.heads.push(Head {
                     slot,
-                    ip_header: 0,
-                    segment: 0,
+                    first: None,
                     segments: 1,
+                    next_seq: 0,
+                    push: false,
                     closed: true,
                 });
                 continue;
             };
-            let segment = packet.len() - ip_header - UDP_HEADER;
-            if let Some(at) = self.joins(bufs, slot, segment) {
+            if let Some(at) = self.joins(bufs, slot, &this) {
                 let head = &mut self.heads[self.open[at]];
+                let Some(first) = head.first else {
+                    unreachable!("only heads with headers are open")
+                };
                 let (front, back) = bufs.split_at_mut(slot);
-                let payload = &back[0][VIRTIO_NET_HDR_LEN + ip_header + UDP_HEADER..];
+                let payload = &back[0][VIRTIO_NET_HDR_LEN + this.headers..];
                 front[head.slot].extend_from_slice(payload);
                 head.segments += 1;
-                if payload.len() < head.segment || head.segments == MAX_SEGMENTS {
+                head.next_seq = head.next_seq.wrapping_add(this.payload as u32);
+                head.push = this.push;
+                if this.payload < first.payload || this.push || head.segments == MAX_SEGMENTS {
                     head.closed = true;
                     self.open.swap_remove(at);
                 }
                 continue;
             }
+            // The flow's earlier super-packet, if any, is written first and takes no more.
+            self.end_flows_of(bufs, slot, Some(this.ip_header));
             self.heads.push(Head {
                 slot,
-                ip_header,
-                segment,
+                first: Some(this),
                 segments: 1,
-                closed: false,
+                next_seq: this.seq.wrapping_add(this.payload as u32),
+                push: this.push,
+                closed: this.push,
             });
-            let index = self.heads.len() - 1;
-            // The flow's earlier super-packet, if any, is written first and takes no more.
-            if let Some(at) = self.open.iter().position(|&h| {
-                same_flow(
-                    &bufs[self.heads[h].slot][VIRTIO_NET_HDR_LEN..],
-                    &bufs[slot][VIRTIO_NET_HDR_LEN..],
-                )
-            }) {
-                self.heads[self.open[at]].closed = true;
-                self.open[at] = index;
-            } else if self.open.len() < OPEN_FLOWS {
-                self.open.push(index);
-            } else {
-                self.heads[index].closed = true;
+            if !this.push && self.open.len() < OPEN_FLOWS {
+                self.open.push(self.heads.len() - 1);
             }
         }
         let mut failed = 0;
@@ -147,88 +187,179 @@ impl UdpCoalescer {
         (others, failed)
     }
 
-    /// The open super-packet (its index in `open`) the datagram in `slot` can join.
-    fn joins(&self, bufs: &[Vec<u8>], slot: usize, segment: usize) -> Option<usize> {
+    /// Closes the open super-packets the packet in `slot` may share a flow with: those between
+    /// the same two addresses with the same protocol and, when its ports are there to read
+    /// (after `ip_header` bytes), the same ports.
+    fn end_flows_of(&mut self, bufs: &[Vec<u8>], slot: usize, ip_header: Option<usize>) {
+        let packet = &bufs[slot][VIRTIO_NET_HDR_LEN..];
+        let heads = &mut self.heads;
+        self.open.retain(|&h| {
+            let built = &bufs[heads[h].slot][VIRTIO_NET_HDR_LEN..];
+            let same_ports = match (heads[h].first, ip_header) {
+                (Some(first), Some(ip)) => {
+                    built[first.ip_header..first.ip_header + 4] == packet[ip..ip + 4]
+                }
+                _ => true,
+            };
+            let apart = !(same_addresses(built, packet) && same_ports);
+            heads[h].closed |= !apart;
+            apart
+        });
+    }
+
+    /// The open super-packet (its index in `open`) the packet in `slot` can join.
+    fn joins(&self, bufs: &[Vec<u8>], slot: usize, this: &Joinable) -> Option<usize> {
         let packet = &bufs[slot][VIRTIO_NET_HDR_LEN..];
         self.open.iter().position(|&h| {
             let head = &self.heads[h];
-            let first = &bufs[head.slot][VIRTIO_NET_HDR_LEN..];
+            let Some(first) = head.first else {
+                return false;
+            };
+            let built = &bufs[head.slot][VIRTIO_NET_HDR_LEN..];
             !head.closed
-                && segment <= head.segment
-                && first.len() + segment <= MAX_IP_PACKET
-                && same_flow(first, packet)
+                && first.proto == this.proto
+                && this.payload <= first.payload
+                && built.len() + this.payload <= MAX_IP_PACKET
+                && (this.proto != TCP || this.seq == head.next_seq)
+                && same_flow(built, packet, &first)
         })
     }
 }
 
-/// Whether `packet` is an IPv4 or IPv6 packet whose (first) header says UDP.
-fn is_udp(packet: &[u8]) -> bool {
+/// The protocol of an IPv4 or IPv6 packet's (first) header after the IP header.
+fn protocol(packet: &[u8]) -> Option<u8> {
     match packet.first().map(|b| b >> 4) {
-        Some(4) => packet.len() >= 20 && packet[9] == UDP,
-        Some(6) => packet.len() >= 40 && packet[6] == UDP,
-        _ => false,
+        Some(4) if packet.len() >= 20 => Some(packet[9]),
+        Some(6) if packet.len() >= 40 => Some(packet[6]),
+        _ => None,
     }
 }
 
-/// The IP header length of a UDP datagram that may join a super-packet (see the module docs),
-/// or `None`.
-fn joinable(packet: &[u8]) -> Option<usize> {
-    let (ip_header, pseudo) = match packet[0] >> 4 {
+/// Where the ports of a TCP or UDP packet are (its IP header's length), if they are there to
+/// read: not in a later fragment, nor cut off.
+fn ports_at(packet: &[u8]) -> Option<usize> {
+    let at = if packet[0] >> 4 == 4 {
+        let later_fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0;
+        if later_fragment {
+            return None;
+        }
+        usize::from(packet[0] & 0x0f) * 4
+    } else {
+        40
+    };
+    (at >= 20 && packet.len() >= at + 4).then_some(at)
+}
+
+/// Whether two packets have the same IP version, protocol and addresses (true when either has
+/// no IP header we read: then nothing may be assumed).
+fn same_addresses(a: &[u8], b: &[u8]) -> bool {
+    match (protocol(a), protocol(b)) {
+        (Some(x), Some(y)) if x == y && a[0] >> 4 == b[0] >> 4 => {
+            if a[0] >> 4 == 4 {
+                a[12..20] == b[12..20]
+            } else {
+                a[8..40] == b[8..40]
+            }
+        }
+        (Some(_), Some(_)) => false,
+        _ => true,
+    }
+}
+
+/// The headers of a TCP segment or UDP datagram that may join a super-packet (see the module
+/// docs), or `None`.
+fn joinable(packet: &[u8]) -> Option<Joinable> {
+    let (ip_header, proto, pseudo) = match packet[0] >> 4 {
         4 => {
             let whole = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
             let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff;
             if packet[0] & 0x0f != 5 || whole != packet.len() || fragment != 0 {
                 return None;
             }
-            (20, sum(&packet[12..20]))
+            (20, packet[9], sum(&packet[12..20]))
         }
         _ => {
             let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
             if payload + 40 != packet.len() {
                 return None;
             }
-            (40, sum(&packet[8..40]))
+            (40, packet[6], sum(&packet[8..40]))
         }
     };
-    let udp = packet.get(ip_header..).filter(|u| u.len() >= UDP_HEADER)?;
-    let length = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-    if length != udp.len() || udp[6..8] == [0, 0] {
-        return None;
-    }
-    let total = pseudo + u64::from(UDP) + udp.len() as u64 + sum(udp);
-    (fold64(total) == 0).then_some(ip_header)
+    let l4 = &packet[ip_header..];
+    let (headers, seq, push) = if proto == UDP {
+        let header = l4.get(..UDP_HEADER)?;
+        let length = usize::from(u16::from_be_bytes([header[4], header[5]]));
+        if length != l4.len() || header[6..8] == [0, 0] {
+            return None;
+        }
+        (UDP_HEADER, 0, false)
+    } else {
+        let fixed = l4.get(..20)?;
+        let (offset, flags) = (usize::from(fixed[12] >> 4) * 4, fixed[13]);
+        if offset < 20 || offset >= l4.len() || (flags != ACK && flags != ACK | PSH) {
+            return None;
+        }
+        let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
+        (offset, seq, flags & PSH != 0)
+    };
+    let total = pseudo + u64::from(proto) + l4.len() as u64 + sum(l4);
+    (fold64(total) == 0).then_some(Joinable {
+        proto,
+        ip_header,
+        headers: ip_header + headers,
+        payload: l4.len() - headers,
+        seq,
+        push,
+    })
 }
 
-/// Whether two joinable datagrams belong together: every header field the kernel's split
-/// copies from the first to the others is equal.
-fn same_flow(a: &[u8], b: &[u8]) -> bool {
-    if a[0] >> 4 != b[0] >> 4 {
+/// Whether a joinable packet belongs with the super-packet begun by `first` (its headers at the
+/// front of `built`): every header field the kernel's split copies from the first to the
+/// others is equal.
+fn same_flow(built: &[u8], packet: &[u8], first: &Joinable) -> bool {
+    if built[0] >> 4 != packet[0] >> 4 || packet.len() < first.headers {
         return false;
     }
-    if a[0] >> 4 == 4 {
-        // TOS, DF, TTL, protocol, addresses, ports.
-        a[1] == b[1]
-            && (a[6] & 0x40) == (b[6] & 0x40)
-            && a[8..10] == b[8..10]
-            && a[12..24] == b[12..24]
+    let ip = first.ip_header;
+    let same_ip = if built[0] >> 4 == 4 {
+        // TOS, DF, TTL, protocol, addresses.
+        built[1] == packet[1]
+            && (built[6] & 0x40) == (packet[6] & 0x40)
+            && built[8..10] == packet[8..10]
+            && built[12..20] == packet[12..20]
     } else {
-        // Traffic class, flow label, next header, hop limit, addresses, ports.
-        a[..4] == b[..4] && a[6..8] == b[6..8] && a[8..44] == b[8..44]
+        // Traffic class, flow label, next header, hop limit, addresses.
+        built[..4] == packet[..4] && built[6..40] == packet[6..40]
+    };
+    if !same_ip || built[ip..ip + 4] != packet[ip..ip + 4] {
+        return false;
     }
+    if first.proto == UDP {
+        return true;
+    }
+    // TCP: acknowledgement, header length, flags but PSH, window, urgent pointer, options.
+    let (b, p) = (&built[ip..first.headers], &packet[ip..first.headers]);
+    // (Not the checksum, at 16.)
+    b[8..13] == p[8..13]
+        && (b[13] & !PSH) == (p[13] & !PSH)
+        && b[14..16] == p[14..16]
+        && b[18..] == p[18..]
 }
 
-/// Writes the virtio_net_hdr in front of a head and, for two or more datagrams, the lengths and
-/// checksums of the super-packet: the kernel fills in each datagram's UDP checksum from the
+/// Writes the virtio_net_hdr in front of a head and, for two or more packets, the lengths and
+/// checksums of the super-packet: the kernel fills in each packet's checksum from the
 /// pseudo-header sum left in the field.
 fn finish(buf: &mut [u8], head: &Head) {
     let (hdr, packet) = buf.split_at_mut(VIRTIO_NET_HDR_LEN);
     hdr.fill(0);
-    if head.segments < 2 {
+    let Some(first) = head.first.filter(|_| head.segments > 1) else {
         return;
-    }
-    let ip = head.ip_header;
-    let udp_len = packet.len() - ip;
-    let pseudo = if packet[0] >> 4 == 4 {
+    };
+    let ip = first.ip_header;
+    let l4_len = packet.len() - ip;
+    let v4 = packet[0] >> 4 == 4;
+    let pseudo = if v4 {
         let total = packet.len() as u16;
         packet[2..4].copy_from_slice(&total.to_be_bytes());
         packet[10..12].fill(0);
@@ -236,20 +367,33 @@ fn finish(buf: &mut [u8], head: &Head) {
         packet[10..12].copy_from_slice(&header.to_be_bytes());
         sum(&packet[12..20])
     } else {
-        packet[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        packet[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
         sum(&packet[8..40])
     };
-    packet[ip + 4..ip + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    let (check_at, gso_type) = if first.proto == UDP {
+        packet[ip + 4..ip + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        (6, VIRTIO_NET_HDR_GSO_UDP_L4)
+    } else {
+        if head.push {
+            packet[ip + 13] |= PSH;
+        }
+        let gso = if v4 {
+            VIRTIO_NET_HDR_GSO_TCPV4
+        } else {
+            VIRTIO_NET_HDR_GSO_TCPV6
+        };
+        (16, gso)
+    };
     // The pseudo-header's sum, not complemented: the kernel adds the rest and complements.
-    let partial = !fold64(pseudo + u64::from(UDP) + udp_len as u64);
-    packet[ip + 6..ip + 8].copy_from_slice(&partial.to_be_bytes());
+    let partial = !fold64(pseudo + u64::from(first.proto) + l4_len as u64);
+    packet[ip + check_at..ip + check_at + 2].copy_from_slice(&partial.to_be_bytes());
     hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    hdr[1] = VIRTIO_NET_HDR_GSO_UDP_L4;
+    hdr[1] = gso_type;
     let fields = [
-        (ip + UDP_HEADER) as u16,
-        head.segment as u16,
+        first.headers as u16,
+        first.payload as u16,
         ip as u16,
-        6, // the UDP checksum's offset in its header
+        check_at as u16,
     ];
     for (i, value) in fields.iter().enumerate() {
         hdr[2 + 2 * i..4 + 2 * i].copy_from_slice(&value.to_ne_bytes());

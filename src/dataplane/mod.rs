@@ -2,8 +2,8 @@
 //!
 //! Packets never touch the async runtime. Three OS threads do the work:
 //! - `meshd-tx`: TUN → [`PeerTable::encapsulate`] → UDP,
-//! - `meshd-rx`: UDP (batched `recvmmsg`) → [`PeerTable::decapsulate`] → TUN (UDP flows
-//!   coalesced by [`coalesce`], TCP by tun-rs's GRO),
+//! - `meshd-rx`: UDP (batched `recvmmsg`) → [`PeerTable::decapsulate`] → TUN (TCP and UDP
+//!   flows coalesced by [`coalesce`]),
 //! - `meshd-timers`: WireGuard timers (handshake retries, keepalives, rekeys) every 250 ms.
 //!
 //! The loops work over batches of packets with buffers allocated once per thread, so offload
@@ -147,7 +147,8 @@ pub struct Dataplane {
     /// Whether TUN offload is on; UDP GSO follows it (`offload = false` turns both off).
     offload: bool,
     /// Whether the TUN device takes UDP super-packets (Linux ≥ 6.2, with offload): the receive
-    /// loop then writes each flow's datagrams of a batch in one write ([`coalesce`]).
+    /// loop then writes each UDP flow's datagrams of a batch in one write, as it does each TCP
+    /// flow's segments whenever offload is on ([`coalesce`]).
     uso: bool,
     table: ArcSwap<PeerTable>,
     udp: ArcSwap<UdpPort>,

@@ -1,8 +1,8 @@
 //! The receive loop (`meshd-rx`): UDP (batched `recvmmsg`, GRO) → [`PeerTable::decapsulate`] →
-//! the delivery check → TUN: each UDP flow's datagrams of a batch in one write
-//! ([`super::coalesce`]), TCP segments coalesced by tun-rs's GRO.
+//! the delivery check → TUN: each TCP or UDP flow's packets of a batch in one write
+//! ([`super::coalesce`]), anything else through tun-rs.
 
-use super::coalesce::UdpCoalescer;
+use super::coalesce::{Coalescer, Offloads};
 use super::table::{DropReason, Inbound, PeerTable};
 use super::udp::{self, UdpPort, RECV_BATCH};
 use super::{mss, Dataplane, MAX_PACKET, RECV_WAKEUP, WG_ROOM};
@@ -67,10 +67,14 @@ impl Dataplane {
 
     fn flush_to_tun(&self, batch: &mut TunBatch) {
         let len = std::mem::take(&mut batch.len);
-        let others = if self.uso {
+        let others = if self.offload {
+            let offloads = Offloads {
+                tcp: true,
+                udp: self.uso,
+            };
             let (others, failed) = batch
-                .udp
-                .write_udp(&mut batch.bufs[..len], |buf| self.tun.send(buf));
+                .coalescer
+                .write(&mut batch.bufs[..len], offloads, |buf| self.tun.send(buf));
             self.drops.count_n(DropReason::SendFailed, failed);
             others
         } else {
@@ -127,15 +131,15 @@ impl Dataplane {
 }
 
 /// Decrypted packets waiting for coalescing writes to the TUN device. Each buffer keeps
-/// `VIRTIO_NET_HDR_LEN` bytes of headroom; its length is exactly headroom + packet, as tun-rs's
-/// GRO and [`UdpCoalescer`] expect. Buffers have room for a super-packet from the start
+/// `VIRTIO_NET_HDR_LEN` bytes of headroom; its length is exactly headroom + packet, as tun-rs
+/// and [`Coalescer`] expect. Buffers have room for a super-packet from the start
 /// (coalescing appends) and are reused.
 struct TunBatch {
     bufs: Vec<Vec<u8>>,
     len: usize,
     slot_len: usize,
     gro: GROTable,
-    udp: UdpCoalescer,
+    coalescer: Coalescer,
 }
 
 impl TunBatch {
@@ -154,7 +158,7 @@ impl TunBatch {
             len: 0,
             slot_len,
             gro: GROTable::default(),
-            udp: UdpCoalescer::new(IDEAL_BATCH_SIZE),
+            coalescer: Coalescer::new(IDEAL_BATCH_SIZE),
         }
     }
 

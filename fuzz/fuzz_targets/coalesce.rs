@@ -1,25 +1,37 @@
-//! meshd's own coalescing of the UDP datagrams the receive thread writes to the TUN device in
-//! one batch (`dataplane::coalesce`): whatever a peer encrypts reaches it once decrypted.
-//! Input: length-prefixed packets. Checked: every UDP packet is written exactly once (alone,
-//! or as one of a super-packet's segments), every other packet is left in order, and no
-//! write is larger than an IP packet can be.
+//! meshd's own coalescing of the TCP segments and UDP datagrams the receive thread writes to
+//! the TUN device in one batch (`dataplane::coalesce`): whatever a peer encrypts reaches it
+//! once decrypted. Input: a byte choosing the offloads, then length-prefixed packets. Checked:
+//! every TCP or UDP packet taken is written exactly once (alone, or as one of a super-packet's
+//! segments), every other packet is left in order, and no write is larger than an IP packet
+//! can be.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshd::dataplane::coalesce::UdpCoalescer;
+use meshd::dataplane::coalesce::{Coalescer, Offloads};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
-fn is_udp(p: &[u8]) -> bool {
+fn protocol(p: &[u8]) -> Option<u8> {
     match p.first().map(|b| b >> 4) {
-        Some(4) => p.len() >= 20 && p[9] == 17,
-        Some(6) => p.len() >= 40 && p[6] == 17,
-        _ => false,
+        Some(4) if p.len() >= 20 => Some(p[9]),
+        Some(6) if p.len() >= 40 => Some(p[6]),
+        _ => None,
     }
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&choice, mut rest)) = data.split_first() else {
+        return;
+    };
+    let offloads = Offloads {
+        tcp: choice & 1 != 0,
+        udp: choice & 2 != 0,
+    };
+    let taken = |p: &[u8]| match protocol(p) {
+        Some(6) => offloads.tcp,
+        Some(17) => offloads.udp,
+        _ => false,
+    };
     let mut bufs: Vec<Vec<u8>> = Vec::new();
-    let mut rest = data;
     while let Some((len, tail)) = rest.split_first_chunk::<2>() {
         let len = usize::from(u16::from_be_bytes(*len)) % 1500;
         let take = len.min(tail.len());
@@ -33,14 +45,14 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
-    let udp = bufs.iter().filter(|b| is_udp(&b[VIRTIO_NET_HDR_LEN..])).count();
+    let ours = bufs.iter().filter(|b| taken(&b[VIRTIO_NET_HDR_LEN..])).count();
     let others: Vec<Vec<u8>> = bufs
         .iter()
-        .filter(|b| !is_udp(&b[VIRTIO_NET_HDR_LEN..]))
+        .filter(|b| !taken(&b[VIRTIO_NET_HDR_LEN..]))
         .cloned()
         .collect();
     let mut written = 0;
-    let (left, failed) = UdpCoalescer::new(bufs.len()).write_udp(&mut bufs, |w| {
+    let (left, failed) = Coalescer::new(bufs.len()).write(&mut bufs, offloads, |w| {
         assert!(w.len() <= VIRTIO_NET_HDR_LEN + 65535, "a write of {} bytes", w.len());
         let (hdr, packet) = w.split_at(VIRTIO_NET_HDR_LEN);
         written += if hdr[1] == 0 {
@@ -54,6 +66,6 @@ fuzz_target!(|data: &[u8]| {
         Ok(w.len())
     });
     assert_eq!(failed, 0);
-    assert_eq!(written, udp, "UDP datagrams in, datagrams written");
+    assert_eq!(written, ours, "TCP and UDP packets in, packets written");
     assert_eq!(bufs[..left], others[..], "the rest, in order");
 });
