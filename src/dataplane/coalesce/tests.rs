@@ -419,28 +419,20 @@ fn bulk_flows_leave_in_few_writes_and_odd_packets_alone() {
     assert_eq!(counts(&kinds), [10, 10, 10, 10]);
     // A shorter packet ends its write; one that may not join goes alone, unchanged, and ends
     // the open write of its flow.
-    let full = |udp: bool| {
+    // Flow 0 of UDP or TCP, `len` payload bytes.
+    let segment = |udp: bool, len: usize| {
         if udp {
-            Kind::Udp { flow: 0, len: 500 }
+            Kind::Udp { flow: 0, len }
         } else {
             Kind::Tcp {
                 flow: 0,
-                len: 500,
+                len,
                 push: false,
             }
         }
     };
-    let short = |udp: bool| {
-        if udp {
-            Kind::Udp { flow: 0, len: 400 }
-        } else {
-            Kind::Tcp {
-                flow: 0,
-                len: 400,
-                push: false,
-            }
-        }
-    };
+    let full = |udp: bool| segment(udp, 500);
+    let short = |udp: bool| segment(udp, 400);
     for (udp, odd) in [
         (true, Kind::BadChecksum { flow: 0, len: 500 }),
         (true, Kind::NoChecksum { len: 500 }),
