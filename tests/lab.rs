@@ -111,7 +111,7 @@ fn udp_bursts_arrive_whole_and_in_order_through_coalesced_tun_writes(lab: &Lab) 
     };
     let writes_before = tun_writes();
     // Two flows (two source ports), interleaved in bursts, full-size and odd sizes, the last
-    // of each burst shorter: 3,000 datagrams.
+    // of each burst shorter: 1,500 datagrams.
     let senders = [lab.udp_socket_in("m1pod"), lab.udp_socket_in("m1pod")];
     let mut sent = [0u32; 2];
     let sizes = [1300usize, 1300, 1300, 1300, 1300, 1300, 700, 1300, 64, 1];
