@@ -20,7 +20,7 @@
 //! the same two addresses (every open one, when it is not TCP or UDP we can read) before it is
 //! written on its own.
 
-use super::mss::fold;
+use super::mss::{fold_wide, sum_wide};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
 const TCP: u8 = 6;
@@ -77,15 +77,14 @@ struct Head {
     next_seq: u32,
     /// TCP: the last segment joined had PSH.
     push: bool,
-    /// No more packets may join (a shorter one did, or PSH, or it is full).
-    closed: bool,
 }
 
 /// The batch's TCP segments and UDP datagrams, gathered into super-packets; buffers allocated
 /// once.
 pub struct Coalescer {
     heads: Vec<Head>,
-    /// Indices into `heads` of the super-packets still open, one per flow.
+    /// Indices into `heads` of the super-packets still open (more may join), one per flow; a
+    /// head leaves it when a shorter packet, PSH or a packet it cannot take ends it.
     open: Vec<usize>,
     /// Whether each slot of the batch was taken here (written as, or into, a head).
     taken: Vec<bool>,
@@ -104,7 +103,7 @@ impl Coalescer {
     /// Writes the TCP segments and UDP datagrams among `bufs` (each: `VIRTIO_NET_HDR_LEN` bytes
     /// of room, then a packet) that `offloads` names with `write`, coalesced, in order within
     /// each flow; then moves the other packets, in their order, to the front of `bufs`.
-    /// Returns how many others there are, and how many writes failed. Every buffer must have
+    /// Returns how many others there are, and how many packets were in writes that failed. Every buffer must have
     /// the capacity for a whole super-packet (`VIRTIO_NET_HDR_LEN` + 65,535 bytes), so that
     /// joining never reallocates.
     pub fn write(
@@ -134,7 +133,6 @@ impl Coalescer {
                     segments: 1,
                     next_seq: 0,
                     push: false,
-                    closed: true,
                 });
                 continue;
             };
@@ -150,7 +148,6 @@ impl Coalescer {
                 head.next_seq = head.next_seq.wrapping_add(this.payload as u32);
                 head.push = this.push;
                 if this.payload < first.payload || this.push || head.segments == MAX_SEGMENTS {
-                    head.closed = true;
                     self.open.swap_remove(at);
                 }
                 continue;
@@ -163,7 +160,6 @@ impl Coalescer {
                 segments: 1,
                 next_seq: this.seq.wrapping_add(this.payload as u32),
                 push: this.push,
-                closed: this.push,
             });
             if !this.push && self.open.len() < OPEN_FLOWS {
                 self.open.push(self.heads.len() - 1);
@@ -174,7 +170,7 @@ impl Coalescer {
             let buf = &mut bufs[head.slot];
             finish(buf, head);
             if write(buf).is_err() {
-                failed += 1;
+                failed += head.segments;
             }
         }
         let mut others = 0;
@@ -192,7 +188,7 @@ impl Coalescer {
     /// (after `ip_header` bytes), the same ports.
     fn end_flows_of(&mut self, bufs: &[Vec<u8>], slot: usize, ip_header: Option<usize>) {
         let packet = &bufs[slot][VIRTIO_NET_HDR_LEN..];
-        let heads = &mut self.heads;
+        let heads = &self.heads;
         self.open.retain(|&h| {
             let built = &bufs[heads[h].slot][VIRTIO_NET_HDR_LEN..];
             let same_ports = match (heads[h].first, ip_header) {
@@ -201,9 +197,7 @@ impl Coalescer {
                 }
                 _ => true,
             };
-            let apart = !(same_addresses(built, packet) && same_ports);
-            heads[h].closed |= !apart;
-            apart
+            !(same_addresses(built, packet) && same_ports)
         });
     }
 
@@ -216,8 +210,7 @@ impl Coalescer {
                 return false;
             };
             let built = &bufs[head.slot][VIRTIO_NET_HDR_LEN..];
-            !head.closed
-                && first.proto == this.proto
+            first.proto == this.proto
                 && this.payload <= first.payload
                 && built.len() + this.payload <= MAX_IP_PACKET
                 && (this.proto != TCP || this.seq == head.next_seq)
@@ -276,14 +269,14 @@ fn joinable(packet: &[u8]) -> Option<Joinable> {
             if packet[0] & 0x0f != 5 || whole != packet.len() || fragment != 0 {
                 return None;
             }
-            (20, packet[9], sum(&packet[12..20]))
+            (20, packet[9], sum_wide(&packet[12..20]))
         }
         _ => {
             let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
             if payload + 40 != packet.len() {
                 return None;
             }
-            (40, packet[6], sum(&packet[8..40]))
+            (40, packet[6], sum_wide(&packet[8..40]))
         }
     };
     let l4 = &packet[ip_header..];
@@ -303,8 +296,8 @@ fn joinable(packet: &[u8]) -> Option<Joinable> {
         let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
         (offset, seq, flags & PSH != 0)
     };
-    let total = pseudo + u64::from(proto) + l4.len() as u64 + sum(l4);
-    (fold64(total) == 0).then_some(Joinable {
+    let total = pseudo + u64::from(proto) + l4.len() as u64 + sum_wide(l4);
+    (fold_wide(total) == 0).then_some(Joinable {
         proto,
         ip_header,
         headers: ip_header + headers,
@@ -363,12 +356,12 @@ fn finish(buf: &mut [u8], head: &Head) {
         let total = packet.len() as u16;
         packet[2..4].copy_from_slice(&total.to_be_bytes());
         packet[10..12].fill(0);
-        let header = fold64(sum(&packet[..20]));
+        let header = fold_wide(sum_wide(&packet[..20]));
         packet[10..12].copy_from_slice(&header.to_be_bytes());
-        sum(&packet[12..20])
+        sum_wide(&packet[12..20])
     } else {
         packet[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        sum(&packet[8..40])
+        sum_wide(&packet[8..40])
     };
     let (check_at, gso_type) = if first.proto == UDP {
         packet[ip + 4..ip + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
@@ -385,7 +378,7 @@ fn finish(buf: &mut [u8], head: &Head) {
         (16, gso)
     };
     // The pseudo-header's sum, not complemented: the kernel adds the rest and complements.
-    let partial = !fold64(pseudo + u64::from(first.proto) + l4_len as u64);
+    let partial = !fold_wide(pseudo + u64::from(first.proto) + l4_len as u64);
     packet[ip + check_at..ip + check_at + 2].copy_from_slice(&partial.to_be_bytes());
     hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
     hdr[1] = gso_type;
@@ -398,29 +391,6 @@ fn finish(buf: &mut [u8], head: &Head) {
     for (i, value) in fields.iter().enumerate() {
         hdr[2 + 2 * i..4 + 2 * i].copy_from_slice(&value.to_ne_bytes());
     }
-}
-
-/// One's-complement sum of `data` as big-endian 16-bit words, unfolded: four bytes at a time
-/// (the sum of 32-bit words folds to the same 16-bit sum, as 2^16 ≡ 1).
-fn sum(data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(4);
-    let mut acc: u64 = 0;
-    for word in &mut chunks {
-        acc += u64::from(u32::from_be_bytes([word[0], word[1], word[2], word[3]]));
-    }
-    let rest = chunks.remainder();
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds an unfolded sum and complements it: the value a checksum field holds (0 when a sum
-/// over data that includes its own checksum field checks out).
-fn fold64(mut acc: u64) -> u16 {
-    while acc > 0xffff_ffff {
-        acc = (acc & 0xffff_ffff) + (acc >> 32);
-    }
-    fold(acc as u32)
 }
 
 #[cfg(test)]

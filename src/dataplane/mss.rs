@@ -87,24 +87,44 @@ pub fn clamp_with(packet: &mut [u8], mtu: impl FnOnce(&[u8]) -> u16) -> bool {
     false
 }
 
-/// One's-complement sum of 16-bit big-endian words (odd trailing byte padded with zero).
-pub(super) fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(*last) << 8;
-    }
-    acc
+/// One's-complement sum of 16-bit big-endian words (odd trailing byte padded with zero), added
+/// to `acc`.
+pub(super) fn sum16(data: &[u8], acc: u32) -> u32 {
+    acc + u32::from(carry(sum_wide(data)))
 }
 
-/// Folds a one's-complement sum and complements it: the value a checksum field holds.
-pub(super) fn fold(mut acc: u32) -> u16 {
+/// One's-complement sum of `data` as big-endian 16-bit words (odd trailing byte padded with
+/// zero), unfolded: four bytes at a time (the sum of 32-bit words folds to the same 16-bit sum,
+/// as 2^16 ≡ 1). Sums of pieces at even offsets add up.
+pub(super) fn sum_wide(data: &[u8]) -> u64 {
+    let mut chunks = data.chunks_exact(4);
+    let mut acc: u64 = 0;
+    for word in &mut chunks {
+        acc += u64::from(u32::from_be_bytes([word[0], word[1], word[2], word[3]]));
+    }
+    let rest = chunks.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+/// Folds an unfolded sum to 16 bits, end-around carry, not complemented.
+fn carry(mut acc: u64) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    !(acc as u16)
+    acc as u16
+}
+
+/// Folds a one's-complement sum and complements it: the value a checksum field holds.
+pub(super) fn fold(acc: u32) -> u16 {
+    !carry(u64::from(acc))
+}
+
+/// [`fold`] for a [`sum_wide`]: the value a checksum field holds (0 when a sum over data that
+/// includes its own checksum field checks out).
+pub(super) fn fold_wide(acc: u64) -> u16 {
+    !carry(acc)
 }
 
 /// Recomputes the TCP checksum over the pseudo-header and the segment.

@@ -26,26 +26,30 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// microseconds at 10 Gbit/s. Without the capability the plain options are used, which the
 /// kernel caps at those limits; a buffer smaller than asked for is logged, with the fix.
 fn size_buffers(socket: &UdpSocket, wanted: usize) {
-    let fd = socket.as_raw_fd();
-    for (force, plain, name, limit) in [
+    type Set = fn(&Socket, usize) -> io::Result<()>;
+    type Get = fn(&Socket) -> io::Result<usize>;
+    let sock = socket2::SockRef::from(socket);
+    for (force, set, get, name, limit) in [
         (
             libc::SO_RCVBUFFORCE,
-            libc::SO_RCVBUF,
+            Socket::set_recv_buffer_size as Set,
+            Socket::recv_buffer_size as Get,
             "receive",
             "net.core.rmem_max",
         ),
         (
             libc::SO_SNDBUFFORCE,
-            libc::SO_SNDBUF,
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
             "send",
             "net.core.wmem_max",
         ),
     ] {
-        if set_int_option(fd, force, wanted).is_err() {
-            let _ = set_int_option(fd, plain, wanted);
+        if force_size(socket.as_raw_fd(), force, wanted).is_err() {
+            let _ = set(&sock, wanted);
         }
         // The kernel reports twice what it grants (the doubling covers its bookkeeping).
-        let got = int_option(fd, plain).map_or(0, |v| v / 2);
+        let got = get(&sock).map_or(0, |v| v / 2);
         if got < wanted {
             tracing::warn!(
                 wanted,
@@ -57,7 +61,8 @@ fn size_buffers(socket: &UdpSocket, wanted: usize) {
     }
 }
 
-fn set_int_option(fd: RawFd, option: libc::c_int, value: usize) -> io::Result<()> {
+/// Sets `SO_RCVBUFFORCE` or `SO_SNDBUFFORCE` (socket2 has only the capped options).
+fn force_size(fd: RawFd, option: libc::c_int, value: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
     // SAFETY: `fd` is an open socket; the option value is a c_int of the size passed.
     let rc = unsafe {
@@ -71,27 +76,6 @@ fn set_int_option(fd: RawFd, option: libc::c_int, value: usize) -> io::Result<()
     };
     if rc == 0 {
         Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// A socket option's value as an int.
-fn int_option(fd: RawFd, option: libc::c_int) -> io::Result<usize> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` is an open socket; `value` and `len` describe a c_int buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::addr_of_mut!(value).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(usize::try_from(value).unwrap_or(0))
     } else {
         Err(io::Error::last_os_error())
     }
@@ -387,12 +371,15 @@ mod tests {
         let wanted = 2 * limit("rmem_max").max(limit("wmem_max")).max(SOCKET_BUFFER);
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         size_buffers(&socket, wanted);
-        for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            assert_eq!(int_option(socket.as_raw_fd(), option).unwrap(), 2 * wanted);
+        let sock = socket2::SockRef::from(&socket);
+        for granted in [sock.recv_buffer_size(), sock.send_buffer_size()] {
+            assert_eq!(granted.unwrap(), 2 * wanted);
         }
         // And the port itself gets SOCKET_BUFFER.
         let port = UdpPort::bind(0).unwrap();
-        let got = int_option(port.socket.as_raw_fd(), libc::SO_RCVBUF).unwrap();
+        let got = socket2::SockRef::from(&port.socket)
+            .recv_buffer_size()
+            .unwrap();
         assert_eq!(got, 2 * SOCKET_BUFFER);
     }
 

@@ -40,7 +40,7 @@ enum Kind {
 }
 
 fn checksum_of(data: &[u8], pseudo: u64) -> u16 {
-    fold64(pseudo + sum(data))
+    fold_wide(pseudo + sum_wide(data))
 }
 
 /// An IP packet (`v6` or IPv4 with identification `id`) around transport bytes `l4` of
@@ -73,7 +73,11 @@ fn ip_packet(v6: bool, proto: u8, mut l4: Vec<u8>, check: Option<usize>, id: u16
         h
     };
     if let Some(at) = check {
-        let pseudo = if v6 { sum(&p[8..40]) } else { sum(&p[12..20]) };
+        let pseudo = if v6 {
+            sum_wide(&p[8..40])
+        } else {
+            sum_wide(&p[12..20])
+        };
         let c = checksum_of(&l4, pseudo + u64::from(proto) + l4.len() as u64);
         l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
     }
