@@ -60,10 +60,7 @@ if [[ " $impls " == *" boringtun "* ]] && ! command -v boringtun-cli >/dev/null;
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
 fi
-if [ -z "${MESHD_BIN_DIR:-}" ]; then
-  (cd "$root" && cargo build --release --quiet --bins)
-  export MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
+release_bins
 
 lab="$root/scripts/lab.sh"
 cleanup() { "$lab" down --prefix bn >/dev/null 2>&1 || true; }
@@ -99,24 +96,29 @@ metric_sum() {
     awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%d ", s }'
 }
 # Counters along the path, in this order: datagrams the sending pod sent, M1's TUN device's
-# packets taken and dropped (queue full), M1's meshd datagrams to the peer and drops, M2's
-# meshd datagrams from the peer and drops, the receiving pod's datagrams delivered and dropped
-# for a full buffer.
+# packets taken and dropped (queue full), M1's meshd datagrams to the peer, M2's meshd
+# datagrams from the peer, the receiving pod's datagrams delivered and dropped for a full
+# buffer.
 path_counters() {
-  local tun
-  tun=$(ip netns exec bnm1gw ls /sys/class/net | grep -x 'bnm1wg' || true)
+  local stats=/sys/class/net/bnm1wg/statistics
   udp_counters "$client" OutDatagrams
-  if [ -n "$tun" ]; then
-    ip netns exec bnm1gw cat /sys/class/net/bnm1wg/statistics/tx_packets /sys/class/net/bnm1wg/statistics/tx_dropped | tr '\n' ' '
+  if ip netns exec bnm1gw test -e "$stats"; then
+    ip netns exec bnm1gw cat "$stats/tx_packets" "$stats/tx_dropped" | tr '\n' ' '
   else
     printf '0 0 '
   fi
   metric_sum bnm1gw meshd_peer_tx_packets_total
-  metric_sum bnm1gw meshd_dropped_packets_total
   metric_sum bnm2gw meshd_peer_rx_packets_total
-  metric_sum bnm2gw meshd_dropped_packets_total
   udp_counters "$server" InDatagrams RcvbufErrors
   echo
+}
+
+# Two comma-separated counter lists combined element by element: $1 + $3 × $2 ($3: 1 or -1).
+combine() {
+  awk -v a="$1" -v b="$2" -v k="$3" 'BEGIN {
+    n = split(b, y, ","); split(a, x, ",")
+    for (i = 1; i <= n; i++) printf "%s%d", (i > 1 ? "," : ""), x[i] + k * y[i]
+  }'
 }
 
 # One iperf3 run; prints "Mbit/s cpu-seconds-per-GB loss%" (pps modes: datagrams received a
@@ -144,10 +146,8 @@ measure() {
   local line
   if [ "$mode" = tcp4 ]; then line=$(grep 'SUM.*receiver' <<<"$out"); else line=$(grep 'receiver' <<<"$out" | tail -1); fi
   local path
-  path=$(awk -v a="$path_after" -v b="$path_before" 'BEGIN {
-    n = split(a, x, " "); split(b, y, " ")
-    for (i = 1; i <= n; i++) printf "%s%d", (i > 1 ? "," : ""), x[i] - y[i]
-  }')
+  path_after=${path_after% } path_before=${path_before% }
+  path=$(combine "${path_after// /,}" "${path_before// /,}" -1)
   awk -v line="$line" -v ticks=$((after - before)) -v hz="$hz" -v secs="$seconds" -v mode="$mode" -v path="$path" -v tticks=$((tunnel_after - tunnel_before)) 'BEGIN {
     n = split(line, f, " "); mbps = 0; loss = "-"; received = 0
     for (i = 1; i <= n; i++) {
@@ -173,8 +173,8 @@ where_lost() {
   awk -v impl="$1" -v c="$2" '
   function pct(x) { return sprintf("%.2f%%", 100 * x / sent) }
   BEGIN {
-    split(c, v, ","); sent = v[1]; tun = v[2]; full = v[3]; mtx = v[4]; mrx = v[6]
-    delivered = v[8]; rcvbuf = v[9]
+    split(c, v, ","); sent = v[1]; tun = v[2]; full = v[3]; mtx = v[4]; mrx = v[5]
+    delivered = v[6]; rcvbuf = v[7]
     if (sent <= 0) { print "no datagrams counted"; exit }
     printf "lost %s: ", pct(sent - delivered)
     if (impl == "none") {
@@ -208,10 +208,7 @@ for impl in $impls; do
     for _ in $(seq "$runs"); do
       read -r m c t l p < <(measure "$mode" "$target")
       samples+=("$m") cpus+=("$c") tunnels+=("$t") losses+=("$l")
-      sums=$(awk -v a="$sums" -v b="$p" 'BEGIN {
-        n = split(b, y, ","); split(a, x, ",")
-        for (i = 1; i <= n; i++) printf "%s%d", (i > 1 ? "," : ""), x[i] + y[i]
-      }')
+      sums=$(combine "$sums" "$p" 1)
     done
     paths[$impl.$mode]=$sums
     mbps[$impl.$mode]=$(printf '%s\n' "${samples[@]}" | sort -n | tr '\n' ' ')

@@ -12,6 +12,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 # shellcheck source=scripts/deps.sh
 . "$root/scripts/deps.sh"
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 seconds=4
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -19,14 +21,12 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option: $1 (see the usage at the top of $0)" >&2; exit 2 ;;
   esac
 done
+[[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number of seconds above 0, not '$seconds'" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "profiling the lab needs root (network namespaces, perf)" >&2; exit 1; }
 ensure_packages
 command -v perf >/dev/null || install_debs linux-perf
 ensure_cargo
-if [ -z "${MESHD_BIN_DIR:-}" ]; then
-  (cd "$root" && cargo build --release --quiet --bins)
-  export MESHD_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
+release_bins
 lab="$root/scripts/lab.sh"
 work=$(mktemp -d)
 cleanup() { "$lab" down --prefix bp >/dev/null 2>&1 || true; rm -rf "$work"; }
