@@ -9,16 +9,32 @@ mod pair;
 use meshd::dataplane::coalesce::{Coalescer, Offloads};
 use meshd::dataplane::{mss, GlobalCidr, Inbound, Outbound, Translation};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 struct Counting;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// This thread's allocations while it is watched, or `None` when it is not: the test
+    /// harness's own threads (they print results while another test runs) never count.
+    static ALLOCATIONS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn count() {
+    // `try_with`: the allocator also runs while thread-locals are torn down.
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get().map(|n| n + 1)));
+}
+
+/// How many allocations this thread makes in `f`.
+fn allocations_in(f: impl FnOnce()) -> usize {
+    ALLOCATIONS.with(|n| n.set(Some(0)));
+    f();
+    ALLOCATIONS.with(|n| n.take()).expect("watched")
+}
 
 // SAFETY: delegates every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as ours.
         unsafe { System.alloc(layout) }
     }
@@ -29,7 +45,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as ours.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -38,13 +54,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// The count is the whole process's: the tests take turns, so that one's set-up is not counted
-/// in the other's steady state.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[test]
 fn steady_state_hot_path_allocates_nothing() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (a, b) = pair::connected_tables();
     let mut pkt = pair::packet();
     let (mut out_a, mut out_b) = (vec![0u8; pair::BUF], vec![0u8; pair::BUF]);
@@ -72,9 +83,7 @@ fn steady_state_hot_path_allocates_nothing() {
         }
     };
     round(100);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    round(10_000);
-    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let allocated = allocations_in(|| round(10_000));
     assert_eq!(allocated, 0, "{allocated} allocations in 10,000 packets");
 }
 
@@ -124,7 +133,6 @@ fn tcp_segment(k: u32, len: usize) -> Vec<u8> {
 
 #[test]
 fn coalescing_for_the_tun_device_allocates_nothing() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
     // Half a batch of 1300-byte datagrams, half of 1368-byte TCP segments of one flow.
     let packets: Vec<Vec<u8>> = (0..128)
@@ -162,8 +170,8 @@ fn coalescing_for_the_tun_device_allocates_nothing() {
     };
     // Four writes: 50 and 14 datagrams, 47 and 17 segments.
     assert_eq!(batch(1), 4);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    batch(1_000);
-    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let allocated = allocations_in(|| {
+        batch(1_000);
+    });
     assert_eq!(allocated, 0, "{allocated} allocations in 128,000 packets");
 }
