@@ -3,7 +3,8 @@
 # receive thread (meshd-rx) in the fast lab while iperf3 sends UDP at 1 Gbit/s (1300-byte
 # datagrams) and then one TCP stream from M1's pod to M2's, each sample put in one bucket:
 # AEAD, the kernel's network stack, sleeping and waking, the TUN device, system call entry and
-# exit, copies, checksums, kernel buffers, meshd's heap, locks and atomics, meshd's own code.
+# exit, copies, checksums, kernel buffers, meshd's heap, locks and atomics, meshd's own code;
+# and each thread's system calls and context switches per packet M1's TUN device passed it.
 #
 # usage: bench/profile.sh [--seconds S]     (MESHD_BIN_DIR picks the build; default: a release build)
 # Needs root and perf (linux-perf); prints, per mode and thread, the share of samples in each bucket.
@@ -74,16 +75,29 @@ for name, share in sorted(shares.items(), key=lambda kv: -kv[1]):
 '
 }
 
+# Packets M1's TUN device has handed to meshd (a TCP super-packet counts once).
+tun_packets() { ip netns exec bpm1gw cat /sys/class/net/bpm1wg/statistics/tx_packets; }
+
+# System calls and context switches in perf stat file $1, per packet of the window ($packets).
+per_packet() {
+  awk -F, -v n="$packets" '/raw_syscalls/ { s = $1 } /context-switches/ { c = $1 }
+    END { printf "%.2f system calls and %.2f sleeps per packet (%d packets)", s / n, c / n, n }' "$1"
+}
+
 for mode in udp tcp; do
   case $mode in udp) args=(-u -b 1G -l 1300) ;; tcp) args=() ;; esac
   ip netns exec bpm2pod iperf3 -s -1 -D
   sleep 0.3
   ip netns exec bpm1pod iperf3 -c 10.245.1.10 -t $((seconds + 4)) "${args[@]}" >"$work/$mode.iperf" &
   sleep 2
+  before=$(tun_packets)
   perf record -q -F 1999 -g -t "$tx" -o "$work/$mode-tx.data" -- sleep "$seconds" >/dev/null 2>&1 &
   perf record -q -F 1999 -g -t "$rx" -o "$work/$mode-rx.data" -- sleep "$seconds" >/dev/null 2>&1 &
+  perf stat -x, -e raw_syscalls:sys_enter,context-switches -t "$tx" -o "$work/$mode-tx.stat" -- sleep "$seconds" 2>/dev/null &
+  perf stat -x, -e raw_syscalls:sys_enter,context-switches -t "$rx" -o "$work/$mode-rx.stat" -- sleep "$seconds" 2>/dev/null &
   wait
+  packets=$(( $(tun_packets) - before ))
   echo "== $mode: $(grep receiver "$work/$mode.iperf" | tr -s ' ')"
-  echo "M1's meshd-tx:"; buckets "$work/$mode-tx.data"
-  echo "M2's meshd-rx:"; buckets "$work/$mode-rx.data"
+  echo "M1's meshd-tx: $(per_packet "$work/$mode-tx.stat")"; buckets "$work/$mode-tx.data"
+  echo "M2's meshd-rx: $(per_packet "$work/$mode-rx.stat")"; buckets "$work/$mode-rx.data"
 done

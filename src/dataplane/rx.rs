@@ -14,7 +14,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 impl Dataplane {
     /// UDP → decrypt → TUN, a `recvmmsg` batch (with GRO) at a time, until `port` is replaced.
-    /// Decrypted packets collect in a batch that tun-rs coalesces (TCP/UDP GRO) into
+    /// Decrypted packets collect in a batch that [`Coalescer`] joins (TCP and UDP, per flow) into
     /// super-packets before writing them to the TUN device.
     pub(super) fn rx_loop(&self, port: &UdpPort) {
         let mut storage = vec![vec![0u8; MAX_PACKET]; RECV_BATCH];
@@ -22,9 +22,20 @@ impl Dataplane {
             storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         let mut meta = vec![RecvMeta::default(); RECV_BATCH];
         let mut to_tun = TunBatch::new(usize::from(self.mtu));
+        // Whether the last receive found the socket empty: then the next one waits first
+        // rather than spend a system call finding it still empty.
+        let mut drained = false;
         while !port.is_closed() {
+            if drained {
+                match port.wait(RECV_WAKEUP) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => tracing::warn!(error = %e, "waiting on the UDP port failed"),
+                }
+            }
             // Wait for the first datagrams, then take whatever else is already queued (without
-            // waiting) so that more segments of a flow meet in one coalescing TUN write.
+            // waiting, while batches come back full) so that more segments of a flow meet in one
+            // coalescing TUN write.
             let mut wait = RECV_WAKEUP;
             loop {
                 let n = match port.recv_batch(&mut bufs, &mut meta, wait) {
@@ -35,6 +46,7 @@ impl Dataplane {
                     }
                 };
                 if n == 0 {
+                    drained = true;
                     break;
                 }
                 if !self.forwarding() {
@@ -56,7 +68,9 @@ impl Dataplane {
                         }
                     }
                 }
-                if to_tun.len >= IDEAL_BATCH_SIZE / 2 {
+                // A short batch means the socket was empty.
+                drained = n < bufs.len();
+                if drained || to_tun.len >= IDEAL_BATCH_SIZE / 2 {
                     break;
                 }
                 wait = Duration::ZERO;

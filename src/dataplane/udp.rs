@@ -323,6 +323,11 @@ impl UdpPort {
         (sent, Ok(()))
     }
 
+    /// Waits at most `timeout` for a datagram to receive; false when none came.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        poll_fd(self.socket.as_raw_fd(), libc::POLLIN, timeout)
+    }
+
     /// Receives up to `bufs.len()` datagrams (GRO may merge several into one buffer: see
     /// `RecvMeta::stride`). Waits at most `timeout`; returns 0 when nothing arrived.
     pub fn recv_batch(
@@ -334,7 +339,7 @@ impl UdpPort {
         loop {
             match self.state.recv(UdpSockRef::from(&self.socket), bufs, meta) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !poll_fd(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
+                    if !self.wait(timeout)? {
                         return Ok(0);
                     }
                 }
