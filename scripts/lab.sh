@@ -31,6 +31,7 @@
 #   --nat       M2 is "behind NAT": M1 has no endpoint for it, M2 sends persistent keepalives
 #   --no-nat    not so, with the default topology
 #   --no-offload  meshd without TUN offload (one packet per TUN read and write)
+#   --no-batch-scheduling  meshd's packet threads under the default scheduling, not SCHED_BATCH
 #   --ipv6-underlay  the gateways reach each other over IPv6 (endpoints [fd00:192::N]:51820)
 #   --ha        M1's second node is a second gateway candidate: the underlay is a switch (its own
 #               namespace, ulsw) that M1's first two nodes and M2's gateway share (m1n2 at
@@ -60,7 +61,7 @@ root=$(dirname "$here")
 
 action=${1:-}
 [ -n "$action" ] && shift
-M1=meshd M2=meshd P="" NAT="" OFFLOAD=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto HA=0 OVERLAP=0
+M1=meshd M2=meshd P="" NAT="" OFFLOAD=true BATCH=true UNDERLAY6=0 TX_THREADS=1 FROM_IMAGE="" NODES="" ROUTE_MODE=auto HA=0 OVERLAP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --m1) M1=$2; shift 2 ;;
@@ -73,6 +74,7 @@ while [ $# -gt 0 ]; do
     --nodes) NODES=$2; shift 2 ;;
     --route-mode) ROUTE_MODE=$2; shift 2 ;;
     --no-offload) OFFLOAD=false; shift ;;
+    --no-batch-scheduling) BATCH=false; shift ;;
     --ipv6-underlay) UNDERLAY6=1; shift ;;
     --tx-threads) TX_THREADS=$2; shift 2 ;;
     --from-image) FROM_IMAGE=$2; shift 2 ;;
@@ -422,6 +424,7 @@ listen_port = $port
 local_cidrs = ["$(pod_cidr "$i")", "$(svc_cidr "$i")", "$(pod6_cidr "$i")"]
 tunnel_address = "$(tunnel_ip "$i")/24"
 offload = $OFFLOAD
+batch_scheduling = $BATCH
 tx_threads = $TX_THREADS
 exports_file = "$state/m$i.exports.toml"
 dns_listen = "$(gw_pod_ip "$i"):53"

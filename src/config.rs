@@ -55,6 +55,7 @@ pub struct ConfigFile {
     pub admin_socket: Option<PathBuf>,
     pub health_listen: Option<String>,
     pub offload: Option<bool>,
+    pub batch_scheduling: Option<bool>,
     pub tx_threads: Option<usize>,
     pub exports_file: Option<PathBuf>,
     pub kubernetes: Option<bool>,
@@ -136,6 +137,10 @@ pub struct ConfigArgs {
     /// TUN offload (TSO super-packets in, coalesced writes out) [default: true].
     #[arg(long, env = "MESHD_OFFLOAD")]
     pub offload: Option<bool>,
+    /// Packet threads under SCHED_BATCH: woken by traffic, they do not preempt the programs
+    /// receiving it [default: true].
+    #[arg(long, env = "MESHD_BATCH_SCHEDULING")]
+    pub batch_scheduling: Option<bool>,
     /// Threads encrypting TUN → UDP, each on its own TUN queue [default: 1].
     #[arg(long, env = "MESHD_TX_THREADS")]
     pub tx_threads: Option<usize>,
@@ -341,6 +346,8 @@ pub struct Config {
     /// `None`: the probes are off.
     pub health_listen: Option<SocketAddr>,
     pub offload: bool,
+    /// The packet threads (`meshd-tx`, `meshd-rx`) run under SCHED_BATCH.
+    pub batch_scheduling: bool,
     pub tx_threads: usize,
     /// `None`: this cluster exports nothing, unless `kubernetes` is set.
     pub exports_file: Option<PathBuf>,
@@ -903,6 +910,10 @@ impl Config {
             admin_socket,
             health_listen,
             offload: args.offload.or(file.offload).unwrap_or(true),
+            batch_scheduling: args
+                .batch_scheduling
+                .or(file.batch_scheduling)
+                .unwrap_or(true),
             tx_threads,
             exports_file,
             kubernetes,

@@ -1,5 +1,6 @@
 //! The offloaded hot path (TUN super-packets, UDP GSO/GRO, coalesced TUN writes) must carry every
-//! kind of traffic byte-exactly, and so must the path with offload forced off.
+//! kind of traffic byte-exactly, and so must the path with offload forced off; the packet
+//! threads run under SCHED_BATCH unless told not to.
 
 mod support;
 
@@ -44,10 +45,35 @@ fn transfer(lab: &Lab, server_ns: &str, addr: &str, client_ns: &str, data: Vec<u
     got
 }
 
+/// The scheduling policy (SCHED_OTHER 0, SCHED_BATCH 3, ...) of each thread of process `pid`,
+/// by thread name.
+fn thread_policies(pid: i32) -> Vec<(String, i32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the name's closing parenthesis start with the third (state); the
+        // policy is the 41st.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        threads.push((comm.trim().to_string(), policy));
+    }
+    threads
+}
+
 /// Runs the mix in a lab started with `extra` options, after checking that each meshd's start-up
-/// log line shows every setting in `expect` (e.g. "offload=true").
+/// log line shows every setting in `expect` (e.g. "offload=true") and that its packet threads
+/// (`tx_threads` of `meshd-tx`, one `meshd-rx`) and only they run under SCHED_BATCH when
+/// `expect` has "batch_scheduling=true".
 fn traffic_mix(prefix: &str, extra: &[&str], expect: &[&str]) {
     let lab = Lab::up_with(prefix, "meshd", "meshd", extra);
+    let batch = expect.contains(&"batch_scheduling=true");
+    let tx_threads = if expect.contains(&"tx_threads=2") {
+        2
+    } else {
+        1
+    };
     for i in [1, 2] {
         for setting in expect {
             assert!(
@@ -55,6 +81,22 @@ fn traffic_mix(prefix: &str, extra: &[&str], expect: &[&str]) {
                 "m{i} does not run with {setting}:\n{}",
                 lab.log(i)
             );
+        }
+        let threads = thread_policies(lab.pid(i));
+        let packet = |name: &str| name == "meshd-tx" || name == "meshd-rx";
+        let count = |name: &str| threads.iter().filter(|(n, _)| n == name).count();
+        assert_eq!(
+            (count("meshd-tx"), count("meshd-rx")),
+            (tx_threads, 1),
+            "m{i}: {threads:?}"
+        );
+        for (name, policy) in &threads {
+            let want = if batch && packet(name) {
+                libc::SCHED_BATCH
+            } else {
+                libc::SCHED_OTHER
+            };
+            assert_eq!(*policy, want, "m{i}'s thread {name}: {threads:?}");
         }
     }
 
@@ -136,7 +178,11 @@ fn traffic_mix_with_offload() {
     if !root_or_skip("traffic_mix_with_offload") {
         return;
     }
-    traffic_mix("to", &[], &["offload=true", "tx_threads=1"]);
+    traffic_mix(
+        "to",
+        &[],
+        &["offload=true", "tx_threads=1", "batch_scheduling=true"],
+    );
 }
 
 #[test]
@@ -146,8 +192,8 @@ fn traffic_mix_with_offload_forced_off() {
     }
     traffic_mix(
         "tf",
-        &["--no-offload"],
-        &["offload=false", "gso_segments=1"],
+        &["--no-offload", "--no-batch-scheduling"],
+        &["offload=false", "gso_segments=1", "batch_scheduling=false"],
     );
 }
 
@@ -159,7 +205,7 @@ fn traffic_mix_with_two_transmit_queues() {
     traffic_mix(
         "tq",
         &["--tx-threads", "2"],
-        &["offload=true", "tx_threads=2"],
+        &["offload=true", "tx_threads=2", "batch_scheduling=true"],
     );
 }
 

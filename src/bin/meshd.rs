@@ -10,7 +10,7 @@ use meshd::admin::server::{self as admin, Health};
 use meshd::config::{Config, ConfigArgs, TUNNEL_OVERHEAD};
 use meshd::control::routes::RouteTable;
 use meshd::control::{spec_from_config, uapi, Controller};
-use meshd::dataplane::{open_tun, Dataplane, TunSettings};
+use meshd::dataplane::{open_tun, Dataplane, Threads, TunSettings};
 use meshd::discovery::clusterset::Clusterset;
 use meshd::discovery::probe::Prober;
 use meshd::discovery::sync::{self as catalog_sync, Followers, SyncErrors};
@@ -129,13 +129,12 @@ fn run(cli: Cli) -> Result<()> {
     let health = Health::new();
     health.watch_dataplane_threads();
     // A candidate starts as a standby: nothing in or out until it holds the Lease.
-    let dataplane = Dataplane::start_as(
-        tun,
-        config.tx_threads,
-        mtu,
-        spec_from_config(&config),
-        election.is_none(),
-    )?;
+    let threads = Threads {
+        queues: config.tx_threads,
+        forwarding: election.is_none(),
+        batch_scheduling: config.batch_scheduling,
+    };
+    let dataplane = Dataplane::start_as(tun, mtu, spec_from_config(&config), threads)?;
     tracing::info!(
         cluster = %config.cluster,
         interface = %config.interface,
@@ -143,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
         mtu,
         offload,
         tx_threads = config.tx_threads,
+        batch_scheduling = config.batch_scheduling,
         gso_segments = dataplane.max_segments(),
         peers = config.peers.len(),
         public_key = %config.private_key.as_ref().map(|k| k.public_key().to_string()).unwrap_or_else(|| "(none yet: set one with `wg set`)".into()),
@@ -884,13 +884,14 @@ fn reload(args: &ConfigArgs, running: &Config, controller: &Controller) -> Optio
         || config.tunnel_address != running.tunnel_address
         || config.mtu != running.mtu
         || config.offload != running.offload
+        || config.batch_scheduling != running.batch_scheduling
         || config.tx_threads != running.tx_threads
         || config.dns_listen != running.dns_listen
         || config.dns_ttl != running.dns_ttl
         || config.dns_rate_limit != running.dns_rate_limit
     {
         tracing::warn!(
-            "SIGHUP: interface, tunnel_address, mtu, offload, tx_threads, dns_listen, dns_ttl and dns_rate_limit changes take effect only after a restart"
+            "SIGHUP: interface, tunnel_address, mtu, offload, batch_scheduling, tx_threads, dns_listen, dns_ttl and dns_rate_limit changes take effect only after a restart"
         );
     }
     match controller.apply(spec_from_config(&config)) {

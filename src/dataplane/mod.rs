@@ -156,6 +156,8 @@ pub struct Dataplane {
     /// This gateway forwards: the only one in its cluster, or the active one of several
     /// candidates. A standby drops everything, in and out, and runs no timers.
     forwarding: AtomicBool,
+    /// `meshd-tx` and `meshd-rx` put themselves under SCHED_BATCH as they start.
+    batch_scheduling: bool,
     pub drops: DropStats,
     /// Packets translated to and from the global ranges, each way.
     pub translated: Arc<TranslationStats>,
@@ -189,6 +191,37 @@ fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), Ap
         .map_err(|e| ApplyError::Thread(name, e))
 }
 
+/// How the dataplane's threads run.
+#[derive(Debug, Clone, Copy)]
+pub struct Threads {
+    /// TUN queues, each with its own `meshd-tx` thread (the device must be multi-queue for
+    /// more than one).
+    pub queues: usize,
+    /// False: a standby that drops every packet until [`Dataplane::set_forwarding`].
+    pub forwarding: bool,
+    /// `meshd-tx` and `meshd-rx` under SCHED_BATCH: woken by traffic, they do not preempt the
+    /// task running (often the program receiving it).
+    pub batch_scheduling: bool,
+}
+
+/// Puts the calling thread under SCHED_BATCH, at its CPU share but without wake-up
+/// preemption: woken by a packet, it waits for the running task's slice to end instead of
+/// interrupting it. On a busy machine that task is often the program that receives what the
+/// tunnel delivers, whose socket buffer (208 KiB by default) overflows when it falls behind,
+/// while meshd's own queues (4 MiB socket buffers, 1,000 packets of TUN queue) absorb the wait
+/// (bench/RESULTS.md, 2026-12-01 07:35). A refusal is logged and the thread keeps running.
+fn schedule_as_batch(thread: &str) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        tracing::warn!(
+            thread,
+            error = %io::Error::last_os_error(),
+            "cannot put the packet thread under SCHED_BATCH, so receivers on this node may lose UDP bursts: allow sched_setscheduler (seccomp), or set batch_scheduling = false to run without it"
+        );
+    }
+}
+
 /// Opens the TUN device, up, with its address and MTU.
 pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
     let mut builder = tun_rs::DeviceBuilder::new()
@@ -216,18 +249,27 @@ impl Dataplane {
         mtu: u16,
         spec: DeviceSpec,
     ) -> Result<Arc<Self>, ApplyError> {
-        Dataplane::start_as(tun, queues, mtu, spec, true)
+        let threads = Threads {
+            queues,
+            forwarding: true,
+            batch_scheduling: true,
+        };
+        Dataplane::start_as(tun, mtu, spec, threads)
     }
 
-    /// [`Dataplane::start`], forwarding or (`forwarding` false) as a standby that drops every
-    /// packet until [`Dataplane::set_forwarding`] turns it on.
+    /// [`Dataplane::start`] with the threads as `threads` says: forwarding or as a standby,
+    /// under SCHED_BATCH or not.
     pub fn start_as(
         tun: SyncDevice,
-        queues: usize,
         mtu: u16,
         spec: DeviceSpec,
-        forwarding: bool,
+        threads: Threads,
     ) -> Result<Arc<Self>, ApplyError> {
+        let Threads {
+            queues,
+            forwarding,
+            batch_scheduling,
+        } = threads;
         let udp = UdpPort::bind(spec.listen_port)?;
         if udp.is_ipv4_only() {
             tracing::warn!(
@@ -260,6 +302,7 @@ impl Dataplane {
                 next_index: first_index,
             }),
             forwarding: AtomicBool::new(forwarding),
+            batch_scheduling,
             drops: DropStats::default(),
             translated: Arc::default(),
         });
@@ -269,10 +312,16 @@ impl Dataplane {
             ..spec
         })?;
         let (tx, timers) = (dataplane.clone(), dataplane.clone());
-        spawn("meshd-tx", move || tx.tx_loop(&tx.tun))?;
+        spawn("meshd-tx", move || {
+            tx.packet_thread("meshd-tx");
+            tx.tx_loop(&tx.tun)
+        })?;
         for queue in tx_queues {
             let tx = dataplane.clone();
-            spawn("meshd-tx", move || tx.tx_loop(&queue))?;
+            spawn("meshd-tx", move || {
+                tx.packet_thread("meshd-tx");
+                tx.tx_loop(&queue)
+            })?;
         }
         spawn("meshd-timers", move || timers.timer_loop())?;
         dataplane.spawn_rx(dataplane.udp.load_full())?;
@@ -281,7 +330,17 @@ impl Dataplane {
 
     fn spawn_rx(self: &Arc<Self>, port: Arc<UdpPort>) -> Result<(), ApplyError> {
         let me = self.clone();
-        spawn("meshd-rx", move || me.rx_loop(&port))
+        spawn("meshd-rx", move || {
+            me.packet_thread("meshd-rx");
+            me.rx_loop(&port)
+        })
+    }
+
+    /// Set-up of a thread that moves packets, as it starts.
+    fn packet_thread(&self, name: &str) {
+        if self.batch_scheduling {
+            schedule_as_batch(name);
+        }
     }
 
     /// Whether this gateway forwards (see [`Dataplane::set_forwarding`]).
@@ -344,5 +403,26 @@ impl Dataplane {
             self.drops.count(DropReason::SendFailed);
             tracing::trace!(error = %e, to = %to, "send failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schedule_as_batch;
+
+    #[test]
+    fn a_packet_thread_puts_itself_under_sched_batch() {
+        // SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let before = policy();
+        let within = std::thread::spawn(move || {
+            schedule_as_batch("test");
+            policy()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(within, libc::SCHED_BATCH);
+        // Only the calling thread changes.
+        assert_eq!(policy(), before);
     }
 }
