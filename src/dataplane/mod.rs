@@ -211,7 +211,9 @@ pub struct Threads {
 /// while meshd's own queues (4 MiB socket buffers, 1,000 packets of TUN queue) absorb the wait
 /// (bench/RESULTS.md, 2026-12-01 07:35). A refusal is logged and the thread keeps running.
 fn schedule_as_batch(thread: &str) {
-    let param = libc::sched_param { sched_priority: 0 };
+    // musl's sched_param has more fields than glibc's: all zero, priority 0 as SCHED_BATCH needs.
+    // SAFETY: sched_param is plain integers, for which all zero bytes are a valid value.
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
         tracing::warn!(
