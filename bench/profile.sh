@@ -81,7 +81,8 @@ tun_packets() { ip netns exec bpm1gw cat /sys/class/net/bpm1wg/statistics/tx_pac
 # System calls and context switches in perf stat file $1, per packet of the window ($packets).
 per_packet() {
   awk -F, -v n="$packets" '/raw_syscalls/ { s = $1 } /context-switches/ { c = $1 }
-    END { printf "%.2f system calls and %.2f sleeps per packet (%d packets)", s / n, c / n, n }' "$1"
+    END { if (n > 0) printf "%.2f system calls and %.2f sleeps per packet (%d packets)", s / n, c / n, n
+          else printf "no packets passed M1'"'"'s TUN device in the window" }' "$1"
 }
 
 for mode in udp tcp; do

@@ -134,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         forwarding: election.is_none(),
         batch_scheduling: config.batch_scheduling,
     };
-    let dataplane = Dataplane::start_as(tun, mtu, spec_from_config(&config), threads)?;
+    let dataplane = Dataplane::start(tun, mtu, spec_from_config(&config), threads)?;
     tracing::info!(
         cluster = %config.cluster,
         interface = %config.interface,

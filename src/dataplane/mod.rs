@@ -241,27 +241,11 @@ pub fn open_tun(settings: &TunSettings) -> io::Result<SyncDevice> {
 }
 
 impl Dataplane {
-    /// Opens the UDP port, starts the threads over `tun` (whose MTU is `mtu`), and applies `spec`.
-    /// With `queues` > 1 (the device must be multi-queue) each extra TUN queue gets its own
-    /// `meshd-tx` thread: the kernel spreads flows over the queues, so several flows (and several
-    /// peers) are encrypted in parallel.
+    /// Opens the UDP port, starts the threads over `tun` (whose MTU is `mtu`) as `threads`
+    /// says, and applies `spec`. With more than one queue (the device must be multi-queue) each
+    /// extra TUN queue gets its own `meshd-tx` thread: the kernel spreads flows over the queues,
+    /// so several flows (and several peers) are encrypted in parallel.
     pub fn start(
-        tun: SyncDevice,
-        queues: usize,
-        mtu: u16,
-        spec: DeviceSpec,
-    ) -> Result<Arc<Self>, ApplyError> {
-        let threads = Threads {
-            queues,
-            forwarding: true,
-            batch_scheduling: true,
-        };
-        Dataplane::start_as(tun, mtu, spec, threads)
-    }
-
-    /// [`Dataplane::start`] with the threads as `threads` says: forwarding or as a standby,
-    /// under SCHED_BATCH or not.
-    pub fn start_as(
         tun: SyncDevice,
         mtu: u16,
         spec: DeviceSpec,
